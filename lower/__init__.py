@@ -1,0 +1,1 @@
+"""Lowering: (pattern, grid, shapes, dtype) -> KernelPlan. Lands with the Triton backend."""
