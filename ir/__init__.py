@@ -1,0 +1,84 @@
+"""The pattern IR: primitives, combinators, text form, canonical form, analysis.
+
+Build a pattern with the functions below (or ``parse`` its text), bind it to a
+:class:`Grid`, and ask :func:`analyze` what it costs::
+
+    from attncc.ir import Grid, neighborhood, causal, analyze
+    p = neighborhood(window=(7, 7), dilation=(2, 1)) & causal()
+    a = analyze(p, Grid((64, 64)), q_tile=(8, 16), kv_tile=(8, 16))
+"""
+
+from attncc.ir.analysis import Analysis, Tiling, analyze
+from attncc.ir.canonical import canonicalize, pattern_hash, resolve_heads, to_graph
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import (
+    Axial,
+    BlockSparse,
+    Causal,
+    Dense,
+    Document,
+    GlobalTokens,
+    Intersection,
+    Neighborhood,
+    Pattern,
+    PerHead,
+    SlidingWindow,
+    Strided,
+    Union,
+    axial,
+    block_sparse,
+    causal,
+    dense,
+    document,
+    global_tokens,
+    intersection,
+    neighborhood,
+    per_head,
+    sliding_window,
+    strided,
+    union,
+)
+from attncc.ir.spec import Spec, load_spec
+from attncc.ir.text import format_pattern, parse
+from attncc.ir.validate import validate
+
+__all__ = [
+    "Analysis",
+    "Axial",
+    "BlockSparse",
+    "Causal",
+    "Dense",
+    "Document",
+    "GlobalTokens",
+    "Grid",
+    "Intersection",
+    "Neighborhood",
+    "Pattern",
+    "PerHead",
+    "SlidingWindow",
+    "Spec",
+    "Strided",
+    "Tiling",
+    "Union",
+    "analyze",
+    "axial",
+    "block_sparse",
+    "canonicalize",
+    "causal",
+    "dense",
+    "document",
+    "format_pattern",
+    "global_tokens",
+    "intersection",
+    "load_spec",
+    "neighborhood",
+    "parse",
+    "pattern_hash",
+    "per_head",
+    "resolve_heads",
+    "sliding_window",
+    "strided",
+    "to_graph",
+    "union",
+    "validate",
+]

@@ -1,0 +1,401 @@
+"""Exact sparsity analysis from the closed forms: density, FLOPs and the tile map.
+
+Nothing here looks at the brute-force mask; property tests compare the two.
+
+Two ways to count kept pairs per (Q tile, KV tile), both exact:
+
+* factored: a pattern that is one product over grid axes (neighborhood,
+  dense, single-axis axial and their intersections) with box tiles counts
+  per axis, ``kept(Qbox, Kbox) = prod_a sum_{q_a in Qbox_a} #keys_a(q_a, Kbox_a)``,
+  in O(sum_a L_a * tiles_a) arithmetic. This is the case that matters for
+  vision and video and it needs no N^2 work.
+  Unions of a few products use inclusion-exclusion over such counts.
+* rows: anything else evaluates the closed forms for a block of queries
+  against every key and sums each tile: O(N^2) work in bounded memory.
+
+Note [Tile-level bound]: ``tile_bound`` is dense tiles / visited (non-empty)
+tiles for the given tiling: the speedup over dense that a kernel visiting
+exactly the non-empty tiles at dense throughput could reach. It is below the
+ideal ``1 / density`` because a visited tile also holds pairs the pattern drops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import sympy
+from attncc.ir import symbolic
+from attncc.ir.canonical import canonicalize, resolve_heads
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
+from attncc.ir.symbolic import (
+    AllOf,
+    AnyOf,
+    FlatRange,
+    GridBox,
+    Predicate,
+    Progression,
+    Rule,
+    rules,
+    to_numpy,
+)
+from attncc.ir.validate import validate
+
+from attncc.errors import PatternError, field_error
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+_ROW_BLOCK_ELEMENTS = 1 << 22  # bound on queries x keys evaluated at once
+_MAX_UNION_TERMS = 4  # unions of up to this many products use inclusion-exclusion
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """Tiles of the grid: boxes of ``shape`` (one entry per axis), or, when
+    ``flat``, runs of ``shape[0]`` consecutive flat (row-major) tokens."""
+
+    shape: tuple[int, ...]
+    flat: bool
+
+    @staticmethod
+    def of(tile: int | tuple[int, ...] | list[int], grid: Grid, name: str = "tile") -> Tiling:
+        t = tuple(tile) if isinstance(tile, (tuple, list)) else (tile,)
+        for i, v in enumerate(t):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise field_error(PatternError, f"{name}[{i}]", v, "an integer >= 1")
+        if len(t) == grid.rank:
+            return Tiling(t, flat=False)
+        if len(t) == 1:
+            return Tiling(t, flat=True)
+        raise field_error(
+            PatternError, name, t, f"one size (flat tokens) or {grid.rank} sizes (a box, one per axis)"
+        )
+
+    def counts(self, grid: Grid) -> tuple[int, ...]:
+        """Tiles per axis (one entry when flat)."""
+        if self.flat:
+            return (math.ceil(grid.size / self.shape[0]),)
+        return tuple(math.ceil(s / t) for s, t in zip(grid.shape, self.shape))
+
+    def tile_of_token(self, grid: Grid) -> np.ndarray:
+        """Tile index (row-major over tiles) of every flat token."""
+        flat = np.arange(grid.size)
+        if self.flat:
+            return flat // self.shape[0]
+        coords = np.unravel_index(flat, grid.shape)
+        per_axis = [c // t for c, t in zip(coords, self.shape)]
+        return np.ravel_multi_index(per_axis, self.counts(grid))
+
+    def sizes(self, grid: Grid) -> np.ndarray:
+        """Number of real tokens in each tile (border tiles may be short)."""
+        return np.bincount(self.tile_of_token(grid), minlength=math.prod(self.counts(grid)))
+
+    def __str__(self) -> str:
+        return f"{self.shape[0]} flat" if self.flat else "x".join(map(str, self.shape))
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """What :func:`analyze` found. Counts are summed over heads."""
+
+    grid: Grid
+    heads: int
+    head_dim: int
+    q_tiling: Tiling
+    kv_tiling: Tiling
+    kept_pairs: int
+    tile_counts: np.ndarray = field(repr=False)  # [H, q tiles, kv tiles] kept pairs
+    tile_classes: np.ndarray = field(repr=False)  # [H, q tiles, kv tiles] EMPTY/PARTIAL/FULL
+
+    @property
+    def total_pairs(self) -> int:
+        return self.heads * self.grid.size**2
+
+    @property
+    def density(self) -> float:
+        return self.kept_pairs / self.total_pairs
+
+    @property
+    def ideal_speedup(self) -> float:
+        return math.inf if self.kept_pairs == 0 else self.total_pairs / self.kept_pairs
+
+    @property
+    def flops_kept(self) -> int:
+        """Forward FLOPs of the kept pairs (QK^T and PV: 4 * head_dim each), batch 1."""
+        return 4 * self.head_dim * self.kept_pairs
+
+    @property
+    def flops_dense(self) -> int:
+        return 4 * self.head_dim * self.total_pairs
+
+    def _count(self, cls: int) -> int:
+        return int((self.tile_classes == cls).sum())
+
+    @property
+    def empty_tiles(self) -> int:
+        return self._count(EMPTY)
+
+    @property
+    def partial_tiles(self) -> int:
+        return self._count(PARTIAL)
+
+    @property
+    def full_tiles(self) -> int:
+        return self._count(FULL)
+
+    @property
+    def tile_bound(self) -> float:
+        """See Note [Tile-level bound]."""
+        visited = self.partial_tiles + self.full_tiles
+        return math.inf if visited == 0 else self.tile_classes.size / visited
+
+
+def analyze(
+    pattern: Pattern,
+    grid: Grid,
+    q_tile: int | tuple[int, ...] = 128,
+    kv_tile: int | tuple[int, ...] = 128,
+    heads: int | None = None,
+    head_dim: int = 128,
+) -> Analysis:
+    """Exact density, FLOPs and tile map of ``pattern`` on ``grid``.
+
+    ``q_tile``/``kv_tile`` are boxes (one size per axis) or flat runs (one size).
+    """
+    heads = validate(pattern, grid, heads)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise field_error(PatternError, "head_dim", head_dim, "an integer >= 1")
+    q_tiling = Tiling.of(q_tile, grid, "q_tile")
+    kv_tiling = Tiling.of(kv_tile, grid, "kv_tile")
+    per_head: dict[Pattern, np.ndarray] = {}
+    counts = []
+    for head_pattern in resolve_heads(pattern, heads):
+        canon = canonicalize(head_pattern, grid)
+        if canon not in per_head:
+            per_head[canon] = tile_counts(rules(canon, grid), grid, q_tiling, kv_tiling)
+        counts.append(per_head[canon])
+    tile_counts_ = np.stack(counts)
+    capacity = np.outer(q_tiling.sizes(grid), kv_tiling.sizes(grid))
+    classes = np.where(tile_counts_ == 0, EMPTY, np.where(tile_counts_ == capacity, FULL, PARTIAL))
+    return Analysis(
+        grid=grid,
+        heads=heads,
+        head_dim=head_dim,
+        q_tiling=q_tiling,
+        kv_tiling=kv_tiling,
+        kept_pairs=int(tile_counts_.sum()),
+        tile_counts=tile_counts_,
+        tile_classes=classes.astype(np.int8),
+    )
+
+
+def keys_of(pattern: Pattern, grid: Grid, query: int, head: int = 0) -> np.ndarray:
+    """Bool ``[N]``: the keys flat query ``query`` sees in head ``head`` (from the closed forms)."""
+    heads = validate(pattern, grid)
+    head_pattern = resolve_heads(pattern, max(heads, head + 1))[head]
+    rule = rules(canonicalize(head_pattern, grid), grid)
+    qf = np.array([query], dtype=np.int64)
+    kf = np.arange(grid.size, dtype=np.int64)
+    coords = np.unravel_index(kf, grid.shape)
+    return _keep_rows(rule, grid, qf, [c[qf] for c in coords], kf, list(coords))[0]
+
+
+def tile_counts(rule: Rule, grid: Grid, q_tiling: Tiling, kv_tiling: Tiling) -> np.ndarray:
+    """``[q tiles, kv tiles]`` kept pairs of a head-independent rule."""
+    axes = _as_product(rule, grid)
+    if axes is not None:
+        return _factored_counts(axes, grid, q_tiling, kv_tiling)
+    if isinstance(rule, AnyOf) and len(rule.rules) <= _MAX_UNION_TERMS:
+        members = [_as_product(r, grid) for r in rule.rules]
+        if all(m is not None for m in members):
+            # Inclusion-exclusion: |A u B u ...| = sum over non-empty subsets S of
+            # (-1)^(|S|+1) |intersection of S|, and an intersection of products is a product.
+            total = np.zeros((math.prod(q_tiling.counts(grid)), math.prod(kv_tiling.counts(grid))), np.int64)
+            for size in range(1, len(members) + 1):
+                for subset in itertools.combinations(members, size):
+                    axes = [[p for m in subset for p in m[a]] for a in range(grid.rank)]  # type: ignore[index]
+                    total += (-1) ** (size + 1) * _factored_counts(axes, grid, q_tiling, kv_tiling)
+            return total
+    return _row_counts(rule, grid, q_tiling, kv_tiling)
+
+
+# --- factored path -------------------------------------------------------------------
+
+
+def _as_product(rule: Rule, grid: Grid) -> list[list[Progression]] | None:
+    """Per axis, the progressions whose intersection is the key set; None if not a product."""
+    if isinstance(rule, GridBox):
+        return [[p] for p in rule.axes]
+    if isinstance(rule, FlatRange) and grid.rank == 1:
+        return [[rule.range]]
+    if isinstance(rule, AllOf):
+        parts = [_as_product(r, grid) for r in rule.rules]
+        if any(p is None for p in parts):
+            return None
+        return [[p for part in parts for p in part[a]] for a in range(grid.rank)]  # type: ignore[index]
+    return None
+
+
+def _progression_arrays(prog: Progression, qs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return to_numpy(prog.first)(qs), to_numpy(prog.last)(qs), to_numpy(prog.step)(qs)
+
+
+def _count_in(first, last, step, lo, hi) -> np.ndarray:
+    """How many of ``first, first + step, ..., last`` lie in ``[lo, hi]`` (broadcasting)."""
+    a = np.maximum(first, lo)
+    b = np.minimum(last, hi)
+    a = first + -((first - a) // step) * step  # first member >= a
+    return np.where(b >= a, (b - a) // step + 1, 0)
+
+
+def tile_boxes(tiling: Tiling, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every tile as boxes: ``(tile id [M], lo [M, rank], hi [M, rank])``, bounds inclusive.
+
+    A box tile is one box; a flat run of tokens splits into at most
+    ``2 * rank - 1`` boxes (a part row, whole rows, whole planes, ...).
+    """
+    if not tiling.flat:
+        ranges = [np.arange(0, s, t) for s, t in zip(grid.shape, tiling.shape)]
+        lo = np.stack(np.meshgrid(*ranges, indexing="ij"), -1).reshape(-1, grid.rank)
+        hi = np.minimum(lo + np.array(tiling.shape) - 1, np.array(grid.shape) - 1)
+        return np.arange(len(lo)), lo, hi
+    strides, shape = grid.strides, grid.shape
+    ids, los, his = [], [], []
+    for tile, start in enumerate(range(0, grid.size, tiling.shape[0])):
+        pos, end = start, min(start + tiling.shape[0], grid.size)
+        while pos < end:
+            coord = np.unravel_index(pos, shape)
+            # The outermost axis a below which the box can span whole axes.
+            a = next(
+                a for a in range(grid.rank) if all(c == 0 for c in coord[a + 1 :]) and strides[a] <= end - pos
+            )
+            m = min(shape[a] - coord[a], (end - pos) // strides[a])
+            lo = [*coord[:a], coord[a]] + [0] * (grid.rank - a - 1)
+            hi = [*coord[:a], coord[a] + m - 1] + [s - 1 for s in shape[a + 1 :]]
+            ids.append(tile)
+            los.append(lo)
+            his.append(hi)
+            pos += m * strides[a]
+    return np.array(ids), np.array(los), np.array(his)
+
+
+def _keys_below(progs: list[Progression], length: int, breaks: np.ndarray) -> np.ndarray:
+    """``[length, len(breaks)]``: keys of each query coordinate that are ``< breaks[j]``."""
+    qs = np.arange(length, dtype=np.int64)
+    arrays = [_progression_arrays(p, qs) for p in progs]
+    if len(arrays) == 1:
+        first, last, step = (x[:, None] for x in arrays[0])
+        return _count_in(first, last, step, 0, breaks[None] - 1)
+    # Several progressions on one axis: intersect them key by key, a block of queries at a time.
+    out = np.zeros((length, len(breaks)), dtype=np.int64)
+    ks = np.arange(length, dtype=np.int64)[None]
+    block = max(1, _ROW_BLOCK_ELEMENTS // length)
+    for lo in range(0, length, block):
+        rows = slice(lo, lo + block)
+        keep = np.ones((len(qs[rows]), length), dtype=bool)
+        for first, last, step in arrays:
+            f, s = first[rows, None], step[rows, None]
+            keep &= (ks >= f) & (ks <= last[rows, None]) & ((ks - f) % s == 0)
+        below = np.concatenate([np.zeros((keep.shape[0], 1), np.int64), keep.cumsum(1)], axis=1)
+        out[rows] = below[:, breaks]
+    return out
+
+
+def _factored_counts(
+    axes: list[list[Progression]], grid: Grid, q_tiling: Tiling, kv_tiling: Tiling
+) -> np.ndarray:
+    """Kept pairs per tile pair of a product rule, from per-axis prefix sums.
+
+    For boxes ``Qb``, ``Kb``: ``kept = prod_a sum_{q in Qb_a} #{keys of q in Kb_a}``;
+    a tile's count is the sum over the boxes that make it up.
+    """
+    q_id, q_lo, q_hi = tile_boxes(q_tiling, grid)
+    k_id, k_lo, k_hi = tile_boxes(kv_tiling, grid)
+    kept = np.ones((len(q_id), len(k_id)), dtype=np.int64)
+    for a, length in enumerate(grid.shape):
+        breaks, index = np.unique(np.concatenate([k_lo[:, a], k_hi[:, a] + 1]), return_inverse=True)
+        j_lo, j_hi = index[: len(k_id)], index[len(k_id) :]
+        below = _keys_below(axes[a], length, breaks)
+        table = np.concatenate([np.zeros((1, len(breaks)), np.int64), below.cumsum(0)])  # [L + 1, breaks]
+        q0, q1 = q_lo[:, a, None], q_hi[:, a, None] + 1
+        kept *= (table[q1, j_hi] - table[q0, j_hi]) - (table[q1, j_lo] - table[q0, j_lo])
+    n_q, n_k = math.prod(q_tiling.counts(grid)), math.prod(kv_tiling.counts(grid))
+    flat = (q_id[:, None] * n_k + k_id[None, :]).ravel()
+    return np.bincount(flat, weights=kept.ravel(), minlength=n_q * n_k).astype(np.int64).reshape(n_q, n_k)
+
+
+# --- rows path -------------------------------------------------------------------------
+
+
+def _keep_rows(rule: Rule, grid: Grid, qf: np.ndarray, qc: list, kf: np.ndarray, kc: list) -> np.ndarray:
+    """Bool ``[queries, keys]`` for the flat query indices ``qf`` (coords ``qc``)."""
+    if isinstance(rule, GridBox):
+        keep = np.ones((len(qf), len(kf)), dtype=bool)
+        for prog, q_a, k_a in zip(rule.axes, qc, kc):
+            first, last, step = _progression_arrays(prog, q_a)
+            f, s = first[:, None], step[:, None]
+            keep &= (k_a[None] >= f) & (k_a[None] <= last[:, None]) & ((k_a[None] - f) % s == 0)
+        return keep
+    if isinstance(rule, FlatRange):
+        first, last, step = _progression_arrays(rule.range, qf)
+        f, s = first[:, None], step[:, None]
+        return (kf[None] >= f) & (kf[None] <= last[:, None]) & ((kf[None] - f) % s == 0)
+    if isinstance(rule, Predicate):
+        return _predicate_rows(rule, qf, kf)
+    parts = [_keep_rows(r, grid, qf, qc, kf, kc) for r in rule.rules]
+    return np.logical_or.reduce(parts) if isinstance(rule, AnyOf) else np.logical_and.reduce(parts)
+
+
+def _predicate_rows(rule: Predicate, qf: np.ndarray, kf: np.ndarray) -> np.ndarray:
+    tables = {name: np.asarray(values) for name, values in rule.tables}
+    env = {symbolic.q: qf[:, None], symbolic.k: kf[None]}
+    return np.broadcast_to(_evaluate(rule.expr, env, tables), (len(qf), len(kf)))
+
+
+def _evaluate(expr: sympy.Basic, env: dict, tables: dict[str, np.ndarray]) -> np.ndarray:
+    """Evaluate a predicate's sympy tree on int64 arrays, lookups included."""
+    if isinstance(expr, sympy.floor):  # floor(a / b) is integer division, never a float
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        return _evaluate(num, env, tables) // _evaluate(den, env, tables)
+    args = [_evaluate(a, env, tables) for a in expr.args]
+    if expr in env:
+        return env[expr]
+    if expr.is_Integer:
+        return np.int64(int(expr))
+    if isinstance(expr, sympy.core.function.AppliedUndef):
+        return tables[expr.func.__name__][tuple(args)]
+    ops = {
+        sympy.Or: np.logical_or.reduce,
+        sympy.And: np.logical_and.reduce,
+        sympy.Add: sum,
+        sympy.Mul: np.prod,
+    }
+    for kind, fn in ops.items():
+        if isinstance(expr, kind):
+            return fn(np.broadcast_arrays(*args)) if kind in (sympy.Or, sympy.And) else fn(args)
+    if isinstance(expr, sympy.Eq):
+        return args[0] == args[1]
+    if isinstance(expr, sympy.Mod):
+        return args[0] % args[1]
+    raise TypeError(f"cannot evaluate {expr} in a predicate")
+
+
+def _row_counts(rule: Rule, grid: Grid, q_tiling: Tiling, kv_tiling: Tiling) -> np.ndarray:
+    n = grid.size
+    q_tile_id = q_tiling.tile_of_token(grid)
+    kv_tile_id = kv_tiling.tile_of_token(grid)
+    q_order = np.argsort(q_tile_id, kind="stable")
+    kv_order = np.argsort(kv_tile_id, kind="stable")
+    kv_starts = np.searchsorted(kv_tile_id[kv_order], np.arange(kv_tile_id.max() + 1))
+    coords = np.unravel_index(np.arange(n), grid.shape)
+    kc = [c[kv_order] for c in coords]
+    out = np.zeros((q_tile_id.max() + 1, len(kv_starts)), dtype=np.int64)
+    block = max(1, _ROW_BLOCK_ELEMENTS // n)
+    for lo in range(0, n, block):
+        qf = q_order[lo : lo + block]
+        keep = _keep_rows(rule, grid, qf, [c[qf] for c in coords], kv_order, kc)
+        per_query = np.add.reduceat(keep, kv_starts, axis=1, dtype=np.int64)
+        np.add.at(out, q_tile_id[qf], per_query)
+    return out

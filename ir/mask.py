@@ -1,0 +1,132 @@
+"""Brute-force masks: each primitive's definition, materialised over all pairs.
+
+This is the oracle every other part of attncc is tested against, so it is
+written straight from the definitions (see :mod:`attncc.ir.nodes`), one
+element at a time in spirit, with no reuse of the symbolic analysis. It costs
+O(N^2) memory: use it for tests and references, never in a kernel path.
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+import torch
+from attncc.ir.canonical import to_graph
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import (
+    Axial,
+    BlockSparse,
+    Causal,
+    Dense,
+    Document,
+    GlobalTokens,
+    Intersection,
+    Neighborhood,
+    Pattern,
+    PerHead,
+    SlidingWindow,
+    Strided,
+    Union,
+)
+from attncc.ir.validate import per_axis, validate
+
+
+def coordinates(grid: Grid, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[N, rank]`` int64 grid coordinates of every flat token index."""
+    axes = [torch.arange(s, device=device) for s in grid.shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, grid.rank)
+
+
+def neighborhood_axis(
+    q: torch.Tensor, k: torch.Tensor, length: int, window: int, dilation: int, stride: int, causal: bool
+) -> torch.Tensor:
+    """NATTEN's generalized neighborhood rule on one axis, for broadcastable q, k coords."""
+    group = q % dilation
+    same_group = (k % dilation) == group
+    qi, kj = q // dilation, k // dilation  # positions inside the dilation group
+    group_len = (length - group + dilation - 1) // dilation
+    if causal:
+        leader = torch.clamp((qi // stride) * stride + stride - 1, max=group_len - 1)
+        keep = (kj <= qi) & (leader - kj < window)
+    else:
+        left = window // 2
+        right = window - 1 - left
+        leader = torch.minimum((qi // stride) * stride + stride // 2, group_len - 1)
+        centre = torch.minimum(torch.clamp(leader, min=left), group_len - 1 - right)
+        keep = (kj >= centre - left) & (kj <= centre + right)
+    return keep & same_group
+
+
+def mask(
+    p: Pattern, grid: Grid, heads: int | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """``[H, N, N]`` bool mask, ``mask[h, q, k]`` true where query q sees key k.
+
+    ``H`` is 1 when the pattern is the same for every head, else the head count.
+    """
+    heads = validate(p, grid, heads)
+    n = grid.size
+    coords = coordinates(grid, device)
+    qc, kc = coords[:, None, :], coords[None, :, :]
+    qf = torch.arange(n, device=device)[:, None]
+    kf = torch.arange(n, device=device)[None, :]
+    values: dict[Pattern, torch.Tensor] = {}
+    for node in reversed(list(nx.topological_sort(to_graph(p)))):
+        values[node] = _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values)
+    return values[p]
+
+
+def _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values) -> torch.Tensor:
+    n = grid.size
+    if isinstance(node, Dense):
+        return torch.ones(1, n, n, dtype=torch.bool, device=qf.device)
+    if isinstance(node, Neighborhood):
+        rank = grid.rank
+        out = torch.ones(n, n, dtype=torch.bool, device=qf.device)
+        for a, (w, d, s, c) in enumerate(
+            zip(
+                per_axis(node.window, rank, "window"),
+                per_axis(node.dilation, rank, "dilation"),
+                per_axis(node.stride, rank, "stride"),
+                per_axis(node.causal, rank, "causal"),
+            )
+        ):
+            out &= neighborhood_axis(qc[..., a], kc[..., a], grid.shape[a], w, d, s, c)
+        return out[None]
+    if isinstance(node, SlidingWindow):
+        return ((kf >= qf - node.left) & (kf <= qf + node.right))[None]
+    if isinstance(node, Causal):
+        return (kf <= qf)[None]
+    if isinstance(node, Axial):
+        axes = node.axes if node.axes is not None else range(grid.rank)
+        out = torch.zeros(n, n, dtype=torch.bool, device=qf.device)
+        for a in axes:
+            others = [b for b in range(grid.rank) if b != a]
+            out |= (qc[..., others] == kc[..., others]).all(-1)
+        return out[None]
+    if isinstance(node, Strided):
+        return ((qf - kf) % node.stride == node.offset)[None]
+    if isinstance(node, BlockSparse):
+        layout = torch.tensor(node.layout, dtype=torch.bool, device=qf.device)
+        if not node.per_head:
+            layout = layout[None]
+        blocks = torch.arange(n, device=qf.device) // node.block
+        return layout[:, blocks[:, None], blocks[None, :]]
+    if isinstance(node, GlobalTokens):
+        is_global = torch.zeros(n, dtype=torch.bool, device=qf.device)
+        is_global[list(node.indices)] = True
+        return (is_global[:, None] | is_global[None, :])[None]
+    if isinstance(node, Document):
+        ids = torch.tensor(node.ids, device=qf.device)
+        return (ids[:, None] == ids[None, :])[None]
+    if isinstance(node, PerHead):
+        # Head h takes head h of its entry (an entry may itself vary by head).
+        return torch.cat(
+            [values[op][h if values[op].shape[0] > 1 else 0][None] for h, op in enumerate(node.patterns)]
+        )
+    if isinstance(node, (Union, Intersection)):
+        ops = [values[op] for op in node.operands]
+        out = ops[0]
+        for other in ops[1:]:
+            out = (out | other) if isinstance(node, Union) else (out & other)
+        return out
+    raise TypeError(f"no brute-force rule for {type(node).__name__}")

@@ -1,0 +1,407 @@
+"""Pattern IR nodes: primitives and combinators as frozen dataclasses.
+
+A pattern is a predicate ``keep(head, q, k)`` over grid coordinates. Nodes hold
+only what the user wrote (lists become tuples, nothing else is changed), so
+``parse(str(p)) == p`` holds exactly; :mod:`attncc.ir.canonical` binds a grid
+and rewrites to the canonical form. Parameters that can be checked without a
+grid are checked here; those that need the grid are checked by
+:func:`attncc.ir.validate.validate`.
+
+Note [Union flattening]: ``a | (b | c)`` and ``(a | b) | c`` build the same
+n-ary :class:`Union` (likewise for ``&``). The text form cannot show the
+brackets the user meant to be irrelevant, so the nodes must not keep them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from attncc.errors import PatternError, field_error
+
+IntOrTuple = int | tuple[int, ...]
+BoolOrTuple = bool | tuple[bool, ...]
+
+
+class Pattern:
+    """Base class of every IR node. ``|`` is union, ``&`` intersection."""
+
+    NAME: ClassVar[str]
+
+    def __or__(self, other: Pattern) -> Pattern:
+        return union(self, other)
+
+    def __and__(self, other: Pattern) -> Pattern:
+        return intersection(self, other)
+
+    def __str__(self) -> str:
+        from attncc.ir.text import format_pattern
+
+        return format_pattern(self)
+
+    @property
+    def children(self) -> tuple[Pattern, ...]:
+        return ()
+
+
+# --- parameter checks (grid-independent) -----------------------------------
+
+
+def _freeze(value: Any) -> Any:
+    """Lists (from text, YAML or JSON) become tuples so nodes stay hashable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _check_int(field_name: str, value: Any, low: int, allowed: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise field_error(PatternError, field_name, value, allowed)
+
+
+def _check_per_axis(field_name: str, value: Any, low: int) -> None:
+    allowed = f"an integer >= {low} or a tuple of 1-3 such integers"
+    if isinstance(value, tuple):
+        if not 1 <= len(value) <= 3:
+            raise field_error(PatternError, field_name, value, allowed)
+        for i, v in enumerate(value):
+            _check_int(f"{field_name}[{i}]", v, low, f"an integer >= {low}")
+    else:
+        _check_int(field_name, value, low, allowed)
+
+
+def _check_bool_per_axis(field_name: str, value: Any) -> None:
+    allowed = "true/false or a tuple of 1-3 of them"
+    items = value if isinstance(value, tuple) else (value,)
+    if not 1 <= len(items) <= 3 or not all(isinstance(v, bool) for v in items):
+        raise field_error(PatternError, field_name, value, allowed)
+
+
+def _set(node: Any, name: str, value: Any) -> None:
+    object.__setattr__(node, name, value)
+
+
+# --- primitives --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Dense(Pattern):
+    """Every query sees every key."""
+
+    NAME: ClassVar[str] = "dense"
+
+
+@dataclass(frozen=True)
+class Neighborhood(Pattern):
+    """Generalized neighborhood attention (NATTEN / GNA semantics), per axis.
+
+    Per axis of length ``L``: queries and keys interact only inside the same
+    dilation group (``coord % dilation``); within a group of ``Lg`` tokens a
+    query sees ``window`` consecutive group members. Queries are gathered into
+    stride groups of ``stride`` consecutive group members that all share the
+    window of a leader (the centre member, right-of-centre for even strides;
+    the last member when causal). Non-causal windows are clamped at the
+    borders so every query sees exactly ``window`` keys per axis; causal
+    windows end at the query and are cut at 0. An int applies to every axis.
+    """
+
+    NAME: ClassVar[str] = "neighborhood"
+    window: IntOrTuple
+    dilation: IntOrTuple = 1
+    stride: IntOrTuple = 1
+    causal: BoolOrTuple = False
+
+    def __post_init__(self) -> None:
+        for name in ("window", "dilation", "stride", "causal"):
+            _set(self, name, _freeze(getattr(self, name)))
+        _check_per_axis("neighborhood.window", self.window, 1)
+        _check_per_axis("neighborhood.dilation", self.dilation, 1)
+        _check_per_axis("neighborhood.stride", self.stride, 1)
+        _check_bool_per_axis("neighborhood.causal", self.causal)
+
+
+@dataclass(frozen=True)
+class SlidingWindow(Pattern):
+    """Band ``q - left <= k <= q + right`` on the flat index (unclamped)."""
+
+    NAME: ClassVar[str] = "sliding_window"
+    left: int
+    right: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("sliding_window.left", self.left, 0, "an integer >= 0")
+        _check_int("sliding_window.right", self.right, 0, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class Causal(Pattern):
+    """``k <= q`` on the flat (row-major) index."""
+
+    NAME: ClassVar[str] = "causal"
+
+
+@dataclass(frozen=True)
+class Axial(Pattern):
+    """Attend along the listed axes only: keep when q and k agree on every
+    other axis, for at least one listed axis (default: every axis)."""
+
+    NAME: ClassVar[str] = "axial"
+    axes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        axes = self.axes
+        if axes is None:
+            return
+        axes = _freeze(axes) if isinstance(axes, (list, tuple)) else (axes,)
+        if not axes:
+            raise field_error(PatternError, "axial.axes", axes, "a non-empty tuple of axes 0-2")
+        for i, a in enumerate(axes):
+            _check_int(f"axial.axes[{i}]", a, 0, "an axis index 0-2")
+        _set(self, "axes", axes)
+
+
+@dataclass(frozen=True)
+class Strided(Pattern):
+    """``(q - k) % stride == offset`` on the flat index (Sparse Transformer)."""
+
+    NAME: ClassVar[str] = "strided"
+    stride: int
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("strided.stride", self.stride, 1, "an integer >= 1")
+        if (
+            isinstance(self.offset, bool)
+            or not isinstance(self.offset, int)
+            or not (0 <= self.offset < self.stride)
+        ):
+            raise field_error(
+                PatternError, "strided.offset", self.offset, f"0..{self.stride - 1} (stride - 1)"
+            )
+
+
+@dataclass(frozen=True)
+class BlockSparse(Pattern):
+    """A static 0/1 layout over blocks of ``block`` flat tokens.
+
+    ``layout[i][j] == 1`` keeps query block i against key block j. A 3-D
+    layout ``[heads][i][j]`` gives each head its own layout.
+    """
+
+    NAME: ClassVar[str] = "block_sparse"
+    layout: tuple
+    block: int
+
+    def __post_init__(self) -> None:
+        _set(self, "layout", _freeze(self.layout))
+        _check_int("block_sparse.block", self.block, 1, "an integer >= 1")
+        depth, node = 0, self.layout
+        while isinstance(node, tuple):
+            if not node:
+                raise field_error(PatternError, "block_sparse.layout", self.layout, "non-empty rows")
+            depth, node = depth + 1, node[0]
+        if depth not in (2, 3):
+            raise field_error(
+                PatternError,
+                "block_sparse.layout",
+                f"<{depth}-D>",
+                "a 2-D [q_blocks][kv_blocks] or 3-D [heads][q_blocks][kv_blocks] 0/1 array",
+            )
+        mats = self.layout if depth == 3 else (self.layout,)
+        rows, cols = len(mats[0]), len(mats[0][0])
+        for mat in mats:
+            if not isinstance(mat, tuple) or len(mat) != rows:
+                raise field_error(
+                    PatternError, "block_sparse.layout", "<ragged>", f"{rows} rows in every head"
+                )
+            for row in mat:
+                if not isinstance(row, tuple) or len(row) != cols:
+                    raise field_error(
+                        PatternError, "block_sparse.layout", "<ragged>", f"{cols} columns per row"
+                    )
+                for v in row:
+                    if isinstance(v, bool) or v not in (0, 1):
+                        raise field_error(PatternError, "block_sparse.layout entry", v, "0 or 1")
+
+    @property
+    def per_head(self) -> bool:
+        return isinstance(self.layout[0][0], tuple)
+
+
+@dataclass(frozen=True)
+class GlobalTokens(Pattern):
+    """The listed flat token indices see every key and are seen by every query."""
+
+    NAME: ClassVar[str] = "global_tokens"
+    indices: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        idx = _freeze(self.indices) if isinstance(self.indices, (list, tuple)) else (self.indices,)
+        if not idx:
+            raise field_error(PatternError, "global_tokens.indices", idx, "at least one index")
+        for i, v in enumerate(idx):
+            _check_int(f"global_tokens.indices[{i}]", v, 0, "a flat token index >= 0")
+        _set(self, "indices", idx)
+
+
+@dataclass(frozen=True)
+class Document(Pattern):
+    """Packed sequences: keep when ``ids[q] == ids[k]`` (one id per flat token)."""
+
+    NAME: ClassVar[str] = "document"
+    ids: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        ids = _freeze(self.ids)
+        if not isinstance(ids, tuple) or not ids:
+            raise field_error(PatternError, "document.ids", ids, "one integer id per token")
+        for i, v in enumerate(ids):
+            _check_int(f"document.ids[{i}]", v, 0, "an integer id >= 0")
+        _set(self, "ids", ids)
+
+
+# --- combinators -------------------------------------------------------------
+
+
+def _flatten(cls: type, operands: Sequence[Pattern]) -> tuple[Pattern, ...]:
+    out: list[Pattern] = []
+    for op in operands:
+        if not isinstance(op, Pattern):
+            raise field_error(PatternError, f"{cls.NAME} operand", op, "a pattern")
+        out.extend(op.operands if isinstance(op, cls) else (op,))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Union(Pattern):
+    """Keep where any operand keeps (see Note [Union flattening])."""
+
+    NAME: ClassVar[str] = "union"
+    operands: tuple[Pattern, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _set(self, "operands", _flatten(Union, self.operands))
+        if len(self.operands) < 2:
+            raise field_error(PatternError, "union.operands", len(self.operands), "2 or more")
+
+    @property
+    def children(self) -> tuple[Pattern, ...]:
+        return self.operands
+
+
+@dataclass(frozen=True)
+class Intersection(Pattern):
+    """Keep where every operand keeps (see Note [Union flattening])."""
+
+    NAME: ClassVar[str] = "intersection"
+    operands: tuple[Pattern, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        _set(self, "operands", _flatten(Intersection, self.operands))
+        if len(self.operands) < 2:
+            raise field_error(PatternError, "intersection.operands", len(self.operands), "2 or more")
+
+    @property
+    def children(self) -> tuple[Pattern, ...]:
+        return self.operands
+
+
+@dataclass(frozen=True)
+class PerHead(Pattern):
+    """Head ``h`` uses ``patterns[h]``; the head count must equal ``len(patterns)``."""
+
+    NAME: ClassVar[str] = "per_head"
+    patterns: tuple[Pattern, ...]
+
+    def __post_init__(self) -> None:
+        pats = _freeze(self.patterns)
+        if not isinstance(pats, tuple) or not pats:
+            raise field_error(PatternError, "per_head.patterns", pats, "a non-empty list of patterns")
+        for i, p in enumerate(pats):
+            if not isinstance(p, Pattern):
+                raise field_error(PatternError, f"per_head.patterns[{i}]", p, "a pattern")
+            if isinstance(p, PerHead):
+                raise field_error(PatternError, f"per_head.patterns[{i}]", str(p), "no nested per_head")
+        _set(self, "patterns", pats)
+
+    @property
+    def children(self) -> tuple[Pattern, ...]:
+        return self.patterns
+
+
+# --- builder API -------------------------------------------------------------
+
+PRIMITIVES: dict[str, type[Pattern]] = {
+    cls.NAME: cls
+    for cls in (
+        Dense,
+        Neighborhood,
+        SlidingWindow,
+        Causal,
+        Axial,
+        Strided,
+        BlockSparse,
+        GlobalTokens,
+        Document,
+    )
+}
+
+
+def dense() -> Pattern:
+    return Dense()
+
+
+def neighborhood(
+    window: IntOrTuple,
+    dilation: IntOrTuple = 1,
+    stride: IntOrTuple = 1,
+    causal: BoolOrTuple = False,
+) -> Pattern:
+    return Neighborhood(window, dilation, stride, causal)
+
+
+def sliding_window(left: int, right: int = 0) -> Pattern:
+    return SlidingWindow(left, right)
+
+
+def causal() -> Pattern:
+    return Causal()
+
+
+def axial(axes: int | Sequence[int] | None = None) -> Pattern:
+    return Axial(axes)  # type: ignore[arg-type]
+
+
+def strided(stride: int, offset: int = 0) -> Pattern:
+    return Strided(stride, offset)
+
+
+def block_sparse(layout: Sequence, block: int) -> Pattern:
+    return BlockSparse(layout, block)  # type: ignore[arg-type]
+
+
+def global_tokens(indices: int | Sequence[int]) -> Pattern:
+    return GlobalTokens(indices)  # type: ignore[arg-type]
+
+
+def document(ids: Sequence[int]) -> Pattern:
+    return Document(ids)  # type: ignore[arg-type]
+
+
+def union(*patterns: Pattern) -> Pattern:
+    return patterns[0] if len(patterns) == 1 else Union(patterns)
+
+
+def intersection(*patterns: Pattern) -> Pattern:
+    return patterns[0] if len(patterns) == 1 else Intersection(patterns)
+
+
+def per_head(patterns: Sequence[Pattern]) -> Pattern:
+    return PerHead(patterns)  # type: ignore[arg-type]
+
+
+def fields_of(node: Pattern) -> dict[str, Any]:
+    """The node's parameters in declaration order (for printing and specs)."""
+    return {f.name: getattr(node, f.name) for f in dataclasses.fields(node)}  # type: ignore[arg-type]

@@ -1,0 +1,114 @@
+"""Spec files: a pattern bound to a grid (plus optional heads, head dim, dtype).
+
+YAML or JSON, e.g.::
+
+    pattern: neighborhood(window=(31, 31))
+    grid: [128, 128]
+    heads: 16
+    head_dim: 128
+    dtype: bfloat16
+
+``pattern`` is the text form, or the same tree as mappings, which suits long
+block layouts: ``{block_sparse: {layout: [[1, 0], [1, 1]], block: 64}}``,
+``{union: [p, q]}``, ``{intersection: [p, q]}``, ``{per_head: [p, q]}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import PRIMITIVES, Pattern, intersection, per_head, union
+from attncc.ir.text import parse
+from attncc.ir.validate import validate
+
+from attncc.errors import AttnccError, SpecError, field_error
+
+DTYPES = ("float16", "bfloat16", "float32")
+_FIELDS = ("pattern", "grid", "heads", "head_dim", "dtype", "name", "description")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A pattern on a grid, with the shapes a kernel would be built for."""
+
+    pattern: Pattern
+    grid: Grid
+    heads: int
+    head_dim: int = 128
+    dtype: str = "bfloat16"
+    name: str = ""
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a ``.yaml``/``.yml``/``.json`` spec file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError(f"spec file {str(path)!r} cannot be read: {e.strerror}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise SpecError(
+            f"spec file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {e}"
+        ) from None
+    try:
+        return spec_from_data(data, default_name=path.stem)
+    except AttnccError as e:
+        raise type(e)(f"{path}: {e}") from None
+
+
+def spec_from_data(data: Any, default_name: str = "") -> Spec:
+    if not isinstance(data, dict):
+        raise field_error(
+            SpecError, "spec", type(data).__name__, "a mapping with fields " + ", ".join(_FIELDS)
+        )
+    for key in data:
+        if key not in _FIELDS:
+            raise field_error(SpecError, "spec field", key, ", ".join(_FIELDS), "unknown field")
+    for key in ("pattern", "grid"):
+        if key not in data:
+            raise SpecError(f"spec field {key!r} is missing; it is required")
+    grid_value = data["grid"]
+    grid = Grid(tuple(grid_value) if isinstance(grid_value, list) else grid_value)
+    pattern = pattern_from_data(data["pattern"])
+    heads = validate(pattern, grid, data.get("heads"))
+    head_dim = data.get("head_dim", 128)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise field_error(SpecError, "head_dim", head_dim, "an integer >= 1")
+    dtype = data.get("dtype", "bfloat16")
+    if dtype not in DTYPES:
+        raise field_error(SpecError, "dtype", dtype, ", ".join(DTYPES))
+    return Spec(pattern, grid, heads, head_dim, dtype, str(data.get("name", default_name)))
+
+
+def pattern_from_data(data: Any) -> Pattern:
+    """A pattern from its text form or its tree of single-key mappings."""
+    if isinstance(data, str):
+        return parse(data)
+    if not isinstance(data, dict) or len(data) != 1:
+        raise field_error(SpecError, "pattern", data, "a text pattern or a mapping with one primitive name")
+    ((name, args),) = data.items()
+    if name in ("union", "intersection", "per_head"):
+        if not isinstance(args, list) or not args:
+            raise field_error(SpecError, f"pattern.{name}", args, "a non-empty list of patterns")
+        ops = [pattern_from_data(a) for a in args]
+        return per_head(ops) if name == "per_head" else (union if name == "union" else intersection)(*ops)
+    if name not in PRIMITIVES:
+        known = ", ".join(sorted([*PRIMITIVES, "union", "intersection", "per_head"]))
+        raise field_error(SpecError, "pattern name", name, known, "unknown primitive")
+    cls = PRIMITIVES[name]
+    args = {} if args is None else args
+    if not isinstance(args, dict):
+        raise field_error(SpecError, f"pattern.{name}", args, "a mapping of argument names to values")
+    try:
+        return cls(**args)
+    except TypeError:
+        names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        raise field_error(SpecError, f"pattern.{name} arguments", sorted(args), ", ".join(names)) from None

@@ -1,0 +1,237 @@
+"""Closed forms (sympy) of the keys each query sees, per primitive.
+
+For interval-like primitives the keys of a query coordinate ``q`` on one axis
+are the progression ``first(q), first(q) + step, ..., last(q)`` (empty when
+``last < first``); grid primitives give one progression per grid axis (their
+product is the key set), flat primitives one over the flat index. Primitives
+with no interval (global tokens, documents, block layouts) get a membership
+predicate over lookup tables instead. Parameters may be ints (specialised and
+simplified by sympy) or sympy symbols (the general formula, for reading).
+
+:func:`to_code` prints an expression as integer-exact Python or numpy code;
+the analysis evaluates those strings, and the lowering prints them into
+kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import sympy
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import (
+    Axial,
+    BlockSparse,
+    Causal,
+    Dense,
+    Document,
+    GlobalTokens,
+    Intersection,
+    Neighborhood,
+    Pattern,
+    SlidingWindow,
+    Strided,
+    Union,
+)
+from attncc.ir.validate import per_axis
+from sympy.printing.pycode import PythonCodePrinter
+
+Num = int | sympy.Expr
+
+q = sympy.Symbol("q", integer=True, nonnegative=True)
+k = sympy.Symbol("k", integer=True, nonnegative=True)
+
+
+def _div(a: Num, b: Num) -> sympy.Expr:
+    return sympy.floor(sympy.sympify(a) / b)
+
+
+@dataclass(frozen=True)
+class Progression:
+    """Keys ``first, first + step, ..., last`` seen by coordinate ``q`` on one axis."""
+
+    first: sympy.Expr
+    last: sympy.Expr
+    step: sympy.Expr
+
+    def code(self, numpy: bool = False) -> dict[str, str]:
+        return {name: to_code(getattr(self, name), numpy) for name in ("first", "last", "step")}
+
+
+def neighborhood_progression(
+    length: Num, window: Num, dilation: Num = 1, stride: Num = 1, causal: bool = False
+) -> Progression:
+    """NATTEN's generalized neighborhood window of coordinate ``q`` on one axis."""
+    group = sympy.Mod(q, dilation)
+    qi = _div(q, dilation)  # position inside the dilation group
+    group_len = _div(length - group + dilation - 1, dilation)
+    if causal:
+        leader = sympy.Min(_div(qi, stride) * stride + stride - 1, group_len - 1)
+        first_i, last_i = sympy.Max(leader - window + 1, 0), qi
+    else:
+        left = _div(window, 2)
+        right = window - 1 - left
+        leader = sympy.Min(_div(qi, stride) * stride + _div(stride, 2), group_len - 1)
+        centre = sympy.Min(sympy.Max(leader, left), group_len - 1 - right)
+        first_i, last_i = centre - left, centre + right
+    return Progression(group + dilation * first_i, group + dilation * last_i, sympy.sympify(dilation))
+
+
+def band_progression(length: Num, left: Num, right: Num) -> Progression:
+    """Sliding window ``[q - left, q + right]`` cut to ``[0, length - 1]``."""
+    return Progression(sympy.Max(q - left, 0), sympy.Min(q + right, length - 1), sympy.Integer(1))
+
+
+def strided_progression(length: Num, stride: Num, offset: Num = 0) -> Progression:
+    """Keys ``k`` with ``(q - k) % stride == offset``: the residue class of ``q - offset``."""
+    first = sympy.Mod(q - offset, stride)
+    last = length - 1 - sympy.Mod(length - 1 - q + offset, stride)
+    return Progression(first, last, sympy.sympify(stride))
+
+
+def full_progression(length: Num) -> Progression:
+    return Progression(sympy.Integer(0), sympy.sympify(length) - 1, sympy.Integer(1))
+
+
+def point_progression() -> Progression:
+    return Progression(q, q, sympy.Integer(1))
+
+
+# --- rules: a pattern as closed forms ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class GridBox:
+    """Keys are the product over grid axes of one progression per axis."""
+
+    axes: tuple[Progression, ...]
+
+
+@dataclass(frozen=True)
+class FlatRange:
+    """Keys are one progression over the flat index."""
+
+    range: Progression
+
+
+@dataclass(frozen=True)
+class Predicate:
+    """Keys ``k`` where ``expr(q, k)`` holds; ``tables`` name its lookup functions."""
+
+    expr: sympy.Basic
+    tables: tuple[tuple[str, tuple], ...]
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    rules: tuple[Rule, ...]
+
+
+@dataclass(frozen=True)
+class AllOf:
+    rules: tuple[Rule, ...]
+
+
+Rule = GridBox | FlatRange | Predicate | AnyOf | AllOf
+
+
+def rules(p: Pattern, grid: Grid) -> Rule:
+    """The closed-form rule of a head-independent pattern on ``grid``."""
+    n = grid.size
+    if isinstance(p, Dense):
+        return GridBox(tuple(full_progression(s) for s in grid.shape))
+    if isinstance(p, Neighborhood):
+        params = zip(
+            grid.shape,
+            per_axis(p.window, grid.rank, "window"),
+            per_axis(p.dilation, grid.rank, "dilation"),
+            per_axis(p.stride, grid.rank, "stride"),
+            per_axis(p.causal, grid.rank, "causal"),
+        )
+        return GridBox(tuple(neighborhood_progression(*args) for args in params))
+    if isinstance(p, Axial):
+        axes = p.axes if p.axes is not None else range(grid.rank)
+        boxes = tuple(
+            GridBox(
+                tuple(
+                    full_progression(s) if b == a else point_progression() for b, s in enumerate(grid.shape)
+                )
+            )
+            for a in axes
+        )
+        return boxes[0] if len(boxes) == 1 else AnyOf(boxes)
+    if isinstance(p, SlidingWindow):
+        return FlatRange(band_progression(n, p.left, p.right))
+    if isinstance(p, Causal):
+        return FlatRange(band_progression(n, n - 1, 0))
+    if isinstance(p, Strided):
+        return FlatRange(strided_progression(n, p.stride, p.offset))
+    if isinstance(p, GlobalTokens):
+        is_global = sympy.Function("is_global")
+        flags = tuple(int(i in set(p.indices)) for i in range(n))
+        return Predicate(
+            sympy.Or(sympy.Eq(is_global(q), 1), sympy.Eq(is_global(k), 1)), (("is_global", flags),)
+        )
+    if isinstance(p, Document):
+        doc = sympy.Function("doc")
+        return Predicate(sympy.Eq(doc(q), doc(k)), (("doc", p.ids),))
+    if isinstance(p, BlockSparse):
+        layout = sympy.Function("layout")
+        cell = layout(_div(q, p.block), _div(k, p.block))
+        return Predicate(sympy.Eq(cell, 1), (("layout", p.layout),))
+    if isinstance(p, Union):
+        return AnyOf(tuple(rules(op, grid) for op in p.operands))
+    if isinstance(p, Intersection):
+        return AllOf(tuple(rules(op, grid) for op in p.operands))
+    raise TypeError(f"{type(p).__name__} has no closed form; resolve heads first")
+
+
+# --- printing ----------------------------------------------------------------------
+
+
+class _IntegerPrinter(PythonCodePrinter):
+    """Prints integer expressions with ``//`` and ``%`` so results stay exact."""
+
+    def __init__(self, numpy: bool) -> None:
+        super().__init__({"fully_qualified_modules": False})
+        self._min, self._max = ("minimum", "maximum") if numpy else ("min", "max")
+
+    def _print_floor(self, expr: sympy.Expr) -> str:
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        if den == 1:
+            return self._print(num)
+        return f"(({self._print(num)}) // ({self._print(den)}))"
+
+    def _print_Mod(self, expr: sympy.Expr) -> str:
+        a, b = expr.args
+        return f"(({self._print(a)}) % ({self._print(b)}))"
+
+    def _minmax(self, name: str, args: tuple) -> str:
+        out = self._print(args[0])
+        for a in args[1:]:
+            out = f"{name}({out}, {self._print(a)})"
+        return out
+
+    def _print_Min(self, expr: sympy.Expr) -> str:
+        return self._minmax(self._min, expr.args)
+
+    def _print_Max(self, expr: sympy.Expr) -> str:
+        return self._minmax(self._max, expr.args)
+
+    def _print_Rational(self, expr: sympy.Expr) -> str:
+        if expr.q != 1:
+            raise ValueError(f"non-integer constant {expr} in an index expression")
+        return str(expr.p)
+
+
+def to_code(expr: sympy.Expr, numpy: bool = False) -> str:
+    """Integer-exact Python code for ``expr`` (``minimum``/``maximum`` when ``numpy``)."""
+    return _IntegerPrinter(numpy).doprint(expr)
+
+
+def to_numpy(expr: sympy.Expr) -> Callable[[np.ndarray], np.ndarray]:
+    """A vectorised function of ``q`` (int64 arrays) evaluating ``expr`` exactly."""
+    fn = eval(f"lambda q: {to_code(expr, numpy=True)}", {"minimum": np.minimum, "maximum": np.maximum})
+    return lambda qs: np.broadcast_to(np.asarray(fn(qs), dtype=np.int64), np.shape(qs))

@@ -1,0 +1,108 @@
+"""Checks that need the grid: does this pattern fit this grid and head count?"""
+
+from __future__ import annotations
+
+import math
+
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import (
+    Axial,
+    BlockSparse,
+    Document,
+    GlobalTokens,
+    Neighborhood,
+    Pattern,
+    PerHead,
+)
+
+from attncc.errors import PatternError, field_error
+
+
+def per_axis(value: int | bool | tuple, rank: int, name: str) -> tuple:
+    """Broadcast an int (or bool) to every axis; a tuple must name every axis."""
+    if not isinstance(value, tuple):
+        return (value,) * rank
+    if len(value) != rank:
+        raise field_error(PatternError, name, value, f"one value or a tuple of {rank} (the grid's rank)")
+    return value
+
+
+def required_heads(p: Pattern) -> int | None:
+    """The head count a pattern fixes (per_head lists, per-head layouts), if any."""
+    if isinstance(p, PerHead):
+        return len(p.patterns)
+    if isinstance(p, BlockSparse) and p.per_head:
+        return len(p.layout)
+    counts = {c for c in (required_heads(ch) for ch in p.children) if c is not None}
+    if len(counts) > 1:
+        raise field_error(
+            PatternError, "per-head pattern", sorted(counts), "one head count for the whole pattern"
+        )
+    return counts.pop() if counts else None
+
+
+def validate(p: Pattern, grid: Grid, heads: int | None = None) -> int:
+    """Raise a :class:`PatternError` if ``p`` does not fit; return the head count.
+
+    The head count is ``heads`` if given, else what the pattern fixes, else 1.
+    """
+    fixed = required_heads(p)
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise field_error(PatternError, "heads", heads, "an integer >= 1")
+    if fixed is not None and heads is not None and heads != fixed:
+        raise field_error(
+            PatternError, "heads", heads, f"{fixed} (the pattern gives {fixed} per-head entries)"
+        )
+    _check(p, grid)
+    return heads or fixed or 1
+
+
+def _check(p: Pattern, grid: Grid) -> None:
+    n = grid.size
+    if isinstance(p, Neighborhood):
+        window = per_axis(p.window, grid.rank, "neighborhood.window")
+        dilation = per_axis(p.dilation, grid.rank, "neighborhood.dilation")
+        stride = per_axis(p.stride, grid.rank, "neighborhood.stride")
+        per_axis(p.causal, grid.rank, "neighborhood.causal")
+        for a, size in enumerate(grid.shape):
+            if window[a] > size:
+                raise field_error(
+                    PatternError, f"neighborhood.window[{a}]", window[a], f"1..{size} (grid axis {a})"
+                )
+            if window[a] * dilation[a] > size:
+                raise field_error(
+                    PatternError,
+                    f"neighborhood.dilation[{a}]",
+                    dilation[a],
+                    f"1..{size // window[a]} (window {window[a]} x dilation must fit axis {a}, size {size})",
+                )
+            if stride[a] > window[a]:
+                raise field_error(
+                    PatternError, f"neighborhood.stride[{a}]", stride[a], f"1..{window[a]} (the window)"
+                )
+    elif isinstance(p, Axial):
+        axes = p.axes or ()
+        for i, a in enumerate(axes):
+            if a >= grid.rank:
+                raise field_error(PatternError, f"axial.axes[{i}]", a, f"0..{grid.rank - 1} (grid rank)")
+        if len(set(axes)) != len(axes):
+            raise field_error(PatternError, "axial.axes", axes, "distinct axes")
+    elif isinstance(p, BlockSparse):
+        blocks = math.ceil(n / p.block)
+        mat = p.layout[0] if p.per_head else p.layout
+        if (len(mat), len(mat[0])) != (blocks, blocks):
+            raise field_error(
+                PatternError,
+                "block_sparse.layout shape",
+                (len(mat), len(mat[0])),
+                f"({blocks}, {blocks}): ceil({n} tokens / block {p.block}) per side",
+            )
+    elif isinstance(p, GlobalTokens):
+        for i, v in enumerate(p.indices):
+            if v >= n:
+                raise field_error(PatternError, f"global_tokens.indices[{i}]", v, f"0..{n - 1}")
+    elif isinstance(p, Document):
+        if len(p.ids) != n:
+            raise field_error(PatternError, "document.ids length", len(p.ids), f"{n} (one id per token)")
+    for child in p.children:
+        _check(child, grid)
