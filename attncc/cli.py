@@ -1,0 +1,149 @@
+"""The ``attncc`` command line."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from attncc.errors import AttnccError, PatternError, field_error
+from attncc.ir.analysis import Analysis, analyze
+from attncc.ir.canonical import pattern_hash
+from attncc.ir.spec import Spec, load_spec
+from attncc.ir.text import format_pattern
+
+_DEFAULT_TILES = {
+    1: ["128", "64"],
+    2: ["128", "8x16", "16x8"],
+    3: ["128", "2x8x8", "4x4x8"],
+}
+
+
+def parse_tile(text: str, name: str) -> int | tuple[int, ...]:
+    """``"128"`` (flat run of tokens) or ``"8x16"`` (a box, one size per axis)."""
+    parts = text.lower().split("x")
+    if not all(p.strip().isdigit() for p in parts):
+        raise field_error(PatternError, name, text, "a size like 128 (flat) or a box like 8x16")
+    sizes = tuple(int(p) for p in parts)
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def _table(spec: Spec, results: list[Analysis]) -> Table:
+    first = results[0]
+    per = "per head" if len(results) and first.heads == 1 else f"summed over {first.heads} heads"
+    table = Table(title=f"tilings (tile pairs {per})", title_justify="left")
+    for col in (
+        "q tile",
+        "kv tile",
+        "tile pairs",
+        "empty",
+        "partial",
+        "full",
+        "visited",
+        "tile bound",
+        "bound / ideal",
+    ):
+        table.add_column(col, justify="right")
+    for a in results:
+        visited = a.partial_tiles + a.full_tiles
+        table.add_row(
+            str(a.q_tiling),
+            str(a.kv_tiling),
+            f"{a.tile_classes.size:,}",
+            f"{a.empty_tiles:,}",
+            f"{a.partial_tiles:,}",
+            f"{a.full_tiles:,}",
+            f"{visited / a.tile_classes.size:.1%}",
+            f"{a.tile_bound:.2f}x",
+            f"{a.tile_bound / first.ideal_speedup:.2f}",
+        )
+    return table
+
+
+def _summary(spec: Spec, a: Analysis) -> Table:
+    text = format_pattern(spec.pattern)
+    if len(text) > 160:
+        text = text[:157] + "..."
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("spec", spec.name),
+        ("pattern", text),
+        ("canonical hash", pattern_hash(spec.pattern, spec.grid)),
+        ("grid", f"{spec.grid} ({spec.grid.size:,} tokens)"),
+        ("heads x head_dim", f"{spec.heads} x {spec.head_dim} ({spec.dtype})"),
+        ("kept pairs", f"{a.kept_pairs:,} of {a.total_pairs:,}"),
+        ("density", f"{a.density:.4%}"),
+        ("ideal speedup", f"{a.ideal_speedup:.2f}x (1 / density)"),
+        ("FLOPs kept (fwd, B=1)", f"{a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense"),
+    ]
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    return table
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="attncc")
+def cli() -> None:
+    """attncc: a compiler for structured sparse attention."""
+
+
+@cli.command("analyze")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option(
+    "--q-tile", "q_tiles", multiple=True, help="Q tile: 128 (flat tokens) or 8x16 (a box). Repeatable."
+)
+@click.option("--kv-tile", "kv_tiles", multiple=True, help="KV tile, same forms; defaults to the Q tile.")
+@click.option(
+    "--png", type=click.Path(dir_okay=False), help="Draw the mask and the tile map of the first tiling."
+)
+def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, ...], png: str | None) -> None:
+    """Exact density, ideal speedup and tile map of the pattern in SPEC (YAML/JSON)."""
+    spec = load_spec(spec_path)
+    q_list = list(q_tiles) or _DEFAULT_TILES[spec.grid.rank]
+    if kv_tiles and len(kv_tiles) not in (1, len(q_list)):
+        raise field_error(
+            PatternError, "--kv-tile count", len(kv_tiles), f"1 or {len(q_list)} (one per --q-tile)"
+        )
+    kv_list = list(kv_tiles) * (len(q_list) if len(kv_tiles) == 1 else 1) if kv_tiles else q_list
+    results = [
+        analyze(
+            spec.pattern,
+            spec.grid,
+            parse_tile(qt, "--q-tile"),
+            parse_tile(kt, "--kv-tile"),
+            heads=spec.heads,
+            head_dim=spec.head_dim,
+        )
+        for qt, kt in zip(q_list, kv_list)
+    ]
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    console.print(_summary(spec, results[0]))
+    console.print(_table(spec, results))
+    console.print(
+        "tile bound = tile pairs / visited pairs: the speedup over dense"
+        " that a kernel skipping empty tiles can reach."
+    )
+    if png:
+        from attncc.plot import draw
+
+        draw(spec.pattern, spec.grid, results[0], png, title=f"{spec.name}: {spec.grid}")
+        console.print(f"wrote {png}")
+
+
+def main() -> None:
+    """Entry point: attncc errors print as one line, no traceback, exit status 2."""
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(1)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except AttnccError as e:
+        click.echo(f"attncc: error: {e}", err=True)
+        sys.exit(2)
