@@ -1,0 +1,57 @@
+"""`attncc analyze` end to end."""
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from attncc.cli import cli
+
+
+def test_analyze_na2d_prints_table_and_draws_png(specs_dir, tmp_path):
+    png = tmp_path / "out.png"
+    result = CliRunner().invoke(cli, ["analyze", str(specs_dir / "na2d.yaml"), "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "5.8655%" in result.output  # density of a 31x31 window on 128x128
+    assert "17.05x" in result.output  # ideal speedup
+    assert "8x16" in result.output and "128 flat" in result.output  # default tilings
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_analyze_with_explicit_tiles(specs_dir):
+    result = CliRunner().invoke(
+        cli, ["analyze", str(specs_dir / "na3d.yaml"), "--q-tile", "2x8x8", "--kv-tile", "4x8x8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "2x8x8" in result.output and "4x8x8" in result.output
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("pattern: neighborhood(window=200)\ngrid: [128, 128]\n", "neighborhood.window[0] = 200"),
+        ("pattern: causal()\ngrid: [64]\nwindow: 3\n", "spec field = 'window'"),
+        ("pattern: nope()\ngrid: [64]\n", "unknown primitive 'nope'"),
+    ],
+    ids=["window-too-large", "unknown-field", "unknown-primitive"],
+)
+def test_bad_spec_prints_one_error_line_and_exits_nonzero(tmp_path, content, message):
+    spec = tmp_path / "bad.yaml"
+    spec.write_text(content)
+    proc = subprocess.run(
+        [sys.executable, "-m", "attncc", "analyze", str(spec)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("attncc: error:") and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_tile_is_an_attncc_error(specs_dir):
+    proc = subprocess.run(
+        [sys.executable, "-m", "attncc", "analyze", str(specs_dir / "na2d.yaml"), "--q-tile", "8x16x4"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "q_tile = (8, 16, 4)" in proc.stderr
