@@ -11,8 +11,9 @@ from rich.table import Table
 
 from attncc.errors import AttnccError, PatternError, field_error
 from attncc.ir.analysis import Analysis, analyze
-from attncc.ir.canonical import pattern_hash
+from attncc.ir.canonical import canonicalize, pattern_hash, resolve_heads
 from attncc.ir.spec import Spec, load_spec
+from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
 
 _DEFAULT_TILES = {
@@ -86,6 +87,20 @@ def _summary(spec: Spec, a: Analysis) -> Table:
     return table
 
 
+def _closed_forms(spec: Spec) -> str:
+    """The closed-form key range of a query coordinate ``q``, for each distinct head pattern."""
+    heads = resolve_heads(spec.pattern, spec.heads)
+    distinct = list(dict.fromkeys(canonicalize(h, spec.grid) for h in heads))
+    lines = ["closed forms (q: the query's coordinate on that axis, or its flat index):"]
+    for i, pattern in enumerate(distinct[:4]):
+        if len(distinct) > 1:
+            lines.append(f"  head pattern {i}: {format_pattern(pattern)[:100]}")
+        lines += describe(rules(pattern, spec.grid), "    ")
+    if len(distinct) > 4:
+        lines.append(f"  ... and {len(distinct) - 4} more head patterns")
+    return escape("\n".join(lines))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attncc")
 def cli() -> None:
@@ -123,6 +138,7 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
     ]
     console = Console(width=None if sys.stdout.isatty() else 130)
     console.print(_summary(spec, results[0]))
+    console.print(_closed_forms(spec), soft_wrap=True)
     console.print(_table(spec, results))
     console.print(
         "tile bound = tile pairs / visited pairs: the speedup over dense"

@@ -36,6 +36,7 @@ from attncc.ir.nodes import (
     Union,
 )
 from attncc.ir.validate import per_axis
+from sympy.printing.precedence import PRECEDENCE
 from sympy.printing.pycode import PythonCodePrinter
 
 Num = int | sympy.Expr
@@ -68,20 +69,23 @@ def neighborhood_progression(
     qi = _div(q, dilation)  # position inside the dilation group
     group_len = _div(length - group + dilation - 1, dilation)
     if causal:
-        leader = sympy.Min(_div(qi, stride) * stride + stride - 1, group_len - 1)
-        first_i, last_i = sympy.Max(leader - window + 1, 0), qi
-    else:
-        left = _div(window, 2)
-        right = window - 1 - left
-        leader = sympy.Min(_div(qi, stride) * stride + _div(stride, 2), group_len - 1)
-        centre = sympy.Min(sympy.Max(leader, left), group_len - 1 - right)
-        first_i, last_i = centre - left, centre + right
-    return Progression(group + dilation * first_i, group + dilation * last_i, sympy.sympify(dilation))
+        leader = qi if stride == 1 else sympy.Min(_div(qi, stride) * stride + stride - 1, group_len - 1)
+        first = group + dilation * sympy.Max(leader - window + 1, 0)
+        return Progression(first, q, sympy.sympify(dilation))  # the window ends at the query
+    left = _div(window, 2)
+    right = window - 1 - left
+    # With stride 1 the leader is the query itself, already inside the group.
+    leader = qi if stride == 1 else sympy.Min(_div(qi, stride) * stride + _div(stride, 2), group_len - 1)
+    centre = sympy.Min(sympy.Max(leader, left), group_len - 1 - right)
+    first, last = group + dilation * (centre - left), group + dilation * (centre + right)
+    return Progression(first, last, sympy.sympify(dilation))
 
 
 def band_progression(length: Num, left: Num, right: Num) -> Progression:
     """Sliding window ``[q - left, q + right]`` cut to ``[0, length - 1]``."""
-    return Progression(sympy.Max(q - left, 0), sympy.Min(q + right, length - 1), sympy.Integer(1))
+    first = sympy.Max(q - left, 0) if left else q
+    last = sympy.Min(q + right, length - 1) if right else q
+    return Progression(first, last, sympy.Integer(1))
 
 
 def strided_progression(length: Num, stride: Num, offset: Num = 0) -> Progression:
@@ -165,7 +169,7 @@ def rules(p: Pattern, grid: Grid) -> Rule:
     if isinstance(p, SlidingWindow):
         return FlatRange(band_progression(n, p.left, p.right))
     if isinstance(p, Causal):
-        return FlatRange(band_progression(n, n - 1, 0))
+        return FlatRange(Progression(sympy.Integer(0), q, sympy.Integer(1)))
     if isinstance(p, Strided):
         return FlatRange(strided_progression(n, p.stride, p.offset))
     if isinstance(p, GlobalTokens):
@@ -202,11 +206,15 @@ class _IntegerPrinter(PythonCodePrinter):
         num, den = sympy.fraction(sympy.together(expr.args[0]))
         if den == 1:
             return self._print(num)
-        return f"(({self._print(num)}) // ({self._print(den)}))"
+        return f"({self._operand(num)} // {self._operand(den, strict=True)})"
 
     def _print_Mod(self, expr: sympy.Expr) -> str:
         a, b = expr.args
-        return f"(({self._print(a)}) % ({self._print(b)}))"
+        return f"({self._operand(a)} % {self._operand(b, strict=True)})"
+
+    def _operand(self, expr: sympy.Expr, strict: bool = False) -> str:
+        """An operand of ``//`` or ``%`` (same precedence as ``*``), bracketed when needed."""
+        return self.parenthesize(expr, PRECEDENCE["Mul"], strict=strict)
 
     def _minmax(self, name: str, args: tuple) -> str:
         out = self._print(args[0])
@@ -235,3 +243,19 @@ def to_numpy(expr: sympy.Expr) -> Callable[[np.ndarray], np.ndarray]:
     """A vectorised function of ``q`` (int64 arrays) evaluating ``expr`` exactly."""
     fn = eval(f"lambda q: {to_code(expr, numpy=True)}", {"minimum": np.minimum, "maximum": np.maximum})
     return lambda qs: np.broadcast_to(np.asarray(fn(qs), dtype=np.int64), np.shape(qs))
+
+
+def describe(rule: Rule, indent: str = "") -> list[str]:
+    """Readable lines: each axis's closed form as code, predicates as sympy text."""
+    if isinstance(rule, GridBox):
+        return [
+            f"{indent}axis {a}: k_{a} in [{to_code(p.first)}, {to_code(p.last)}] step {to_code(p.step)}"
+            for a, p in enumerate(rule.axes)
+        ]
+    if isinstance(rule, FlatRange):
+        p = rule.range
+        return [f"{indent}flat: k in [{to_code(p.first)}, {to_code(p.last)}] step {to_code(p.step)}"]
+    if isinstance(rule, Predicate):
+        return [f"{indent}keep if {rule.expr}"]
+    head = "any of:" if isinstance(rule, AnyOf) else "all of:"
+    return [f"{indent}{head}"] + [line for r in rule.rules for line in describe(r, indent + "  ")]

@@ -9,6 +9,14 @@ from click.testing import CliRunner
 from attncc.cli import cli
 
 
+def _attncc(*args: str, cwd) -> subprocess.CompletedProcess:
+    """Run the installed CLI in a process of its own (outside the source tree, so the
+    installed package is imported, as a user's shell would)."""
+    return subprocess.run(
+        [sys.executable, "-m", "attncc", *args], capture_output=True, text=True, timeout=120, cwd=cwd
+    )
+
+
 def test_analyze_na2d_prints_table_and_draws_png(specs_dir, tmp_path):
     png = tmp_path / "out.png"
     result = CliRunner().invoke(cli, ["analyze", str(specs_dir / "na2d.yaml"), "--png", str(png)])
@@ -39,19 +47,12 @@ def test_analyze_with_explicit_tiles(specs_dir):
 def test_bad_spec_prints_one_error_line_and_exits_nonzero(tmp_path, content, message):
     spec = tmp_path / "bad.yaml"
     spec.write_text(content)
-    proc = subprocess.run(
-        [sys.executable, "-m", "attncc", "analyze", str(spec)], capture_output=True, text=True, timeout=120
-    )
+    proc = _attncc("analyze", str(spec), cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.startswith("attncc: error:") and message in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_bad_tile_is_an_attncc_error(specs_dir):
-    proc = subprocess.run(
-        [sys.executable, "-m", "attncc", "analyze", str(specs_dir / "na2d.yaml"), "--q-tile", "8x16x4"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_bad_tile_is_an_attncc_error(specs_dir, tmp_path):
+    proc = _attncc("analyze", str(specs_dir / "na2d.yaml"), "--q-tile", "8x16x4", cwd=tmp_path)
     assert proc.returncode == 2 and "q_tile = (8, 16, 4)" in proc.stderr
