@@ -34,7 +34,8 @@ def parse_tile(text: str, name: str) -> int | tuple[int, ...]:
 
 def _table(spec: Spec, results: list[Analysis]) -> Table:
     first = results[0]
-    per = "per head" if len(results) and first.heads == 1 else f"summed over {first.heads} heads"
+    maps = first.tile_classes.shape[0]
+    per = "per head" if maps == 1 else f"summed over {maps} heads"
     table = Table(title=f"tilings (tile pairs {per})", title_justify="left")
     for col in (
         "q tile",

@@ -42,7 +42,7 @@ from attncc.ir.symbolic import (
     rules,
     to_numpy,
 )
-from attncc.ir.validate import validate
+from attncc.ir.validate import required_heads, validate
 
 from attncc.errors import PatternError, field_error
 
@@ -98,7 +98,12 @@ class Tiling:
 
 @dataclass(frozen=True, eq=False)
 class Analysis:
-    """What :func:`analyze` found. Counts are summed over heads."""
+    """What :func:`analyze` found.
+
+    The tile map has one entry per head when heads differ, else a single entry
+    shared by every head; tile counts (``empty_tiles``, ...) are over the map,
+    while ``kept_pairs`` and FLOPs cover all ``heads``.
+    """
 
     grid: Grid
     heads: int
@@ -106,8 +111,8 @@ class Analysis:
     q_tiling: Tiling
     kv_tiling: Tiling
     kept_pairs: int
-    tile_counts: np.ndarray = field(repr=False)  # [H, q tiles, kv tiles] kept pairs
-    tile_classes: np.ndarray = field(repr=False)  # [H, q tiles, kv tiles] EMPTY/PARTIAL/FULL
+    tile_counts: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] kept pairs
+    tile_classes: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] EMPTY/PARTIAL/FULL
 
     @property
     def total_pairs(self) -> int:
@@ -169,9 +174,10 @@ def analyze(
         raise field_error(PatternError, "head_dim", head_dim, "an integer >= 1")
     q_tiling = Tiling.of(q_tile, grid, "q_tile")
     kv_tiling = Tiling.of(kv_tile, grid, "kv_tile")
+    shared = required_heads(pattern) is None
     per_head: dict[Pattern, np.ndarray] = {}
     counts = []
-    for head_pattern in resolve_heads(pattern, heads):
+    for head_pattern in resolve_heads(pattern, 1 if shared else heads):
         canon = canonicalize(head_pattern, grid)
         if canon not in per_head:
             per_head[canon] = tile_counts(rules(canon, grid), grid, q_tiling, kv_tiling)
@@ -185,7 +191,7 @@ def analyze(
         head_dim=head_dim,
         q_tiling=q_tiling,
         kv_tiling=kv_tiling,
-        kept_pairs=int(tile_counts_.sum()),
+        kept_pairs=int(tile_counts_.sum()) * (heads if shared else 1),
         tile_counts=tile_counts_,
         tile_classes=classes.astype(np.int8),
     )
