@@ -15,10 +15,10 @@ import math
 
 import torch
 
-from attncc.errors import AttnccError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.mask import mask as brute_force_mask
 from attncc.ir.nodes import Pattern
+from attncc.layouts import to_sdpa_layout
 
 
 def attention(
@@ -42,19 +42,9 @@ def attention(
     log-sum-exp (natural log, ``[B, H, N]`` or ``[B, *grid, H]``) is float32/64.
     See Note [Queries with no keys].
     """
-    grid, spatial = _layout(q, grid)
-    if k.shape[:-1] != v.shape[:-1] or k.dim() != q.dim():
-        raise field_error(
-            AttnccError, "k/v shape", (tuple(k.shape), tuple(v.shape)), "matching k and v, same rank as q"
-        )
-    if spatial:
-        q, k, v = (t.flatten(1, grid.rank).transpose(1, 2) for t in (q, k, v))
-    b, h, n, d = q.shape
-    h_kv = k.shape[1]
-    if k.shape[0] != b or k.shape[2] != n or k.shape[3] != d or h % h_kv:
-        raise field_error(
-            AttnccError, "k shape", tuple(k.shape), f"[{b}, H_kv, {n}, {d}] with H_kv dividing {h}"
-        )
+    grid, (q, k, v), layout = to_sdpa_layout(q, k, v, grid)
+    d = q.shape[-1]
+    h, h_kv = q.shape[1], k.shape[1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (t.to(compute) for t in (q, k, v))
     kc, vc = (t.repeat_interleave(h // h_kv, dim=1) for t in (kc, vc))
@@ -65,29 +55,5 @@ def attention(
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row keeps nothing
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     out = (probs @ vc).to(q.dtype)
-    if spatial:
-        out = out.transpose(1, 2).unflatten(1, grid.shape)
-        lse = lse.transpose(1, 2).unflatten(1, grid.shape)
+    out, lse = layout.output(out), layout.lse(lse)
     return (out, lse) if return_lse else out
-
-
-def _layout(q: torch.Tensor, grid: Grid | tuple[int, ...] | None) -> tuple[Grid, bool]:
-    """Which layout ``q`` is in, and its grid."""
-    if grid is not None and not isinstance(grid, Grid):
-        grid = Grid(tuple(grid))
-    if q.dim() < 4 or q.dim() > 6:
-        raise field_error(
-            AttnccError, "q.dim()", q.dim(), "4 ([B, H, N, D] or [B, L, H, D]), 5 or 6 ([B, *grid, H, D])"
-        )
-    if q.dim() > 4:
-        spatial_grid = Grid(tuple(q.shape[1:-2]))
-        if grid is not None and grid != spatial_grid:
-            raise field_error(AttnccError, "grid", grid.shape, f"{spatial_grid.shape} (q's spatial dims)")
-        return spatial_grid, True
-    if grid is not None and grid.rank == 1 and grid.size == q.shape[1] and grid.size != q.shape[2]:
-        return grid, True  # [B, L, H, D] named by its grid
-    if grid is None:
-        grid = Grid((q.shape[2],))
-    if grid.size != q.shape[2]:
-        raise field_error(AttnccError, "grid", grid.shape, f"a grid of {q.shape[2]} tokens (q.shape[2])")
-    return grid, False

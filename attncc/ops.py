@@ -1,0 +1,92 @@
+"""``attncc.attention``: run a pattern-specialised Triton forward kernel.
+
+The first call with a given (pattern, grid, head dim, dtype) lowers and
+renders the kernel; later calls reuse the loaded module and the tile tables.
+Heads that share a pattern share one launch (see ``HEAD_MAP`` in the
+template); per-head patterns launch once per distinct pattern.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import numpy as np
+import torch
+
+from attncc.errors import AttnccError, field_error
+from attncc.ir.canonical import canonicalize, resolve_heads
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
+from attncc.ir.validate import validate
+from attncc.layouts import to_sdpa_layout
+from attncc.lower.lowering import lower, table_values, tile_table
+from attncc.lower.render import load
+
+_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+@cache
+def _compiled(pattern: Pattern, grid: Grid, head_dim: int, dtype: str) -> tuple[object, tuple]:
+    """Loaded module and host-side tables (numpy) of one head pattern."""
+    plan = lower(pattern, grid, head_dim, dtype)
+    module = load(plan)
+    if plan.iteration == "table":
+        offsets, entries = tile_table(pattern, grid, plan)
+        tables = (table_values(pattern, grid), offsets, entries)
+    else:
+        tables = (np.zeros(1, np.int32),) * 3
+    return module, tables
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float | None = None,
+    return_lse: bool = False,
+    grid: Grid | tuple[int, ...] | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention of ``pattern`` with a fused, pattern-specialised kernel.
+
+    Same layouts and semantics as :func:`attncc.reference.attention`: SDPA
+    ``[B, H, N, D]`` (grid from ``grid`` or ``(N,)``) or spatial
+    ``[B, *grid, H, D]``; ``k``/``v`` may have fewer heads (GQA/MQA). Returns
+    the output in ``q``'s dtype and layout, and with ``return_lse`` the
+    natural-log log-sum-exp in float32. ``out`` (same shape and dtype as
+    ``q``) receives the result when given.
+    """
+    grid, (qs, ks, vs), restore = to_sdpa_layout(q, k, v, grid)
+    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        allowed = "float16, bfloat16 or float32, the same for q, k and v"
+        raise field_error(AttnccError, "dtype", (q.dtype, k.dtype, v.dtype), allowed)
+    if not (q.device == k.device == v.device):
+        raise field_error(AttnccError, "device", (q.device, k.device, v.device), "one device for q, k, v")
+    b, h, n, d = qs.shape
+    h_kv = ks.shape[1]
+    heads = validate(pattern, grid, h)
+    o = torch.empty_like(q) if out is None else out
+    if o.shape != q.shape or o.dtype != q.dtype:
+        raise field_error(AttnccError, "out", (tuple(o.shape), o.dtype), f"{tuple(q.shape)} {q.dtype}")
+    os_ = restore(o)  # [B, H, N, D] view of the caller's layout
+    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    groups: dict[Pattern, list[int]] = {}
+    for head, head_pattern in enumerate(resolve_heads(pattern, heads)):
+        groups.setdefault(canonicalize(head_pattern, grid), []).append(head)
+    for head_pattern, head_ids in groups.items():
+        module, tables = _compiled(head_pattern, grid, d, _DTYPES[q.dtype])
+        values, offsets, entries = (torch.from_numpy(t).to(q.device) for t in tables)
+        head_map = torch.tensor(head_ids, dtype=torch.int32, device=q.device)
+        launch = (module.Q_TILES, b * len(head_ids), module.GROUPS)
+        module.attention_fwd_kernel[launch](
+            qs, ks, vs, os_, lse, values, offsets, entries, head_map,
+            *qs.stride(), *ks.stride(), *vs.stride(), *os_.stride(), *lse.stride(),
+            len(head_ids), h // h_kv, scale * math.log2(math.e), WRITE_LSE=return_lse,
+            num_warps=module.NUM_WARPS, num_stages=module.NUM_STAGES,
+        )  # fmt: skip
+    if not return_lse:
+        return o
+    return o, restore.lse(lse)

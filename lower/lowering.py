@@ -1,0 +1,254 @@
+"""Lowering: a head-independent pattern on a grid -> :class:`KernelPlan`.
+
+Decides the dilation grouping, the tile boxes, and how KV tiles are visited
+(closed-form ranges where the pattern is a product of monotone per-axis
+windows, else a table of non-empty tiles), and spells the per-element rule
+for partial tiles as a Triton expression. See the notes in :mod:`.plan`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import sympy
+
+from attncc.errors import PatternError, field_error
+from attncc.ir import symbolic
+from attncc.ir.analysis import analyze
+from attncc.ir.canonical import canonicalize
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Axial, Causal, Dense, Intersection, Neighborhood, Pattern, SlidingWindow
+from attncc.ir.symbolic import AllOf, AnyOf, FlatRange, GridBox, Predicate, Progression, Rule, rules
+from attncc.ir.validate import per_axis
+from attncc.lower.plan import RANK, AxisForm, KernelPlan, Lookup, pad3
+
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
+MAX_HEAD_DIM = 256
+_MIN_BLOCK = 16
+
+_i = sympy.Symbol("i", integer=True, nonnegative=True)
+_lg = sympy.Symbol("Lg", integer=True, positive=True)
+
+
+def lower(
+    pattern: Pattern,
+    grid: Grid,
+    head_dim: int,
+    dtype: str,
+    q_tile: tuple[int, ...] | None = None,
+    kv_tile: tuple[int, ...] | None = None,
+    score: str = "softmax",
+    block: int = 64,
+) -> KernelPlan:
+    """Plan the forward kernel of a head-independent ``pattern`` on ``grid``."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise field_error(PatternError, "dtype", dtype, ", ".join(SUPPORTED_DTYPES))
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise field_error(PatternError, "head_dim", head_dim, f"1..{MAX_HEAD_DIM} (padded to a power of two)")
+    if score not in ("softmax", "sigmoid"):
+        raise field_error(PatternError, "score", score, "softmax, sigmoid")
+    canon = canonicalize(pattern, grid)
+    ranged = _range_forms(canon, grid)
+    dilation = ranged[0] if ranged else (1, 1, 1)
+    group0 = tuple((s + d - 1) // d for s, d in zip(pad3(grid.shape, 1), dilation))
+    q_box = _box(q_tile, grid, group0, block, "q_tile")
+    kv_box = _box(kv_tile, grid, group0, block, "kv_tile")
+    head_dim_padded = max(16, 1 << (head_dim - 1).bit_length())
+    common = dict(
+        grid=pad3(grid.shape, 1),
+        q_tile=q_box,
+        kv_tile=kv_box,
+        head_dim=head_dim,
+        head_dim_padded=head_dim_padded,
+        dtype=dtype,
+        score=score,
+    )
+    if ranged:
+        return KernelPlan(
+            dilation=dilation, iteration="range", axes=ranged[1], mask_expr="", lookups=(), **common
+        )
+    mask_expr, lookups = spell_rule(rules(canon, grid), grid)
+    return KernelPlan(
+        dilation=(1, 1, 1), iteration="table", axes=(), mask_expr=mask_expr, lookups=lookups, **common
+    )
+
+
+# --- tiles ----------------------------------------------------------------------------
+
+
+def _box(tile, grid: Grid, group0: tuple, block: int, name: str) -> tuple[int, int, int]:
+    """A rank-3 box of power-of-two sizes; by default ``block`` tokens spread from the last axis."""
+    if tile is not None:
+        t = tuple(tile) if isinstance(tile, (tuple, list)) else (tile,)
+        if len(t) != grid.rank or any(not isinstance(v, int) or v < 1 or v & (v - 1) for v in t):
+            raise field_error(PatternError, name, t, f"{grid.rank} powers of two (a box, one per axis)")
+        return pad3(t, 1)  # type: ignore[return-value]
+    sizes = [1, 1, 1]
+    caps = [1 << max(0, (lg - 1).bit_length()) for lg in group0]
+    while math.prod(sizes) < block and any(s < c for s, c in zip(sizes, caps)):
+        for a in (2, 1, 0):  # grow the fastest axis first, round-robin
+            if sizes[a] < caps[a] and math.prod(sizes) < block:
+                sizes[a] *= 2
+    while math.prod(sizes) < _MIN_BLOCK:  # tl.dot needs 16 rows; extra rows are masked
+        sizes[2] *= 2
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+# --- range plans ----------------------------------------------------------------------
+
+
+def _range_forms(p: Pattern, grid: Grid) -> tuple[tuple[int, int, int], tuple[AxisForm, ...]] | None:
+    """Dilation and per-axis closed forms when ``p`` is a product of monotone windows."""
+    terms = p.operands if isinstance(p, Intersection) else (p,)
+    off = RANK - grid.rank
+    firsts: list[list[sympy.Expr]] = [[] for _ in range(RANK)]
+    lasts: list[list[sympy.Expr]] = [[] for _ in range(RANK)]
+    dilation = [1, 1, 1]
+
+    def add(a: int, prog: Progression, d: int) -> bool:
+        if dilation[a] not in (1, d) or (d > 1 and dilation[a] == 1 and firsts[a]):
+            return False
+        dilation[a] = max(dilation[a], d)
+        firsts[a].append(prog.first.subs(symbolic.q, _i))
+        lasts[a].append(prog.last.subs(symbolic.q, _i))
+        return True
+
+    for term in terms:
+        if isinstance(term, Dense):
+            continue
+        if isinstance(term, Neighborhood):
+            params = zip(
+                per_axis(term.window, grid.rank, "window"),
+                per_axis(term.dilation, grid.rank, "dilation"),
+                per_axis(term.stride, grid.rank, "stride"),
+                per_axis(term.causal, grid.rank, "causal"),
+            )
+            for a, (w, d, s, c) in enumerate(params):
+                if not add(off + a, symbolic.neighborhood_progression(_lg, w, 1, s, c), d):
+                    return None
+        elif isinstance(term, SlidingWindow) and grid.rank == 1:
+            if not add(off, symbolic.band_progression(_lg, term.left, term.right), 1):
+                return None
+        elif isinstance(term, Causal) and grid.rank == 1:
+            if not add(off, Progression(sympy.Integer(0), symbolic.q, sympy.Integer(1)), 1):
+                return None
+        elif isinstance(term, Axial) and len(term.axes or ()) == 1:
+            for a in range(grid.rank):
+                whole = a == term.axes[0]  # type: ignore[index]
+                prog = symbolic.full_progression(_lg) if whole else symbolic.point_progression()
+                if not add(off + a, prog, 1):
+                    return None
+        else:
+            return None
+    if any(dilation[a] > 1 and len(firsts[a]) > 1 for a in range(RANK)):
+        return None  # two windows with different grouping on one axis
+    axes = []
+    for a in range(RANK):
+        first = sympy.Max(*firsts[a]) if firsts[a] else sympy.Integer(0)
+        last = sympy.Min(*lasts[a]) if lasts[a] else _lg - 1
+        axes.append(AxisForm(to_triton(first), to_triton(last)))
+    return tuple(dilation), tuple(axes)  # type: ignore[return-value]
+
+
+def to_triton(expr: sympy.Expr) -> str:
+    return symbolic.to_code(expr, min_name="tl.minimum", max_name="tl.maximum")
+
+
+# --- table plans ----------------------------------------------------------------------
+
+
+class _RulePrinter(symbolic._IntegerPrinter):
+    """Prints predicates with lookups as Triton loads from the plan's table buffer."""
+
+    def __init__(self, lookups: dict[str, Lookup]) -> None:
+        super().__init__("tl.minimum", "tl.maximum")
+        self.lookups = lookups
+
+    def _print_Symbol(self, expr: sympy.Symbol) -> str:
+        return {"q": "qf", "k": "kf"}.get(expr.name, expr.name)
+
+    def _print_Function(self, expr: sympy.Expr) -> str:
+        lk = self.lookups[expr.func.__name__]
+        index = [self._print(a) for a in expr.args]
+        flat = index[0] if len(index) == 1 else f"({index[0]}) * {lk.row} + ({index[1]})"
+        return f"tl.load(TABLES + {lk.offset} + ({flat}))"
+
+    def _print_Equality(self, expr: sympy.Expr) -> str:
+        return f"({self._print(expr.lhs)} == {self._print(expr.rhs)})"
+
+    def _print_Or(self, expr: sympy.Expr) -> str:
+        return "(" + " | ".join(self._print(a) for a in expr.args) + ")"
+
+    def _print_And(self, expr: sympy.Expr) -> str:
+        return "(" + " & ".join(self._print(a) for a in expr.args) + ")"
+
+
+def _spell_progression(prog: Progression, qname: str, kname: str) -> str:
+    sub = {symbolic.q: sympy.Symbol(qname)}
+    f = to_triton(prog.first.subs(sub))
+    last = to_triton(prog.last.subs(sub))
+    keep = f"(({kname}) >= ({f})) & (({kname}) <= ({last}))"
+    if prog.step != 1:
+        keep += f" & ((({kname}) - ({f})) % ({to_triton(prog.step)}) == 0)"
+    return f"({keep})"
+
+
+def spell_rule(rule: Rule, grid: Grid) -> tuple[str, tuple[Lookup, ...]]:
+    """``keep`` as a Triton expression of ``qf``/``kf`` (flat) and ``qc0..2``/``kc0..2``."""
+    lookups: list[Lookup] = []
+    offset = 0
+
+    def spell(r: Rule) -> str:
+        nonlocal offset
+        if isinstance(r, GridBox):
+            off = RANK - grid.rank
+            return (
+                "("
+                + " & ".join(
+                    _spell_progression(p, f"qc{off + a}", f"kc{off + a}") for a, p in enumerate(r.axes)
+                )
+                + ")"
+            )
+        if isinstance(r, FlatRange):
+            return _spell_progression(r.range, "qf", "kf")
+        if isinstance(r, Predicate):
+            local = {}
+            for name, values in r.tables:
+                arr = np.asarray(values)
+                lk = Lookup(f"{name}_{len(lookups)}", offset, arr.shape[1] if arr.ndim == 2 else 0)
+                lookups.append(lk)
+                local[name] = lk
+                offset += arr.size
+            return _RulePrinter(local).doprint(r.expr)
+        joiner = " | " if isinstance(r, AnyOf) else " & "
+        return "(" + joiner.join(spell(x) for x in r.rules) + ")"
+
+    return spell(rule), tuple(lookups)
+
+
+def table_values(pattern: Pattern, grid: Grid) -> np.ndarray:
+    """The int32 lookup buffer of a table plan, in the order ``spell_rule`` assigned."""
+    parts: list[np.ndarray] = []
+
+    def walk(r: Rule) -> None:
+        if isinstance(r, Predicate):
+            parts.extend(np.asarray(v, dtype=np.int32).ravel() for _, v in r.tables)
+        elif isinstance(r, (AnyOf, AllOf)):
+            for x in r.rules:
+                walk(x)
+
+    walk(rules(canonicalize(pattern, grid), grid))
+    return np.concatenate(parts) if parts else np.zeros(1, np.int32)
+
+
+def tile_table(pattern: Pattern, grid: Grid, plan: KernelPlan) -> tuple[np.ndarray, np.ndarray]:
+    """CSR table of a table plan: ``offsets [q tiles + 1]`` and entries ``kv_tile * 2 + full``."""
+    q_box = plan.q_tile[RANK - grid.rank :]
+    kv_box = plan.kv_tile[RANK - grid.rank :]
+    a = analyze(pattern, grid, q_box, kv_box)
+    classes = a.tile_classes[0]
+    offsets = np.concatenate([[0], np.cumsum((classes > 0).sum(1))]).astype(np.int32)
+    q_idx, kv_idx = np.nonzero(classes)
+    entries = (kv_idx * 2 + (classes[q_idx, kv_idx] == 2)).astype(np.int32)
+    return offsets, entries

@@ -1,0 +1,96 @@
+"""KernelPlan: everything a template needs to spell one forward kernel, as plain data.
+
+Lowering decides here; the template only spells what the plan says.
+
+Note [Dilation groups]: every grid is padded to rank 3 (leading axes of size
+1) and split into dilation groups ``g`` (one per residue ``coord % dilation``
+per axis). Inside a group, axis ``a`` has ``Lg_a = ceil((L_a - g_a) / d_a)``
+tokens at coordinates ``g_a + d_a * i``; a kernel program works on a box of
+group coordinates ``i``. A neighborhood is then dilation-free inside the
+group, so its closed forms are those of dilation 1 on an axis of length ``Lg``.
+
+Note [KV iteration]: ``range`` plans give, per axis, closed forms
+``first(i, Lg)``/``last(i, Lg)`` of the group coordinates a query sees; both
+are non-decreasing in ``i``, so the keys of a Q tile spanning ``[i0, i1]`` lie
+in ``[first(i0), last(i1)]`` and a KV tile ``[k0, k1]`` is full when
+``first(i1) <= k0`` and ``last(i0) >= k1`` on every axis. ``table`` plans
+carry, per Q tile, the list of non-empty KV tiles and whether each is full,
+computed by the exact analysis; partial tiles evaluate the rule per element.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from attncc.ir.grid import Grid
+
+RANK = 3
+
+
+def pad3(values: tuple, fill) -> tuple:
+    """Pad per-axis values to rank 3 with leading ``fill`` entries."""
+    return (fill,) * (RANK - len(values)) + tuple(values)
+
+
+@dataclass(frozen=True)
+class AxisForm:
+    """Closed forms of one axis in group coordinates: Triton expressions of ``i`` and ``Lg``."""
+
+    first: str
+    last: str
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """A lookup table stored at ``offset`` in the plan's int32 table buffer."""
+
+    name: str
+    offset: int
+    row: int  # row length for 2-D tables (0 for 1-D)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One forward kernel for one head-independent pattern (see the module notes)."""
+
+    grid: tuple[int, int, int]  # padded to rank 3
+    dilation: tuple[int, int, int]
+    q_tile: tuple[int, int, int]  # a box of group coordinates; product is BLOCK_M
+    kv_tile: tuple[int, int, int]
+    head_dim: int  # real head dim
+    head_dim_padded: int  # power of two the kernel computes with
+    dtype: str
+    iteration: str  # "range" or "table" (Note [KV iteration])
+    axes: tuple[AxisForm, ...]  # range plans: one per axis
+    mask_expr: str  # table plans: keep(q, k) as a Triton expression, see spell_rule
+    lookups: tuple[Lookup, ...]
+    score: str = "softmax"  # or "sigmoid"
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def block_m(self) -> int:
+        return math.prod(self.q_tile)
+
+    @property
+    def block_n(self) -> int:
+        return math.prod(self.kv_tile)
+
+    @property
+    def group_count(self) -> int:
+        return math.prod(self.dilation)
+
+    def group_lengths(self, group: tuple[int, int, int]) -> tuple[int, int, int]:
+        return tuple((size - g + d - 1) // d for size, g, d in zip(self.grid, group, self.dilation))  # type: ignore[return-value]
+
+    def q_tiles(self) -> tuple[int, int, int]:
+        """Q tiles per axis of the largest group (group 0), which sets the launch grid."""
+        return tuple(math.ceil(lg / t) for lg, t in zip(self.group_lengths((0, 0, 0)), self.q_tile))  # type: ignore[return-value]
+
+    def kv_tiles(self) -> tuple[int, int, int]:
+        return tuple(math.ceil(lg / t) for lg, t in zip(self.group_lengths((0, 0, 0)), self.kv_tile))  # type: ignore[return-value]
+
+    @property
+    def grid_obj(self) -> Grid:
+        return Grid(self.grid)
