@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import sympy
+
+from attncc.errors import PatternError, field_error
 from attncc.ir import symbolic
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
@@ -43,8 +45,6 @@ from attncc.ir.symbolic import (
     to_numpy,
 )
 from attncc.ir.validate import required_heads, validate
-
-from attncc.errors import PatternError, field_error
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _ROW_BLOCK_ELEMENTS = 1 << 22  # bound on queries x keys evaluated at once

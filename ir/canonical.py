@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 
 import networkx as nx
+
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,

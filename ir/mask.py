@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import networkx as nx
 import torch
+
 from attncc.ir.canonical import to_graph
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (

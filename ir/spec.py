@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from attncc.errors import AttnccError, SpecError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import PRIMITIVES, Pattern, intersection, per_head, union
 from attncc.ir.text import parse
 from attncc.ir.validate import validate
-
-from attncc.errors import AttnccError, SpecError, field_error
 
 DTYPES = ("float16", "bfloat16", "float32")
 _FIELDS = ("pattern", "grid", "heads", "head_dim", "dtype", "name", "description")

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import sympy
+from sympy.printing.precedence import PRECEDENCE
+from sympy.printing.pycode import PythonCodePrinter
+
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
@@ -36,8 +39,6 @@ from attncc.ir.nodes import (
     Union,
 )
 from attncc.ir.validate import per_axis
-from sympy.printing.precedence import PRECEDENCE
-from sympy.printing.pycode import PythonCodePrinter
 
 Num = int | sympy.Expr
 
@@ -198,9 +199,9 @@ def rules(p: Pattern, grid: Grid) -> Rule:
 class _IntegerPrinter(PythonCodePrinter):
     """Prints integer expressions with ``//`` and ``%`` so results stay exact."""
 
-    def __init__(self, numpy: bool) -> None:
+    def __init__(self, min_name: str, max_name: str) -> None:
         super().__init__({"fully_qualified_modules": False})
-        self._min, self._max = ("minimum", "maximum") if numpy else ("min", "max")
+        self._min, self._max = min_name, max_name
 
     def _print_floor(self, expr: sympy.Expr) -> str:
         num, den = sympy.fraction(sympy.together(expr.args[0]))
@@ -234,9 +235,12 @@ class _IntegerPrinter(PythonCodePrinter):
         return str(expr.p)
 
 
-def to_code(expr: sympy.Expr, numpy: bool = False) -> str:
-    """Integer-exact Python code for ``expr`` (``minimum``/``maximum`` when ``numpy``)."""
-    return _IntegerPrinter(numpy).doprint(expr)
+def to_code(expr: sympy.Expr, numpy: bool = False, min_name: str = "", max_name: str = "") -> str:
+    """Integer-exact code for ``expr``: Python (``min``/``max``), numpy
+    (``minimum``/``maximum``) or any dialect that names its own min and max
+    (the Triton templates use ``tl.minimum``/``tl.maximum``)."""
+    default = ("minimum", "maximum") if numpy else ("min", "max")
+    return _IntegerPrinter(min_name or default[0], max_name or default[1]).doprint(expr)
 
 
 def to_numpy(expr: sympy.Expr) -> Callable[[np.ndarray], np.ndarray]:

@@ -11,6 +11,7 @@ import ast
 import dataclasses
 from typing import Any
 
+from attncc.errors import ParseError
 from attncc.ir.nodes import (
     PRIMITIVES,
     Intersection,
@@ -21,8 +22,6 @@ from attncc.ir.nodes import (
     per_head,
     union,
 )
-
-from attncc.errors import ParseError
 
 _COMBINATOR_CALLS = {"union": union, "intersection": intersection}
 

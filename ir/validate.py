@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from attncc.errors import PatternError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
@@ -14,8 +15,6 @@ from attncc.ir.nodes import (
     Pattern,
     PerHead,
 )
-
-from attncc.errors import PatternError, field_error
 
 
 def per_axis(value: int | bool | tuple, rank: int, name: str) -> tuple:

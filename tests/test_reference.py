@@ -5,10 +5,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from attncc.ir import Grid, causal, dense, neighborhood, per_head, sliding_window, strided
-from attncc.ir.mask import mask
 
 from attncc import AttnccError
+from attncc.ir import Grid, causal, dense, neighborhood, per_head, sliding_window, strided
+from attncc.ir.mask import mask
 from attncc.reference import attention
 
 

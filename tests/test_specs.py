@@ -4,10 +4,11 @@ import json
 
 import pytest
 import yaml
+from conftest import SPECS
+
 from attncc.ir import analyze, load_spec, to_graph
 from attncc.ir.mask import mask
 from attncc.ir.nodes import PRIMITIVES
-from conftest import SPECS
 
 SPEC_FILES = sorted(p for p in SPECS.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
 
