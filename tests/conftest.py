@@ -1,11 +1,21 @@
-"""Shared test helpers."""
+"""Shared test set-up: kernels run under the Triton interpreter when there is no GPU."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+import torch
+
+# Must be set before triton is imported anywhere: with no GPU, kernels run on the CPU.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Rendered kernels go to a fresh directory, not the user's cache.
+os.environ.setdefault("ATTNCC_CACHE_DIR", tempfile.mkdtemp(prefix="attncc-test-cache-"))
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "examples" / "specs"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture

@@ -1,0 +1,134 @@
+"""The Triton forward kernel against the brute-force reference.
+
+On the CPU these run under TRITON_INTERPRET=1 at small shapes (fp32 and fp16:
+the interpreter's bf16 dot is wrong, see shared/TOOLCHAIN.md); bf16 and
+realistic shapes run in tests/test_triton_fwd_gpu.py on a GPU.
+
+Tolerances: fp32 runs the dots in IEEE fp32, so the output differs from the
+fp32 reference only by summation order: 1e-5 on O(1) values. fp16 rounds P to
+fp16 before the PV dot and stores O in fp16 (each ~2^-11 relative), so the
+output of a convex combination of O(1) values is within ~2e-3.
+"""
+
+import math
+
+import pytest
+import torch
+
+from attncc import AttnccError
+from attncc.ir import (
+    Grid,
+    axial,
+    block_sparse,
+    causal,
+    dense,
+    document,
+    global_tokens,
+    neighborhood,
+    per_head,
+    sliding_window,
+    strided,
+)
+from attncc.ops import attention
+from attncc.reference import attention as reference
+from conftest import DEVICE
+
+CASES = [
+    ("dense-37", dense(), Grid((37,))),
+    ("causal-50", causal(), Grid((50,))),
+    ("band-70", sliding_window(5, 3), Grid((70,))),
+    ("na1d-w7-33", neighborhood(7), Grid((33,))),
+    ("na1d-even-w4-d2-s2-29", neighborhood(4, dilation=2, stride=2), Grid((29,))),
+    ("na2d-w3-d2-9x10", neighborhood(3, dilation=2), Grid((9, 10))),
+    ("na2d-causal-stride-7x11", neighborhood((3, 5), stride=(2, 3), causal=(True, False)), Grid((7, 11))),
+    ("na3d-3x5x6", neighborhood((2, 3, 3)), Grid((3, 5, 6))),
+    (
+        "na3d-causal-t-4x5x6",
+        neighborhood((2, 3, 5), dilation=(1, 1, 1), causal=(True, False, False)),
+        Grid((4, 5, 6)),
+    ),
+    ("axial-6x7", axial(), Grid((6, 7))),
+    ("axial0-6x7", axial(0), Grid((6, 7))),
+    ("strided-band-40", strided(3, 1) & sliding_window(7, 0), Grid((40,))),
+    ("block-sparse-40", block_sparse([[1, 0], [1, 1]], 20), Grid((40,))),
+    ("global-causal-50", causal() | global_tokens([3, 40]), Grid((50,))),
+    ("document-causal-45", document([0] * 20 + [1] * 25) & causal(), Grid((45,))),
+    ("na2d-or-global-7x9", neighborhood(3) | global_tokens([0, 1]), Grid((7, 9))),
+]
+
+
+def _inputs(b, h, h_kv, n, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        torch.randn(shape, generator=g).to(dtype=dtype, device=DEVICE)
+        for shape in ((b, h, n, d), (b, h_kv, n, d), (b, h_kv, n, d))
+    ]
+
+
+def _check(pattern, grid, q, k, v, atol, **kw):
+    out = torch.full_like(q, math.nan)  # poisoned: an unwritten element fails
+    o, lse = attention(q, k, v, pattern, grid=grid, return_lse=True, out=out, **kw)
+    r, r_lse = reference(q, k, v, pattern, grid=grid, return_lse=True, **kw)
+    assert o is out and not o.isnan().any()
+    torch.testing.assert_close(o.float(), r.float(), atol=atol, rtol=0)
+    assert torch.equal(torch.isinf(lse), torch.isinf(r_lse))
+    finite = torch.isfinite(r_lse)
+    # lse grows with the scores: fp32 keeps it to ~1e-7 relative.
+    torch.testing.assert_close(lse[finite], r_lse[finite], atol=max(atol, 1e-5), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.float16, 2e-3)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("name,pattern,grid", CASES, ids=[c[0] for c in CASES])
+def test_forward_matches_reference(name, pattern, grid, dtype, atol):
+    q, k, v = _inputs(2, 4, 2, grid.size, 16, dtype)  # B=2, GQA 4:2
+    _check(pattern, grid, q, k, v, atol)
+
+
+@pytest.mark.parametrize("d", [24, 32, 64], ids=["D24-padded", "D32", "D64"])
+def test_head_dims_and_mqa(d):
+    q, k, v = _inputs(1, 3, 1, 30, d, torch.float32)
+    _check(neighborhood(5) & causal(), Grid((30,)), q, k, v, 1e-5, scale=0.2)
+
+
+def test_per_head_patterns():
+    q, k, v = _inputs(1, 2, 1, 33, 16, torch.float32)
+    _check(per_head([causal(), neighborhood(5)]), Grid((33,)), q, k, v, 1e-5)
+
+
+def test_spatial_and_non_contiguous_layouts():
+    grid = Grid((5, 7))
+    q, k, v = _inputs(1, 2, 2, grid.size, 16, torch.float32)
+    spatial = [t.transpose(1, 2).unflatten(1, grid.shape) for t in (q, k, v)]  # [B, 5, 7, H, D] views
+    assert not spatial[0].is_contiguous()
+    o = attention(*spatial, neighborhood(3))
+    r = reference(*spatial, neighborhood(3))
+    assert o.shape == (1, 5, 7, 2, 16)
+    torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
+
+
+def test_query_with_no_keys():
+    q, k, v = _inputs(1, 2, 2, 9, 16, torch.float32)
+    o, lse = attention(q, k, v, strided(2, 1) & sliding_window(1, 0), return_lse=True)
+    assert (o[:, :, 0] == 0).all() and (lse[:, :, 0] == -math.inf).all()
+    assert torch.isfinite(o).all()
+
+
+def test_large_scores_do_not_overflow():
+    q, k, v = _inputs(1, 2, 2, 40, 16, torch.float32)
+    _check(neighborhood(9), Grid((40,)), q * 300, k * 300, v, 1e-4)
+
+
+def test_nan_in_query_or_key_reaches_only_rows_that_see_it():
+    grid, p = Grid((40,)), sliding_window(2, 2)
+    q, k, v = _inputs(1, 1, 1, 40, 16, torch.float32)
+    q[0, 0, 5] = math.nan
+    k[0, 0, 20] = math.nan
+    o = attention(q, k, v, p)
+    bad = o.isnan().any(-1)[0, 0]
+    assert bad.nonzero().flatten().tolist() == [5, 18, 19, 20, 21, 22]
+
+
+def test_bad_dtype_is_refused():
+    q, k, v = _inputs(1, 1, 1, 16, 16, torch.float32)
+    with pytest.raises(AttnccError, match="dtype"):
+        attention(q.double(), k.double(), v.double(), causal())
