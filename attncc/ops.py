@@ -20,16 +20,18 @@ from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.ir.validate import validate
 from attncc.layouts import to_sdpa_layout
-from attncc.lower.lowering import lower, table_values, tile_table
+from attncc.lower.lowering import LaunchConfig, lower, table_values, tile_table
 from attncc.lower.render import load
 
 _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
 @cache
-def _compiled(pattern: Pattern, grid: Grid, head_dim: int, dtype: str) -> tuple[object, tuple]:
+def _compiled(
+    pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str
+) -> tuple[object, tuple]:
     """Loaded module and host-side tables (numpy) of one head pattern."""
-    plan = lower(pattern, grid, head_dim, dtype)
+    plan = lower(pattern, grid, head_dim, dtype, config=LaunchConfig.default(device_type, head_dim))
     module = load(plan)
     if plan.iteration == "table":
         offsets, entries = tile_table(pattern, grid, plan)
@@ -77,7 +79,7 @@ def attention(
     for head, head_pattern in enumerate(resolve_heads(pattern, heads)):
         groups.setdefault(canonicalize(head_pattern, grid), []).append(head)
     for head_pattern, head_ids in groups.items():
-        module, tables = _compiled(head_pattern, grid, d, _DTYPES[q.dtype])
+        module, tables = _compiled(head_pattern, grid, d, _DTYPES[q.dtype], q.device.type)
         values, offsets, entries = (torch.from_numpy(t).to(q.device) for t in tables)
         head_map = torch.tensor(head_ids, dtype=torch.int32, device=q.device)
         launch = (module.Q_TILES, b * len(head_ids), module.GROUPS)

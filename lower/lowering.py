@@ -9,6 +9,7 @@ for partial tiles as a Triton expression. See the notes in :mod:`.plan`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import sympy
@@ -39,9 +40,13 @@ def lower(
     q_tile: tuple[int, ...] | None = None,
     kv_tile: tuple[int, ...] | None = None,
     score: str = "softmax",
-    block: int = 64,
+    config: LaunchConfig | None = None,
 ) -> KernelPlan:
-    """Plan the forward kernel of a head-independent ``pattern`` on ``grid``."""
+    """Plan the forward kernel of a head-independent ``pattern`` on ``grid``.
+
+    Explicit ``q_tile``/``kv_tile`` boxes override the config's token counts.
+    """
+    config = config or LaunchConfig()
     if dtype not in SUPPORTED_DTYPES:
         raise field_error(PatternError, "dtype", dtype, ", ".join(SUPPORTED_DTYPES))
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
@@ -52,8 +57,8 @@ def lower(
     ranged = _range_forms(canon, grid)
     dilation = ranged[0] if ranged else (1, 1, 1)
     group0 = tuple((s + d - 1) // d for s, d in zip(pad3(grid.shape, 1), dilation))
-    q_box = _box(q_tile, grid, group0, block, "q_tile")
-    kv_box = _box(kv_tile, grid, group0, block, "kv_tile")
+    q_box = _box(q_tile, grid, group0, config.q_block, "q_tile")
+    kv_box = _box(kv_tile, grid, group0, config.kv_block, "kv_tile")
     head_dim_padded = max(16, 1 << (head_dim - 1).bit_length())
     common = dict(
         grid=pad3(grid.shape, 1),
@@ -63,6 +68,8 @@ def lower(
         head_dim_padded=head_dim_padded,
         dtype=dtype,
         score=score,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )
     if ranged:
         return KernelPlan(
@@ -72,6 +79,23 @@ def lower(
     return KernelPlan(
         dilation=(1, 1, 1), iteration="table", axes=(), mask_expr=mask_expr, lookups=lookups, **common
     )
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tokens per Q and KV tile and the launch knobs (the autotuner will choose these)."""
+
+    q_block: int = 64
+    kv_block: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @staticmethod
+    def default(device_type: str, head_dim: int) -> LaunchConfig:
+        """A sound starting point: large tiles on a GPU, small ones for the interpreter."""
+        if device_type != "cuda":
+            return LaunchConfig()
+        return LaunchConfig(128, 64, 8 if head_dim >= 128 else 4, 3 if head_dim <= 128 else 2)
 
 
 # --- tiles ----------------------------------------------------------------------------
