@@ -16,7 +16,6 @@ from pathlib import Path
 from types import ModuleType
 
 import jinja2
-import platformdirs
 
 from attncc.lower.plan import KernelPlan
 
@@ -30,7 +29,11 @@ _ENV = jinja2.Environment(
 
 
 def kernel_dir() -> Path:
-    root = os.environ.get("ATTNCC_CACHE_DIR") or platformdirs.user_cache_dir("attncc")
+    root = os.environ.get("ATTNCC_CACHE_DIR")
+    if not root:
+        import platformdirs  # only when needed: the lent GPU machines lack it
+
+        root = platformdirs.user_cache_dir("attncc")
     return Path(root) / "kernels"
 
 

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Every GPU check in one call (under 20 minutes on an H100): the GPU tests, then the
+# benchmarks. Results are written into the repository (benchmarks/RESULTS.md) and, on
+# the lent machine, copied to $OUT so they come back to be committed.
+#   device run:  bash benchmarks/gpu_check.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+export ATTNCC_CACHE_DIR="${ATTNCC_CACHE_DIR:-/tmp/attncc-cache}"
+out="${OUT:-benchmarks/out}"
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
+# The GPU machine has the dependencies but no registry: install attncc itself only.
+python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | tail -2
+status=0
+timeout 600 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.txt" || status=1
+timeout 480 python3 benchmarks/bench_fwd.py --markdown benchmarks/RESULTS.md 2>&1 | tee "$out/bench_fwd.txt" || status=1
+cp benchmarks/RESULTS.md "$out/" 2>/dev/null
+exit $status

@@ -1,0 +1,37 @@
+"""How many KV tiles a plan's kernel visits: the denominator of its tile-level bound."""
+
+from __future__ import annotations
+
+import itertools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+
+from attncc.lower.plan import KernelPlan
+
+# The range forms are Triton expressions; on the host tl.minimum/maximum are numpy's.
+_HOST = {"tl": SimpleNamespace(minimum=np.minimum, maximum=np.maximum)}
+
+
+def visited_tiles(plan: KernelPlan, table_entries: int = 0) -> tuple[int, int]:
+    """``(visited, dense)`` tile pairs of one head: what the kernel loops over, and
+    a dense kernel with tiles of the same token counts would. Table plans pass their entry count."""
+    n = math.prod(plan.grid)
+    dense = math.ceil(n / plan.block_m) * math.ceil(n / plan.block_n)
+    visited = 0
+    for group in itertools.product(*(range(d) for d in plan.dilation)):
+        lengths = plan.group_lengths(group)  # type: ignore[arg-type]
+        q_tiles = [math.ceil(lg / t) for lg, t in zip(lengths, plan.q_tile)]
+        if plan.iteration != "range":
+            continue
+        per_axis = []
+        for axis, lg, t_q, t_k, n_q in zip(plan.axes, lengths, plan.q_tile, plan.kv_tile, q_tiles):
+            lo = np.arange(n_q) * t_q
+            hi = np.minimum(lo + t_q - 1, lg - 1)
+            first = eval(axis.first, _HOST, {"i": lo, "Lg": lg}) + lo * 0  # forms printed by lowering
+            last = eval(axis.last, _HOST, {"i": hi, "Lg": lg}) + hi * 0
+            per_axis.append(np.maximum(last // t_k - first // t_k + 1, 0))
+        counts = per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]
+        visited += int(counts.sum())
+    return (table_entries if plan.iteration != "range" else visited), dense

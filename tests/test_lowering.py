@@ -1,0 +1,79 @@
+"""Lowering decisions and the tile-visit count behind the tile-level bound."""
+
+import numpy as np
+import pytest
+
+from attncc import PatternError
+from attncc.ir import Grid, analyze, axial, causal, dense, global_tokens, neighborhood, sliding_window
+from attncc.lower.lowering import LaunchConfig, lower, tile_table
+from attncc.lower.visits import visited_tiles
+
+
+@pytest.mark.parametrize(
+    "pattern,grid,iteration,dilation",
+    [
+        (neighborhood(7, dilation=2), Grid((30, 31)), "range", (1, 2, 2)),
+        (
+            neighborhood((3, 5), causal=(True, False)) & neighborhood((5, 3)),
+            Grid((20, 20)),
+            "range",
+            (1, 1, 1),
+        ),
+        (sliding_window(31, 0), Grid((500,)), "range", (1, 1, 1)),
+        (causal(), Grid((500,)), "range", (1, 1, 1)),
+        (causal(), Grid((20, 25)), "table", (1, 1, 1)),  # flat causal on a 2-D grid is no product
+        (axial(), Grid((20, 25)), "table", (1, 1, 1)),
+        (sliding_window(8) | global_tokens([0]), Grid((300,)), "table", (1, 1, 1)),
+    ],
+    ids=["na2d-dilated", "na-intersection", "band", "causal-1d", "causal-2d", "axial", "band-or-global"],
+)
+def test_iteration_choice(pattern, grid, iteration, dilation):
+    plan = lower(pattern, grid, 64, "float16")
+    assert (plan.iteration, plan.dilation) == (iteration, dilation)
+
+
+@pytest.mark.parametrize(
+    "pattern,grid",
+    [
+        (neighborhood(7), Grid((45, 50))),
+        (neighborhood((3, 9, 5), stride=(1, 3, 2)), Grid((6, 20, 21))),
+        (neighborhood(9, causal=True, stride=2), Grid((300,))),
+        (sliding_window(40, 3), Grid((700,))),
+    ],
+    ids=["na2d", "gna3d", "na1d-causal-strided", "band"],
+)
+def test_range_plans_visit_exactly_the_non_empty_tiles(pattern, grid):
+    # Without dilation, group coordinates are grid coordinates and the closed-form range
+    # of a product of monotone windows holds no empty tile: compare with the exact analysis.
+    plan = lower(pattern, grid, 64, "float16", config=LaunchConfig(64, 32))
+    rank = grid.rank
+    a = analyze(pattern, grid, plan.q_tile[3 - rank :], plan.kv_tile[3 - rank :])
+    visited, _ = visited_tiles(plan)
+    assert visited == a.partial_tiles + a.full_tiles
+
+
+def test_dense_visits_every_tile_and_table_counts_entries():
+    plan = lower(dense(), Grid((300,)), 64, "float16")
+    visited, total = visited_tiles(plan)
+    assert visited == total == 5 * 5
+    p, g = axial(), Grid((20, 25))
+    plan = lower(p, g, 64, "float16")
+    offsets, entries = tile_table(p, g, plan)
+    classes = analyze(p, g, plan.q_tile[1:], plan.kv_tile[1:]).tile_classes[0]
+    assert offsets[-1] == len(entries) == int((classes > 0).sum())
+    assert np.array_equal(entries % 2 == 1, classes[classes > 0] == 2)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dtype": "float64"}, r"dtype = 'float64'.*float16, bfloat16, float32"),
+        ({"head_dim": 300}, r"head_dim = 300.*1..256"),
+        ({"q_tile": (8, 12)}, r"q_tile = \(8, 12\).*powers of two"),
+    ],
+    ids=["dtype", "head-dim", "tile-not-pow2"],
+)
+def test_bad_plans_are_refused(kwargs, match):
+    args = {"dtype": "float16", "head_dim": 64, **kwargs}
+    with pytest.raises(PatternError, match=match):
+        lower(neighborhood(3), Grid((16, 16)), **args)
