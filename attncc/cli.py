@@ -152,6 +152,32 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
         console.print(f"wrote {png}")
 
 
+@cli.command("compile")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False),
+    help="Directory to write; its name is the package name to import.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["cuda", "cpu"]),
+    default="cuda",
+    show_default=True,
+    help="Tile sizes for a GPU, or small ones for the Triton interpreter.",
+)
+def compile_cmd(spec_path: str, out_dir: str, device: str) -> None:
+    """Write SPEC's kernels as a standalone package (needs only torch and triton)."""
+    from attncc.lower.emit import write_package
+
+    spec = load_spec(spec_path)
+    path = write_package(spec, out_dir, device)
+    click.echo(f"wrote {path}/ : import {path.name}; {path.name}.forward(q, k, v)")
+
+
 def main() -> None:
     """Entry point: attncc errors print as one line, no traceback, exit status 2."""
     try:

@@ -67,7 +67,6 @@ def attention(
     if not (q.device == k.device == v.device):
         raise field_error(AttnccError, "device", (q.device, k.device, v.device), "one device for q, k, v")
     b, h, n, d = qs.shape
-    h_kv = ks.shape[1]
     heads = validate(pattern, grid, h)
     o = torch.empty_like(q) if out is None else out
     if o.shape != q.shape or o.dtype != q.dtype:
@@ -82,13 +81,7 @@ def attention(
         module, tables = _compiled(head_pattern, grid, d, _DTYPES[q.dtype], q.device.type)
         values, offsets, entries = (torch.from_numpy(t).to(q.device) for t in tables)
         head_map = torch.tensor(head_ids, dtype=torch.int32, device=q.device)
-        launch = (module.Q_TILES, b * len(head_ids), module.GROUPS)
-        module.attention_fwd_kernel[launch](
-            qs, ks, vs, os_, lse, values, offsets, entries, head_map,
-            *qs.stride(), *ks.stride(), *vs.stride(), *os_.stride(), *lse.stride(),
-            len(head_ids), h // h_kv, scale * math.log2(math.e), WRITE_LSE=return_lse,
-            num_warps=module.NUM_WARPS, num_stages=module.NUM_STAGES,
-        )  # fmt: skip
+        module.launch(qs, ks, vs, os_, lse, values, offsets, entries, head_map, scale, return_lse)
     if not return_lse:
         return o
     return o, restore.lse(lse)

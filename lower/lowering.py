@@ -274,5 +274,8 @@ def tile_table(pattern: Pattern, grid: Grid, plan: KernelPlan) -> tuple[np.ndarr
     classes = a.tile_classes[0]
     offsets = np.concatenate([[0], np.cumsum((classes > 0).sum(1))]).astype(np.int32)
     q_idx, kv_idx = np.nonzero(classes)
-    entries = (kv_idx * 2 + (classes[q_idx, kv_idx] == 2)).astype(np.int32)
+    # The kernel loads a full tile without bounds checks: a ragged border tile is never full.
+    whole = a.kv_tiling.sizes(grid) == math.prod(kv_box)
+    full = (classes[q_idx, kv_idx] == 2) & whole[kv_idx]
+    entries = (kv_idx * 2 + full).astype(np.int32)
     return offsets, entries

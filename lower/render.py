@@ -19,7 +19,7 @@ import jinja2
 
 from attncc.lower.plan import KernelPlan
 
-_ENV = jinja2.Environment(
+ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("attncc.templates", "triton"),
     undefined=jinja2.StrictUndefined,
     trim_blocks=True,
@@ -39,7 +39,7 @@ def kernel_dir() -> Path:
 
 def render(plan: KernelPlan) -> str:
     """The Triton module source of ``plan``."""
-    return _ENV.get_template("attention_fwd.py.j2").render(plan=plan)
+    return ENV.get_template("attention_fwd.py.j2").render(plan=plan)
 
 
 @cache

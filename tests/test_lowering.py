@@ -61,7 +61,22 @@ def test_dense_visits_every_tile_and_table_counts_entries():
     offsets, entries = tile_table(p, g, plan)
     classes = analyze(p, g, plan.q_tile[1:], plan.kv_tile[1:]).tile_classes[0]
     assert offsets[-1] == len(entries) == int((classes > 0).sum())
-    assert np.array_equal(entries % 2 == 1, classes[classes > 0] == 2)
+    kv_whole = _kv_whole(plan, g)
+    expected_full = (classes == 2) & kv_whole[None, :]
+    assert np.array_equal(entries % 2 == 1, expected_full[classes > 0])
+
+
+def _kv_whole(plan, grid):
+    """Which KV tiles hold a whole box of real tokens."""
+    sizes = analyze(axial(), grid, plan.q_tile[1:], plan.kv_tile[1:]).kv_tiling.sizes(grid)
+    return sizes == np.prod(plan.kv_tile)
+
+
+def test_ragged_border_tiles_are_never_full_in_tables():
+    p, g = axial(), Grid((7, 9))
+    plan = lower(p, g, 64, "float16")  # 8x8 boxes: the second KV tile holds 7x1 real tokens
+    _, entries = tile_table(p, g, plan)
+    assert not any(e % 2 and e // 2 == 1 for e in entries)
 
 
 @pytest.mark.parametrize(

@@ -48,6 +48,8 @@ CASES = [
         Grid((4, 5, 6)),
     ),
     ("axial-6x7", axial(), Grid((6, 7))),
+    ("axial-7x9-ragged-full-tiles", axial(), Grid((7, 9))),
+    ("global-band-150", sliding_window(40, 0) | global_tokens([0, 99]), Grid((150,))),
     ("axial0-6x7", axial(0), Grid((6, 7))),
     ("strided-band-40", strided(3, 1) & sliding_window(7, 0), Grid((40,))),
     ("block-sparse-40", block_sparse([[1, 0], [1, 1]], 20), Grid((40,))),
