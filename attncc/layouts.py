@@ -70,3 +70,11 @@ def _detect(q: torch.Tensor, grid: Grid | tuple[int, ...] | None) -> Layout:
     if grid.size != q.shape[2]:
         raise field_error(AttnccError, "grid", grid.shape, f"a grid of {q.shape[2]} tokens (q.shape[2])")
     return Layout(grid, False)
+
+
+def check_score(score: str, return_lse: bool) -> None:
+    """Score variants: softmax, or sigmoid (which has no log-sum-exp)."""
+    if score not in ("softmax", "sigmoid"):
+        raise field_error(AttnccError, "score", score, "softmax, sigmoid")
+    if score == "sigmoid" and return_lse:
+        raise field_error(AttnccError, "return_lse", True, "False with score='sigmoid' (no normaliser)")

@@ -19,7 +19,7 @@ from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.ir.validate import validate
-from attncc.layouts import to_sdpa_layout
+from attncc.layouts import check_score, to_sdpa_layout
 from attncc.lower.lowering import LaunchConfig, lower, table_values, tile_table
 from attncc.lower.render import load
 
@@ -28,10 +28,11 @@ _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: 
 
 @cache
 def _compiled(
-    pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str
+    pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str
 ) -> tuple[object, tuple]:
     """Loaded module and host-side tables (numpy) of one head pattern."""
-    plan = lower(pattern, grid, head_dim, dtype, config=LaunchConfig.default(device_type, head_dim))
+    config = LaunchConfig.default(device_type, head_dim)
+    plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
     module = load(plan)
     if plan.iteration == "table":
         offsets, entries = tile_table(pattern, grid, plan)
@@ -50,6 +51,8 @@ def attention(
     return_lse: bool = False,
     grid: Grid | tuple[int, ...] | None = None,
     out: torch.Tensor | None = None,
+    score: str = "softmax",
+    sigmoid_bias: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of ``pattern`` with a fused, pattern-specialised kernel.
 
@@ -58,8 +61,10 @@ def attention(
     ``[B, *grid, H, D]``; ``k``/``v`` may have fewer heads (GQA/MQA). Returns
     the output in ``q``'s dtype and layout, and with ``return_lse`` the
     natural-log log-sum-exp in float32. ``out`` (same shape and dtype as
-    ``q``) receives the result when given.
+    ``q``) receives the result when given. ``score="sigmoid"`` computes
+    sigmoid attention (bias default ``-ln(N)``, no log-sum-exp).
     """
+    check_score(score, return_lse)
     grid, (qs, ks, vs), restore = to_sdpa_layout(q, k, v, grid)
     if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         allowed = "float16, bfloat16 or float32, the same for q, k and v"
@@ -74,14 +79,15 @@ def attention(
     os_ = restore(o)  # [B, H, N, D] view of the caller's layout
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    bias = -math.log(n) if sigmoid_bias is None else float(sigmoid_bias)
     groups: dict[Pattern, list[int]] = {}
     for head, head_pattern in enumerate(resolve_heads(pattern, heads)):
         groups.setdefault(canonicalize(head_pattern, grid), []).append(head)
     for head_pattern, head_ids in groups.items():
-        module, tables = _compiled(head_pattern, grid, d, _DTYPES[q.dtype], q.device.type)
+        module, tables = _compiled(head_pattern, grid, d, _DTYPES[q.dtype], q.device.type, score)
         values, offsets, entries = (torch.from_numpy(t).to(q.device) for t in tables)
         head_map = torch.tensor(head_ids, dtype=torch.int32, device=q.device)
-        module.launch(qs, ks, vs, os_, lse, values, offsets, entries, head_map, scale, return_lse)
+        module.launch(qs, ks, vs, os_, lse, values, offsets, entries, head_map, scale, return_lse, bias)
     if not return_lse:
         return o
     return o, restore.lse(lse)

@@ -18,7 +18,7 @@ import torch
 from attncc.ir.grid import Grid
 from attncc.ir.mask import mask as brute_force_mask
 from attncc.ir.nodes import Pattern
-from attncc.layouts import to_sdpa_layout
+from attncc.layouts import check_score, to_sdpa_layout
 
 
 def attention(
@@ -29,8 +29,10 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     grid: Grid | tuple[int, ...] | None = None,
+    score: str = "softmax",
+    sigmoid_bias: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Masked softmax attention, computed naively.
+    """Masked softmax (or sigmoid) attention, computed naively.
 
     Layouts: SDPA ``[B, H, N, D]`` (the grid defaults to ``(N,)``; pass
     ``grid`` for an image or video flattened row-major), or spatial
@@ -40,8 +42,11 @@ def attention(
     ``h // (H // H_kv)``. The math runs in float64 for float64 inputs and
     float32 otherwise; the output has ``q``'s dtype and layout, the
     log-sum-exp (natural log, ``[B, H, N]`` or ``[B, *grid, H]``) is float32/64.
-    See Note [Queries with no keys].
+    See Note [Queries with no keys]. ``score="sigmoid"`` sums
+    ``sigmoid(scale * q.k + sigmoid_bias) * v`` over kept keys (FlashSigmoid;
+    the bias defaults to ``-ln(N)``); it has no log-sum-exp.
     """
+    check_score(score, return_lse)
     grid, (q, k, v), layout = to_sdpa_layout(q, k, v, grid)
     d = q.shape[-1]
     h, h_kv = q.shape[1], k.shape[1]
@@ -52,6 +57,9 @@ def attention(
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = (qc @ kc.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~keep[None], -math.inf)
+    if score == "sigmoid":
+        bias = -math.log(scores.shape[-1]) if sigmoid_bias is None else sigmoid_bias
+        return layout.output((torch.sigmoid(scores + bias) @ vc).to(q.dtype))  # sigmoid(-inf) = 0
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row keeps nothing
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     out = (probs @ vc).to(q.dtype)

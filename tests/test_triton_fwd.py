@@ -134,3 +134,16 @@ def test_bad_dtype_is_refused():
     q, k, v = _inputs(1, 1, 1, 16, 16, torch.float32)
     with pytest.raises(AttnccError, match="dtype"):
         attention(q.double(), k.double(), v.double(), causal())
+
+
+@pytest.mark.parametrize(
+    "name,pattern,grid", [CASES[4], CASES[11], CASES[13]], ids=[CASES[i][0] for i in (4, 11, 13)]
+)
+def test_sigmoid_attention(name, pattern, grid):
+    q, k, v = _inputs(1, 2, 1, grid.size, 16, torch.float32)
+    out = torch.full_like(q, math.nan)
+    o = attention(q, k, v, pattern, grid=grid, score="sigmoid", out=out)
+    r = reference(q, k, v, pattern, grid=grid, score="sigmoid")
+    torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
+    with pytest.raises(AttnccError, match="return_lse"):
+        attention(q, k, v, pattern, grid=grid, score="sigmoid", return_lse=True)
