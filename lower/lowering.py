@@ -19,10 +19,20 @@ from attncc.ir import symbolic
 from attncc.ir.analysis import analyze
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
-from attncc.ir.nodes import Axial, Causal, Dense, Intersection, Neighborhood, Pattern, SlidingWindow
+from attncc.ir.nodes import (
+    Axial,
+    Causal,
+    Dense,
+    Intersection,
+    Neighborhood,
+    Pattern,
+    SlidingWindow,
+    Strided,
+    Union,
+)
 from attncc.ir.symbolic import AllOf, AnyOf, FlatRange, GridBox, Predicate, Progression, Rule, rules
 from attncc.ir.validate import per_axis
-from attncc.lower.plan import RANK, AxisForm, KernelPlan, Lookup, pad3
+from attncc.lower.plan import RANK, AxisForm, Congruence, KernelPlan, Lookup, pad3
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
@@ -54,7 +64,7 @@ def lower(
     if score not in ("softmax", "sigmoid"):
         raise field_error(PatternError, "score", score, "softmax, sigmoid")
     canon = canonicalize(pattern, grid)
-    ranged = _range_forms(canon, grid)
+    ranged = _range_terms(canon, grid)
     dilation = ranged[0] if ranged else (1, 1, 1)
     group0 = tuple((s + d - 1) // d for s, d in zip(pad3(grid.shape, 1), dilation))
     q_box = _box(q_tile, grid, group0, config.q_block, "q_tile")
@@ -73,11 +83,11 @@ def lower(
     )
     if ranged:
         return KernelPlan(
-            dilation=dilation, iteration="range", axes=ranged[1], mask_expr="", lookups=(), **common
+            dilation=dilation, iteration="range", terms=ranged[1], mask_expr="", lookups=(), **common
         )
     mask_expr, lookups = spell_rule(rules(canon, grid), grid)
     return KernelPlan(
-        dilation=(1, 1, 1), iteration="table", axes=(), mask_expr=mask_expr, lookups=lookups, **common
+        dilation=(1, 1, 1), iteration="table", terms=(), mask_expr=mask_expr, lookups=lookups, **common
     )
 
 
@@ -122,57 +132,86 @@ def _box(tile, grid: Grid, group0: tuple, block: int, name: str) -> tuple[int, i
 # --- range plans ----------------------------------------------------------------------
 
 
-def _range_forms(p: Pattern, grid: Grid) -> tuple[tuple[int, int, int], tuple[AxisForm, ...]] | None:
-    """Dilation and per-axis closed forms when ``p`` is a product of monotone windows."""
-    terms = p.operands if isinstance(p, Intersection) else (p,)
-    off = RANK - grid.rank
-    firsts: list[list[sympy.Expr]] = [[] for _ in range(RANK)]
-    lasts: list[list[sympy.Expr]] = [[] for _ in range(RANK)]
-    dilation = [1, 1, 1]
+_MAX_TERMS = 4  # a union of more range terms uses a table
 
-    def add(a: int, prog: Progression, d: int) -> bool:
-        if dilation[a] not in (1, d) or (d > 1 and dilation[a] == 1 and firsts[a]):
-            return False
-        dilation[a] = max(dilation[a], d)
+
+def _range_terms(p: Pattern, grid: Grid) -> tuple[tuple[int, int, int], tuple] | None:
+    """Dilation and the range terms of ``p``, or None when it needs a table.
+
+    ``p`` must be a union (possibly of one) of products of: neighborhoods,
+    single-axis axials (a multi-axis axial is a union of those) and, on 1-D
+    grids, bands, causal and strided. On a dilated axis every term must be a
+    neighborhood of that dilation (group coordinates cannot name other groups).
+    """
+    products: list[Pattern] = []
+    for op in p.operands if isinstance(p, Union) else (p,):
+        if isinstance(op, Axial) and op.axes is not None and len(op.axes) > 1:
+            products.extend(Axial((a,)) for a in op.axes)
+        else:
+            products.append(op)
+    if len(products) > _MAX_TERMS:
+        return None
+    per_term = [_product(prod, grid) for prod in products]
+    if any(t is None for t in per_term):
+        return None
+    dilation = []
+    for a in range(RANK):
+        ds = {t[a][0] for t in per_term}  # type: ignore[index]
+        if len(ds) > 1 and ds != {1}:
+            return None
+        dilation.append(ds.pop())
+    terms = tuple(tuple(axis[1] for axis in t) for t in per_term)  # type: ignore[union-attr]
+    return tuple(dilation), terms  # type: ignore[return-value]
+
+
+def _product(p: Pattern, grid: Grid) -> list[tuple[int, AxisForm]] | None:
+    """Per axis ``(dilation, form)`` of a product, or None if ``p`` is not one."""
+    off = RANK - grid.rank
+    firsts: list[list] = [[] for _ in range(RANK)]
+    lasts: list[list] = [[] for _ in range(RANK)]
+    congruences: list[list[Congruence]] = [[] for _ in range(RANK)]
+    dilations: list[set[int]] = [set() for _ in range(RANK)]
+
+    def window(a: int, prog: Progression, d: int = 1) -> None:
+        dilations[a].add(d)
         firsts[a].append(prog.first.subs(symbolic.q, _i))
         lasts[a].append(prog.last.subs(symbolic.q, _i))
-        return True
 
-    for term in terms:
-        if isinstance(term, Dense):
+    for factor in p.operands if isinstance(p, Intersection) else (p,):
+        if isinstance(factor, Dense):
             continue
-        if isinstance(term, Neighborhood):
+        if isinstance(factor, Neighborhood):
             params = zip(
-                per_axis(term.window, grid.rank, "window"),
-                per_axis(term.dilation, grid.rank, "dilation"),
-                per_axis(term.stride, grid.rank, "stride"),
-                per_axis(term.causal, grid.rank, "causal"),
+                per_axis(factor.window, grid.rank, "window"),
+                per_axis(factor.dilation, grid.rank, "dilation"),
+                per_axis(factor.stride, grid.rank, "stride"),
+                per_axis(factor.causal, grid.rank, "causal"),
             )
             for a, (w, d, s, c) in enumerate(params):
-                if not add(off + a, symbolic.neighborhood_progression(_lg, w, 1, s, c), d):
-                    return None
-        elif isinstance(term, SlidingWindow) and grid.rank == 1:
-            if not add(off, symbolic.band_progression(_lg, term.left, term.right), 1):
-                return None
-        elif isinstance(term, Causal) and grid.rank == 1:
-            if not add(off, Progression(sympy.Integer(0), symbolic.q, sympy.Integer(1)), 1):
-                return None
-        elif isinstance(term, Axial) and len(term.axes or ()) == 1:
+                window(off + a, symbolic.neighborhood_progression(_lg, w, 1, s, c), d)
+        elif isinstance(factor, SlidingWindow) and grid.rank == 1:
+            window(off, symbolic.band_progression(_lg, factor.left, factor.right))
+        elif isinstance(factor, Causal) and grid.rank == 1:
+            window(off, Progression(sympy.Integer(0), symbolic.q, sympy.Integer(1)))
+        elif isinstance(factor, Strided) and grid.rank == 1:
+            dilations[off].add(1)
+            anchor = to_triton((symbolic.q - factor.offset).subs(symbolic.q, _i))
+            congruences[off].append(Congruence(anchor, factor.stride))
+        elif isinstance(factor, Axial) and factor.axes is not None and len(factor.axes) == 1:
             for a in range(grid.rank):
-                whole = a == term.axes[0]  # type: ignore[index]
-                prog = symbolic.full_progression(_lg) if whole else symbolic.point_progression()
-                if not add(off + a, prog, 1):
-                    return None
+                whole = a == factor.axes[0]
+                window(off + a, symbolic.full_progression(_lg) if whole else symbolic.point_progression())
         else:
             return None
-    if any(dilation[a] > 1 and len(firsts[a]) > 1 for a in range(RANK)):
-        return None  # two windows with different grouping on one axis
-    axes = []
+    out = []
     for a in range(RANK):
+        if len(dilations[a]) > 1:
+            return None  # two groupings on one axis
         first = sympy.Max(*firsts[a]) if firsts[a] else sympy.Integer(0)
         last = sympy.Min(*lasts[a]) if lasts[a] else _lg - 1
-        axes.append(AxisForm(to_triton(first), to_triton(last)))
-    return tuple(dilation), tuple(axes)  # type: ignore[return-value]
+        d = dilations[a].pop() if dilations[a] else 1
+        out.append((d, AxisForm(to_triton(first), to_triton(last), tuple(congruences[a]))))
+    return out
 
 
 def to_triton(expr: sympy.Expr) -> str:

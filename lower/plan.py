@@ -9,13 +9,17 @@ tokens at coordinates ``g_a + d_a * i``; a kernel program works on a box of
 group coordinates ``i``. A neighborhood is then dilation-free inside the
 group, so its closed forms are those of dilation 1 on an axis of length ``Lg``.
 
-Note [KV iteration]: ``range`` plans give, per axis, closed forms
-``first(i, Lg)``/``last(i, Lg)`` of the group coordinates a query sees; both
-are non-decreasing in ``i``, so the keys of a Q tile spanning ``[i0, i1]`` lie
-in ``[first(i0), last(i1)]`` and a KV tile ``[k0, k1]`` is full when
-``first(i1) <= k0`` and ``last(i0) >= k1`` on every axis. ``table`` plans
-carry, per Q tile, the list of non-empty KV tiles and whether each is full,
-computed by the exact analysis; partial tiles evaluate the rule per element.
+Note [KV iteration]: a ``range`` plan is a union of terms; a term gives, per
+axis, closed forms ``first(i, Lg)``/``last(i, Lg)`` of the group coordinates a
+query ``i`` sees, both non-decreasing in ``i``, and optional congruences
+``(k - anchor(i)) % step == 0`` (strided patterns). The keys of a Q tile
+spanning ``[i0, i1]`` under a term lie in ``[first(i0), last(i1)]`` per axis;
+the kernel walks each term's box of KV tiles, skipping tiles an earlier term's
+box already held. A KV tile ``[k0, k1]`` is full under a term with no
+congruence when ``first(i1) <= k0`` and ``last(i0) >= k1`` on every axis, and
+full when it is full under any term. ``table`` plans carry, per Q tile, the
+list of non-empty KV tiles and whether each is full, computed by the exact
+analysis; partial tiles evaluate the rule per element.
 """
 
 from __future__ import annotations
@@ -34,11 +38,20 @@ def pad3(values: tuple, fill) -> tuple:
 
 
 @dataclass(frozen=True)
+class Congruence:
+    """Keep keys with ``(k - anchor(i, Lg)) % step == 0``."""
+
+    anchor: str
+    step: int
+
+
+@dataclass(frozen=True)
 class AxisForm:
-    """Closed forms of one axis in group coordinates: Triton expressions of ``i`` and ``Lg``."""
+    """One axis of a term in group coordinates: Triton expressions of ``i`` and ``Lg``."""
 
     first: str
     last: str
+    congruences: tuple[Congruence, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,7 @@ class KernelPlan:
     head_dim_padded: int  # power of two the kernel computes with
     dtype: str
     iteration: str  # "range" or "table" (Note [KV iteration])
-    axes: tuple[AxisForm, ...]  # range plans: one per axis
+    terms: tuple[tuple[AxisForm, AxisForm, AxisForm], ...]  # range plans: union of terms
     mask_expr: str  # table plans: keep(q, k) as a Triton expression, see spell_rule
     lookups: tuple[Lookup, ...]
     score: str = "softmax"  # or "sigmoid"

@@ -25,13 +25,27 @@ def visited_tiles(plan: KernelPlan, table_entries: int = 0) -> tuple[int, int]:
         q_tiles = [math.ceil(lg / t) for lg, t in zip(lengths, plan.q_tile)]
         if plan.iteration != "range":
             continue
-        per_axis = []
-        for axis, lg, t_q, t_k, n_q in zip(plan.axes, lengths, plan.q_tile, plan.kv_tile, q_tiles):
-            lo = np.arange(n_q) * t_q
-            hi = np.minimum(lo + t_q - 1, lg - 1)
-            first = eval(axis.first, _HOST, {"i": lo, "Lg": lg}) + lo * 0  # forms printed by lowering
-            last = eval(axis.last, _HOST, {"i": hi, "Lg": lg}) + hi * 0
-            per_axis.append(np.maximum(last // t_k - first // t_k + 1, 0))
-        counts = per_axis[0][:, None, None] * per_axis[1][None, :, None] * per_axis[2][None, None, :]
-        visited += int(counts.sum())
+        # Per term and axis, the KV tile interval of every Q tile; the kernel visits their union.
+        boxes = []
+        for term in plan.terms:
+            per_axis = []
+            for a, (axis, lg, t_q, t_k, n_q) in enumerate(
+                zip(term, lengths, plan.q_tile, plan.kv_tile, q_tiles)
+            ):
+                lo = np.arange(n_q) * t_q
+                hi = np.minimum(lo + t_q - 1, lg - 1)
+                first = eval(axis.first, _HOST, {"i": lo, "Lg": lg}) + lo * 0  # forms printed by lowering
+                last = eval(axis.last, _HOST, {"i": hi, "Lg": lg}) + hi * 0
+                shape = [1, 1, 1]
+                shape[a] = n_q
+                per_axis.append(((first // t_k).reshape(shape), (last // t_k).reshape(shape)))
+            boxes.append(per_axis)
+        for size in range(1, len(boxes) + 1):  # inclusion-exclusion over the terms' boxes
+            for subset in itertools.combinations(boxes, size):
+                count = 1
+                for a in range(3):
+                    lo = np.maximum.reduce([b[a][0] for b in subset])
+                    hi = np.minimum.reduce([b[a][1] for b in subset])
+                    count = count * np.maximum(hi - lo + 1, 0)
+                visited += (-1) ** (size + 1) * int(np.sum(count))
     return (table_entries if plan.iteration != "range" else visited), dense

@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 
 from attncc import PatternError
-from attncc.ir import Grid, analyze, axial, causal, dense, global_tokens, neighborhood, sliding_window
+from attncc.ir import (
+    Grid,
+    analyze,
+    axial,
+    causal,
+    dense,
+    global_tokens,
+    neighborhood,
+    sliding_window,
+    strided,
+)
 from attncc.lower.lowering import LaunchConfig, lower, tile_table
 from attncc.lower.visits import visited_tiles
 
@@ -22,10 +32,24 @@ from attncc.lower.visits import visited_tiles
         (sliding_window(31, 0), Grid((500,)), "range", (1, 1, 1)),
         (causal(), Grid((500,)), "range", (1, 1, 1)),
         (causal(), Grid((20, 25)), "table", (1, 1, 1)),  # flat causal on a 2-D grid is no product
-        (axial(), Grid((20, 25)), "table", (1, 1, 1)),
+        (axial(), Grid((20, 25)), "range", (1, 1, 1)),  # a union of two single-axis terms
+        ((sliding_window(31, 0) | strided(64)) & causal(), Grid((500,)), "table", (1, 1, 1)),
+        (sliding_window(31, 0) | (strided(64) & causal()), Grid((500,)), "range", (1, 1, 1)),
+        (neighborhood(3, dilation=2) | axial(), Grid((20, 25)), "table", (1, 1, 1)),  # groups differ
         (sliding_window(8) | global_tokens([0]), Grid((300,)), "table", (1, 1, 1)),
     ],
-    ids=["na2d-dilated", "na-intersection", "band", "causal-1d", "causal-2d", "axial", "band-or-global"],
+    ids=[
+        "na2d-dilated",
+        "na-intersection",
+        "band",
+        "causal-1d",
+        "causal-2d",
+        "axial",
+        "strided-union-under-intersection",
+        "strided-union",
+        "dilated-or-axial",
+        "band-or-global",
+    ],
 )
 def test_iteration_choice(pattern, grid, iteration, dilation):
     plan = lower(pattern, grid, 64, "float16")
@@ -39,8 +63,10 @@ def test_iteration_choice(pattern, grid, iteration, dilation):
         (neighborhood((3, 9, 5), stride=(1, 3, 2)), Grid((6, 20, 21))),
         (neighborhood(9, causal=True, stride=2), Grid((300,))),
         (sliding_window(40, 3), Grid((700,))),
+        (axial(), Grid((30, 41))),
+        (neighborhood(5) | axial(0), Grid((30, 41))),
     ],
-    ids=["na2d", "gna3d", "na1d-causal-strided", "band"],
+    ids=["na2d", "gna3d", "na1d-causal-strided", "band", "axial", "na-or-axial"],
 )
 def test_range_plans_visit_exactly_the_non_empty_tiles(pattern, grid):
     # Without dilation, group coordinates are grid coordinates and the closed-form range
@@ -56,7 +82,7 @@ def test_dense_visits_every_tile_and_table_counts_entries():
     plan = lower(dense(), Grid((300,)), 64, "float16")
     visited, total = visited_tiles(plan)
     assert visited == total == 5 * 5
-    p, g = axial(), Grid((20, 25))
+    p, g = axial() | global_tokens([3]), Grid((20, 25))
     plan = lower(p, g, 64, "float16")
     offsets, entries = tile_table(p, g, plan)
     classes = analyze(p, g, plan.q_tile[1:], plan.kv_tile[1:]).tile_classes[0]
@@ -68,12 +94,12 @@ def test_dense_visits_every_tile_and_table_counts_entries():
 
 def _kv_whole(plan, grid):
     """Which KV tiles hold a whole box of real tokens."""
-    sizes = analyze(axial(), grid, plan.q_tile[1:], plan.kv_tile[1:]).kv_tiling.sizes(grid)
+    sizes = analyze(axial(), grid, plan.q_tile[1:], plan.kv_tile[1:]).kv_tiling.sizes(grid)  # any pattern
     return sizes == np.prod(plan.kv_tile)
 
 
 def test_ragged_border_tiles_are_never_full_in_tables():
-    p, g = axial(), Grid((7, 9))
+    p, g = axial() | global_tokens([0]), Grid((7, 9))
     plan = lower(p, g, 64, "float16")  # 8x8 boxes: the second KV tile holds 7x1 real tokens
     _, entries = tile_table(p, g, plan)
     assert not any(e % 2 and e // 2 == 1 for e in entries)

@@ -52,6 +52,8 @@ CASES = [
     ("global-band-150", sliding_window(40, 0) | global_tokens([0, 99]), Grid((150,))),
     ("axial0-6x7", axial(0), Grid((6, 7))),
     ("strided-band-40", strided(3, 1) & sliding_window(7, 0), Grid((40,))),
+    ("sparse-transformer-150", sliding_window(15, 0) | (strided(16, 3) & causal()), Grid((150,))),
+    ("na-or-axial-9x10", neighborhood(3) | axial(0), Grid((9, 10))),
     ("block-sparse-40", block_sparse([[1, 0], [1, 1]], 20), Grid((40,))),
     ("global-causal-50", causal() | global_tokens([3, 40]), Grid((50,))),
     ("document-causal-45", document([0] * 20 + [1] * 25) & causal(), Grid((45,))),
