@@ -86,8 +86,8 @@ def _head(p: Pattern, h: int) -> Pattern:
 
 def _rewrite(node: Pattern, grid: Grid, memo: dict[Pattern, Pattern]) -> Pattern:
     n = grid.size
-    if n == 1 and not isinstance(node, (Union, Intersection, PerHead)):
-        return Dense()
+    if isinstance(node, Causal):
+        return Dense() if n == 1 else node
     if isinstance(node, Neighborhood):
         return _neighborhood(node, grid)
     if isinstance(node, SlidingWindow):

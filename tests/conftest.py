@@ -20,6 +20,7 @@ def pytest_sessionfinish(session, exitstatus):
     if _OWN_CACHE:
         shutil.rmtree(os.environ["ATTNCC_CACHE_DIR"], ignore_errors=True)
 
+
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "examples" / "specs"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
