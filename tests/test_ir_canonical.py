@@ -64,11 +64,12 @@ def test_different_patterns_or_grids_hash_differently():
     assert pattern_hash(neighborhood(3), G2) != pattern_hash(neighborhood(3), Grid((10, 12)))
 
 
-def test_hash_is_stable_across_processes():
+def test_hash_is_stable_across_processes(tmp_path):
     text = "neighborhood(window=(7, 7), dilation=(2, 1)) & causal()"
     code = f"from attncc.ir import Grid, parse, pattern_hash; print(pattern_hash(parse({text!r}), Grid((30, 40))))"
+    # Run outside the source tree so the installed package is imported.
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120, cwd=tmp_path
     )
     assert out.stdout.strip() == pattern_hash(parse(text), Grid((30, 40)))
 

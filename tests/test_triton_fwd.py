@@ -53,6 +53,11 @@ CASES = [
     ("axial0-6x7", axial(0), Grid((6, 7))),
     ("strided-band-40", strided(3, 1) & sliding_window(7, 0), Grid((40,))),
     ("sparse-transformer-150", sliding_window(15, 0) | (strided(16, 3) & causal()), Grid((150,))),
+    (
+        "spec-strided-130",
+        (sliding_window(15) | strided(16)) & causal(),
+        Grid((130,)),
+    ),  # as examples/specs/strided.yaml
     ("na-or-axial-9x10", neighborhood(3) | axial(0), Grid((9, 10))),
     ("block-sparse-40", block_sparse([[1, 0], [1, 1]], 20), Grid((40,))),
     ("global-causal-50", causal() | global_tokens([3, 40]), Grid((50,))),
