@@ -30,7 +30,7 @@ from attncc.ir.nodes import (
     Union,
 )
 from attncc.ir.text import format_pattern
-from attncc.ir.validate import per_axis, validate
+from attncc.ir.validate import neighborhood_axes, validate
 
 
 def to_graph(p: Pattern) -> nx.DiGraph:
@@ -129,10 +129,7 @@ def _band(left: int, right: int, n: int) -> Pattern:
 
 def _neighborhood(node: Neighborhood, grid: Grid) -> Pattern:
     rank = grid.rank
-    window = list(per_axis(node.window, rank, "window"))
-    dilation = list(per_axis(node.dilation, rank, "dilation"))
-    stride = list(per_axis(node.stride, rank, "stride"))
-    causal = list(per_axis(node.causal, rank, "causal"))
+    window, dilation, stride, causal = (list(v) for v in zip(*neighborhood_axes(node, rank)))
     for a, size in enumerate(grid.shape):
         if dilation[a] == 1 and window[a] == size:
             stride[a] = 1  # a whole-axis window is the same for every stride group

@@ -28,7 +28,7 @@ from attncc.ir.nodes import (
     Strided,
     Union,
 )
-from attncc.ir.validate import per_axis, validate
+from attncc.ir.validate import neighborhood_axes, validate
 
 
 def coordinates(grid: Grid, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -83,14 +83,7 @@ def _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values) -> torch.Tensor:
     if isinstance(node, Neighborhood):
         rank = grid.rank
         out = torch.ones(n, n, dtype=torch.bool, device=qf.device)
-        for a, (w, d, s, c) in enumerate(
-            zip(
-                per_axis(node.window, rank, "window"),
-                per_axis(node.dilation, rank, "dilation"),
-                per_axis(node.stride, rank, "stride"),
-                per_axis(node.causal, rank, "causal"),
-            )
-        ):
+        for a, (w, d, s, c) in enumerate(neighborhood_axes(node, rank)):
             out &= neighborhood_axis(qc[..., a], kc[..., a], grid.shape[a], w, d, s, c)
         return out[None]
     if isinstance(node, SlidingWindow):

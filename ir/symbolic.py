@@ -38,7 +38,7 @@ from attncc.ir.nodes import (
     Strided,
     Union,
 )
-from attncc.ir.validate import per_axis
+from attncc.ir.validate import neighborhood_axes
 
 Num = int | sympy.Expr
 
@@ -148,13 +148,7 @@ def rules(p: Pattern, grid: Grid) -> Rule:
     if isinstance(p, Dense):
         return GridBox(tuple(full_progression(s) for s in grid.shape))
     if isinstance(p, Neighborhood):
-        params = zip(
-            grid.shape,
-            per_axis(p.window, grid.rank, "window"),
-            per_axis(p.dilation, grid.rank, "dilation"),
-            per_axis(p.stride, grid.rank, "stride"),
-            per_axis(p.causal, grid.rank, "causal"),
-        )
+        params = [(size, *axis) for size, axis in zip(grid.shape, neighborhood_axes(p, grid.rank))]
         return GridBox(tuple(neighborhood_progression(*args) for args in params))
     if isinstance(p, Axial):
         axes = p.axes if p.axes is not None else range(grid.rank)

@@ -26,6 +26,13 @@ def per_axis(value: int | bool | tuple, rank: int, name: str) -> tuple:
     return value
 
 
+def neighborhood_axes(p: Neighborhood, rank: int) -> list[tuple[int, int, int, bool]]:
+    """``(window, dilation, stride, causal)`` of each axis, ints broadcast to every axis."""
+    fields = ("window", "dilation", "stride", "causal")
+    values = [per_axis(getattr(p, f), rank, f"neighborhood.{f}") for f in fields]
+    return list(zip(*values))
+
+
 def required_heads(p: Pattern) -> int | None:
     """The head count a pattern fixes (per_head lists, per-head layouts), if any."""
     if isinstance(p, PerHead):
@@ -59,10 +66,7 @@ def validate(p: Pattern, grid: Grid, heads: int | None = None) -> int:
 def _check(p: Pattern, grid: Grid) -> None:
     n = grid.size
     if isinstance(p, Neighborhood):
-        window = per_axis(p.window, grid.rank, "neighborhood.window")
-        dilation = per_axis(p.dilation, grid.rank, "neighborhood.dilation")
-        stride = per_axis(p.stride, grid.rank, "neighborhood.stride")
-        per_axis(p.causal, grid.rank, "neighborhood.causal")
+        window, dilation, stride, _ = zip(*neighborhood_axes(p, grid.rank))
         for a, size in enumerate(grid.shape):
             if window[a] > size:
                 raise field_error(

@@ -31,7 +31,7 @@ from attncc.ir.nodes import (
     Union,
 )
 from attncc.ir.symbolic import AllOf, AnyOf, FlatRange, GridBox, Predicate, Progression, Rule, rules
-from attncc.ir.validate import per_axis
+from attncc.ir.validate import neighborhood_axes
 from attncc.lower.plan import RANK, AxisForm, Congruence, KernelPlan, Lookup, pad3
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
@@ -181,13 +181,7 @@ def _product(p: Pattern, grid: Grid) -> list[tuple[int, AxisForm]] | None:
         if isinstance(factor, Dense):
             continue
         if isinstance(factor, Neighborhood):
-            params = zip(
-                per_axis(factor.window, grid.rank, "window"),
-                per_axis(factor.dilation, grid.rank, "dilation"),
-                per_axis(factor.stride, grid.rank, "stride"),
-                per_axis(factor.causal, grid.rank, "causal"),
-            )
-            for a, (w, d, s, c) in enumerate(params):
+            for a, (w, d, s, c) in enumerate(neighborhood_axes(factor, grid.rank)):
                 window(off + a, symbolic.neighborhood_progression(_lg, w, 1, s, c), d)
         elif isinstance(factor, SlidingWindow) and grid.rank == 1:
             window(off, symbolic.band_progression(_lg, factor.left, factor.right))
