@@ -82,12 +82,28 @@ def lower(
         num_stages=config.num_stages,
     )
     if ranged:
+        terms = ranged[1]
+        full_terms = tuple(t for t, term in enumerate(terms) if not any(ax.congruences for ax in term))
         return KernelPlan(
-            dilation=dilation, iteration="range", terms=ranged[1], mask_expr="", lookups=(), **common
+            dilation=dilation,
+            iteration="range",
+            terms=terms,
+            full_terms=full_terms,
+            split_full=full_terms == (0,) and len(terms) == 1,
+            mask_expr="",
+            lookups=(),
+            **common,
         )
     mask_expr, lookups = spell_rule(rules(canon, grid), grid)
     return KernelPlan(
-        dilation=(1, 1, 1), iteration="table", terms=(), mask_expr=mask_expr, lookups=lookups, **common
+        dilation=(1, 1, 1),
+        iteration="table",
+        terms=(),
+        full_terms=(),
+        split_full=False,
+        mask_expr=mask_expr,
+        lookups=lookups,
+        **common,
     )
 
 

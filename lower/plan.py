@@ -17,7 +17,10 @@ spanning ``[i0, i1]`` under a term lie in ``[first(i0), last(i1)]`` per axis;
 the kernel walks each term's box of KV tiles, skipping tiles an earlier term's
 box already held. A KV tile ``[k0, k1]`` is full under a term with no
 congruence when ``first(i1) <= k0`` and ``last(i0) >= k1`` on every axis, and
-full when it is full under any term. ``table`` plans carry, per Q tile, the
+full when it is full under any term. With a single congruence-free term the
+full tiles form a sub-box of the term's box, so the kernel walks it first in
+a loop with no masking and no branch, then the rest of the box masked.
+``table`` plans carry, per Q tile, the
 list of non-empty KV tiles and whether each is full, computed by the exact
 analysis; partial tiles evaluate the rule per element.
 """
@@ -76,6 +79,8 @@ class KernelPlan:
     dtype: str
     iteration: str  # "range" or "table" (Note [KV iteration])
     terms: tuple[tuple[AxisForm, AxisForm, AxisForm], ...]  # range plans: union of terms
+    full_terms: tuple[int, ...]  # range plans: terms that can mark a tile full (no congruence)
+    split_full: bool  # one such term: its full tiles form a sub-box, walked in an unmasked loop
     mask_expr: str  # table plans: keep(q, k) as a Triton expression, see spell_rule
     lookups: tuple[Lookup, ...]
     score: str = "softmax"  # or "sigmoid"

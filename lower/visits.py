@@ -49,3 +49,28 @@ def visited_tiles(plan: KernelPlan, table_entries: int = 0) -> tuple[int, int]:
                     count = count * np.maximum(hi - lo + 1, 0)
                 visited += (-1) ** (size + 1) * int(np.sum(count))
     return (table_entries if plan.iteration != "range" else visited), dense
+
+
+def full_tiles(plan: KernelPlan) -> int:
+    """Tiles a ``split_full`` plan walks in its unmasked loop (one head), as the kernel computes them."""
+    total = 0
+    for group in itertools.product(*(range(d) for d in plan.dilation)):
+        lengths = plan.group_lengths(group)  # type: ignore[arg-type]
+        q_tiles = [math.ceil(lg / t) for lg, t in zip(lengths, plan.q_tile)]
+        count = np.ones((1, 1, 1), dtype=np.int64)
+        for a, (axis, lg, t_q, t_k, n_q) in enumerate(
+            zip(plan.terms[0], lengths, plan.q_tile, plan.kv_tile, q_tiles)
+        ):
+            lo = np.arange(n_q) * t_q
+            hi = np.minimum(lo + t_q - 1, lg - 1)
+            first_lo = eval(axis.first, _HOST, {"i": lo, "Lg": lg}) + lo * 0
+            last_hi = eval(axis.last, _HOST, {"i": hi, "Lg": lg}) + hi * 0
+            inner = eval(axis.first, _HOST, {"i": hi, "Lg": lg}) + hi * 0  # every row sees [inner, outer]
+            outer = eval(axis.last, _HOST, {"i": lo, "Lg": lg}) + lo * 0
+            f_lo = np.maximum(first_lo // t_k, -(-inner // t_k))
+            f_hi = np.minimum(np.minimum(last_hi // t_k, (outer + 1) // t_k - 1), lg // t_k - 1)
+            shape = [1, 1, 1]
+            shape[a] = n_q
+            count = count * np.maximum(f_hi - f_lo + 1, 0).reshape(shape)
+        total += int(count.sum())
+    return total

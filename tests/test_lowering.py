@@ -16,7 +16,7 @@ from attncc.ir import (
     strided,
 )
 from attncc.lower.lowering import LaunchConfig, lower, tile_table
-from attncc.lower.visits import visited_tiles
+from attncc.lower.visits import full_tiles, visited_tiles
 
 
 @pytest.mark.parametrize(
@@ -118,3 +118,22 @@ def test_bad_plans_are_refused(kwargs, match):
     args = {"dtype": "float16", "head_dim": 64, **kwargs}
     with pytest.raises(PatternError, match=match):
         lower(neighborhood(3), Grid((16, 16)), **args)
+
+
+@pytest.mark.parametrize(
+    "pattern,grid",
+    [
+        (neighborhood(13), Grid((20, 24))),
+        (neighborhood((5, 9, 9), causal=(True, False, False)), Grid((6, 20, 21))),
+        (sliding_window(100, 0), Grid((700,))),
+        (dense(), Grid((300,))),
+    ],
+    ids=["na2d", "na3d-causal-t", "band", "dense"],
+)
+def test_unmasked_loop_walks_exactly_the_whole_full_tiles(pattern, grid):
+    plan = lower(pattern, grid, 64, "float16", config=LaunchConfig(64, 32))
+    assert plan.split_full
+    rank = grid.rank
+    a = analyze(pattern, grid, plan.q_tile[3 - rank :], plan.kv_tile[3 - rank :])
+    whole = a.kv_tiling.sizes(grid) == np.prod(plan.kv_tile)
+    assert full_tiles(plan) == int(((a.tile_classes[0] == 2) & whole[None, :]).sum())

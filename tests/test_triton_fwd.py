@@ -35,6 +35,9 @@ from attncc.reference import attention as reference
 
 CASES = [
     ("dense-37", dense(), Grid((37,))),
+    ("dense-128-full-tiles", dense(), Grid((128,))),
+    ("causal-200", causal(), Grid((200,))),
+    ("na2d-w13-20x24-full-tiles", neighborhood(13), Grid((20, 24))),
     ("causal-50", causal(), Grid((50,))),
     ("band-70", sliding_window(5, 3), Grid((70,))),
     ("na1d-w7-33", neighborhood(7), Grid((33,))),
