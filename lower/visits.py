@@ -1,4 +1,8 @@
-"""How many KV tiles a plan's kernel visits: the denominator of its tile-level bound."""
+"""How many KV tiles a plan's kernel visits: the denominator of its tile-level bound.
+
+These mirror the kernel's range arithmetic on the host (see Note [KV iteration]
+in :mod:`attncc.lower.plan`), for the bound the benchmarks report and for tests.
+"""
 
 from __future__ import annotations
 
@@ -8,69 +12,73 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from attncc.lower.plan import KernelPlan
+from attncc.lower.plan import AxisForm, KernelPlan
 
 # The range forms are Triton expressions; on the host tl.minimum/maximum are numpy's.
 _HOST = {"tl": SimpleNamespace(minimum=np.minimum, maximum=np.maximum)}
 
 
+def _form(expr: str, i: np.ndarray, lg: int) -> np.ndarray:
+    return eval(expr, _HOST, {"i": i, "Lg": lg}) + i * 0  # forms printed by lowering
+
+
+def _per_group(plan: KernelPlan, term: tuple[AxisForm, ...]) -> list[list[tuple[dict, int, int]]]:
+    """Per dilation group, per axis: ``(bounds, kv_tile, group_length)``.
+
+    ``bounds`` holds the forms at every Q tile's first and last row, shaped to
+    broadcast over the three axes: ``first_lo``/``last_hi`` (the tile's key
+    range) and ``first_hi``/``last_lo`` (the keys every row sees).
+    """
+    out = []
+    for group in itertools.product(*(range(d) for d in plan.dilation)):
+        axes = []
+        for a, (axis, lg, t_q) in enumerate(zip(term, plan.group_lengths(group), plan.q_tile)):  # type: ignore[arg-type]
+            lo = np.arange(math.ceil(lg / t_q)) * t_q
+            hi = np.minimum(lo + t_q - 1, lg - 1)
+            shape = [1, 1, 1]
+            shape[a] = len(lo)
+            bounds = {
+                "first_lo": _form(axis.first, lo, lg),
+                "last_hi": _form(axis.last, hi, lg),
+                "first_hi": _form(axis.first, hi, lg),
+                "last_lo": _form(axis.last, lo, lg),
+            }
+            axes.append(({k: v.reshape(shape) for k, v in bounds.items()}, plan.kv_tile[a], lg))
+        out.append(axes)
+    return out
+
+
 def visited_tiles(plan: KernelPlan, table_entries: int = 0) -> tuple[int, int]:
-    """``(visited, dense)`` tile pairs of one head: what the kernel loops over, and
-    a dense kernel with tiles of the same token counts would. Table plans pass their entry count."""
+    """``(visited, dense)`` tile pairs of one head: what the kernel loops over, and what a
+    dense kernel with tiles of the same token counts would. Table plans pass their entry count."""
     n = math.prod(plan.grid)
     dense = math.ceil(n / plan.block_m) * math.ceil(n / plan.block_n)
+    if plan.iteration != "range":
+        return table_entries, dense
+    # Per term, group and axis the KV tile interval of every Q tile; the kernel visits their union.
+    terms = [_per_group(plan, term) for term in plan.terms]
     visited = 0
-    for group in itertools.product(*(range(d) for d in plan.dilation)):
-        lengths = plan.group_lengths(group)  # type: ignore[arg-type]
-        q_tiles = [math.ceil(lg / t) for lg, t in zip(lengths, plan.q_tile)]
-        if plan.iteration != "range":
-            continue
-        # Per term and axis, the KV tile interval of every Q tile; the kernel visits their union.
-        boxes = []
-        for term in plan.terms:
-            per_axis = []
-            for a, (axis, lg, t_q, t_k, n_q) in enumerate(
-                zip(term, lengths, plan.q_tile, plan.kv_tile, q_tiles)
-            ):
-                lo = np.arange(n_q) * t_q
-                hi = np.minimum(lo + t_q - 1, lg - 1)
-                first = eval(axis.first, _HOST, {"i": lo, "Lg": lg}) + lo * 0  # forms printed by lowering
-                last = eval(axis.last, _HOST, {"i": hi, "Lg": lg}) + hi * 0
-                shape = [1, 1, 1]
-                shape[a] = n_q
-                per_axis.append(((first // t_k).reshape(shape), (last // t_k).reshape(shape)))
-            boxes.append(per_axis)
+    for g in range(plan.group_count):
+        boxes = [[(b["first_lo"] // t_k, b["last_hi"] // t_k) for b, t_k, _ in term[g]] for term in terms]
         for size in range(1, len(boxes) + 1):  # inclusion-exclusion over the terms' boxes
             for subset in itertools.combinations(boxes, size):
                 count = 1
                 for a in range(3):
-                    lo = np.maximum.reduce([b[a][0] for b in subset])
-                    hi = np.minimum.reduce([b[a][1] for b in subset])
+                    lo = np.maximum.reduce([box[a][0] for box in subset])
+                    hi = np.minimum.reduce([box[a][1] for box in subset])
                     count = count * np.maximum(hi - lo + 1, 0)
                 visited += (-1) ** (size + 1) * int(np.sum(count))
-    return (table_entries if plan.iteration != "range" else visited), dense
+    return visited, dense
 
 
 def full_tiles(plan: KernelPlan) -> int:
     """Tiles a ``split_full`` plan walks in its unmasked loop (one head), as the kernel computes them."""
     total = 0
-    for group in itertools.product(*(range(d) for d in plan.dilation)):
-        lengths = plan.group_lengths(group)  # type: ignore[arg-type]
-        q_tiles = [math.ceil(lg / t) for lg, t in zip(lengths, plan.q_tile)]
+    for axes in _per_group(plan, plan.terms[0]):
         count = np.ones((1, 1, 1), dtype=np.int64)
-        for a, (axis, lg, t_q, t_k, n_q) in enumerate(
-            zip(plan.terms[0], lengths, plan.q_tile, plan.kv_tile, q_tiles)
-        ):
-            lo = np.arange(n_q) * t_q
-            hi = np.minimum(lo + t_q - 1, lg - 1)
-            first_lo = eval(axis.first, _HOST, {"i": lo, "Lg": lg}) + lo * 0
-            last_hi = eval(axis.last, _HOST, {"i": hi, "Lg": lg}) + hi * 0
-            inner = eval(axis.first, _HOST, {"i": hi, "Lg": lg}) + hi * 0  # every row sees [inner, outer]
-            outer = eval(axis.last, _HOST, {"i": lo, "Lg": lg}) + lo * 0
-            f_lo = np.maximum(first_lo // t_k, -(-inner // t_k))
-            f_hi = np.minimum(np.minimum(last_hi // t_k, (outer + 1) // t_k - 1), lg // t_k - 1)
-            shape = [1, 1, 1]
-            shape[a] = n_q
-            count = count * np.maximum(f_hi - f_lo + 1, 0).reshape(shape)
+        for b, t_k, lg in axes:
+            f_lo = np.maximum(b["first_lo"] // t_k, -(-b["first_hi"] // t_k))
+            f_hi = np.minimum(np.minimum(b["last_hi"] // t_k, (b["last_lo"] + 1) // t_k - 1), lg // t_k - 1)
+            count = count * np.maximum(f_hi - f_lo + 1, 0)
         total += int(count.sum())
     return total
