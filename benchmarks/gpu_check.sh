@@ -11,8 +11,11 @@ out="${OUT:-benchmarks/out}"
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
-# The GPU machine has the dependencies but no registry: install attncc itself only.
+# The GPU machine has the dependencies but no registry: install attncc itself only. If its
+# setuptools cannot build it, build a wheel here (pip wheel --no-deps -w .whl .) and carry .whl.
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | tail -2
+python3 -c "import attncc.ir" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/attncc-*.whl
+python3 -c "import attncc.ir, attncc.ops" || { echo "attncc is not importable"; exit 1; }
 status=0
 timeout 600 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$out/gpu_tests.txt" || status=1
 timeout 480 python3 benchmarks/bench_fwd.py --markdown benchmarks/RESULTS.md 2>&1 | tee "$out/bench_fwd.txt" || status=1
