@@ -8,6 +8,8 @@ for partial tiles as a Triton expression. See the notes in :mod:`.plan`.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -84,7 +86,7 @@ def lower(
     if ranged:
         terms = ranged[1]
         full_terms = tuple(t for t, term in enumerate(terms) if not any(ax.congruences for ax in term))
-        return KernelPlan(
+        plan = KernelPlan(
             dilation=dilation,
             iteration="range",
             terms=terms,
@@ -94,6 +96,9 @@ def lower(
             lookups=(),
             **common,
         )
+        if q_tile is None and kv_tile is None:
+            plan = _fewest_visits(plan, group0)
+        return plan
     mask_expr, lookups = spell_rule(rules(canon, grid), grid)
     return KernelPlan(
         dilation=(1, 1, 1),
@@ -124,7 +129,40 @@ class LaunchConfig:
         return LaunchConfig(128, 64, 8 if head_dim >= 128 else 4, 3 if head_dim <= 128 else 2)
 
 
-# --- tiles ----------------------------------------------------------------------------
+# --- tiles ---------------------------------------------------------------------------
+
+
+def _boxes(tokens: int, group0: tuple) -> list[tuple[int, int, int]]:
+    """Power-of-two boxes of ``tokens`` tokens that fit the group (rank-3)."""
+    caps = [max(0, (lg - 1).bit_length()) for lg in group0]
+    out = []
+    for exps in itertools.product(*(range(c + 1) for c in caps)):
+        box = tuple(1 << e for e in exps)
+        if math.prod(box) == tokens:
+            out.append(box)
+    return out
+
+
+def _fewest_visits(plan: KernelPlan, group0: tuple) -> KernelPlan:
+    """The Q and KV boxes (same token counts) whose kernel visits the fewest KV tiles.
+
+    Note [Box choice]: the visit count is exact for range plans and cheap to
+    evaluate, so lowering picks the box shape that maximises the plan's own
+    tile-level bound; the first candidate (the round-robin default) wins ties.
+    """
+    from attncc.lower.visits import visited_tiles
+
+    best, best_visits = plan, visited_tiles(plan)[0]
+    for q_box in _boxes(plan.block_m, group0):
+        for kv_box in _boxes(plan.block_n, group0):
+            candidate = dataclasses.replace(plan, q_tile=q_box, kv_tile=kv_box)
+            visits = visited_tiles(candidate)[0]
+            if visits < best_visits:
+                best, best_visits = candidate, visits
+    return best
+
+
+# --- explicit or default tiles -----------------------------------------------------
 
 
 def _box(tile, grid: Grid, group0: tuple, block: int, name: str) -> tuple[int, int, int]:

@@ -137,3 +137,13 @@ def test_unmasked_loop_walks_exactly_the_whole_full_tiles(pattern, grid):
     a = analyze(pattern, grid, plan.q_tile[3 - rank :], plan.kv_tile[3 - rank :])
     whole = a.kv_tiling.sizes(grid) == np.prod(plan.kv_tile)
     assert full_tiles(plan) == int(((a.tile_classes[0] == 2) & whole[None, :]).sum())
+
+
+def test_default_boxes_visit_fewest_tiles():
+    # 3-D window (7, 15, 15): round-robin boxes (4, 4, 8)/(4, 4, 4) visit 17920 tiles per head,
+    # (2, 8, 8)/(1, 8, 8) visit 15360; see Note [Box choice].
+    p, g = neighborhood((7, 15, 15)), Grid((16, 48, 48))
+    plan = lower(p, g, 128, "bfloat16", config=LaunchConfig(128, 64))
+    fixed = lower(p, g, 128, "bfloat16", q_tile=(4, 4, 8), kv_tile=(4, 4, 4), config=LaunchConfig(128, 64))
+    assert (plan.q_tile, plan.kv_tile) == ((2, 8, 8), (1, 8, 8))
+    assert visited_tiles(plan)[0] == 15360 < visited_tiles(fixed)[0] == 17920
