@@ -102,6 +102,28 @@ def _closed_forms(spec: Spec) -> str:
     return escape("\n".join(lines))
 
 
+def _kernel_plans(spec: Spec) -> str:
+    """What lowering chose for a GPU: iteration, boxes and the plan's tile-level bound."""
+    from attncc.lower.lowering import LaunchConfig, lower, tile_table
+    from attncc.lower.visits import visited_tiles
+
+    heads = resolve_heads(spec.pattern, spec.heads)
+    distinct = list(dict.fromkeys(canonicalize(h, spec.grid) for h in heads))
+    lines = ["kernel plan (GPU tiles, one head):"]
+    config = LaunchConfig.default("cuda", spec.head_dim)
+    for pattern in distinct[:4]:
+        plan = lower(pattern, spec.grid, spec.head_dim, spec.dtype, config=config)
+        entries = len(tile_table(pattern, spec.grid, plan)[1]) if plan.iteration == "table" else 0
+        visited, dense = visited_tiles(plan, entries)
+        groups = "x".join(map(str, plan.dilation))
+        boxes = f"q {'x'.join(map(str, plan.q_tile))} / kv {'x'.join(map(str, plan.kv_tile))}"
+        lines.append(
+            f"  {plan.iteration} iteration, dilation groups {groups}, boxes {boxes}: "
+            f"{visited:,} of {dense:,} tile pairs visited, tile bound {dense / max(visited, 1):.2f}x"
+        )
+    return escape("\n".join(lines))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="attncc")
 def cli() -> None:
@@ -140,6 +162,7 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
     console = Console(width=None if sys.stdout.isatty() else 130)
     console.print(_summary(spec, results[0]))
     console.print(_closed_forms(spec), soft_wrap=True)
+    console.print(_kernel_plans(spec), soft_wrap=True)
     console.print(_table(spec, results))
     console.print(
         "tile bound = tile pairs / visited pairs: the speedup over dense"

@@ -24,6 +24,8 @@ def test_analyze_na2d_prints_table_and_draws_png(specs_dir, tmp_path):
     assert "5.8655%" in result.output  # density of a 31x31 window on 128x128
     assert "17.05x" in result.output  # ideal speedup
     assert "8x16" in result.output and "128 flat" in result.output  # default tilings
+    assert "range iteration, dilation groups 1x1x1, boxes q 1x8x16 / kv 1x8x8" in result.output
+    assert "tile bound 9.80x" in result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
