@@ -36,6 +36,15 @@ def neighborhood_axes(p: Neighborhood, rank: int) -> list[tuple[int, int, int, b
 def required_heads(p: Pattern) -> int | None:
     """The head count a pattern fixes (per_head lists, per-head layouts), if any."""
     if isinstance(p, PerHead):
+        # An entry may itself vary by head (a 3-D layout), but only with the per_head's count.
+        inner = {c for c in (required_heads(e) for e in p.patterns) if c is not None} - {len(p.patterns)}
+        if inner:
+            raise field_error(
+                PatternError,
+                "per-head pattern inside per_head",
+                f"{sorted(inner)[0]} heads",
+                f"{len(p.patterns)} heads (one head count for the whole pattern)",
+            )
         return len(p.patterns)
     if isinstance(p, BlockSparse) and p.per_head:
         return len(p.layout)

@@ -7,6 +7,7 @@ from attncc.ir import (
     Grid,
     analyze,
     block_sparse,
+    causal,
     document,
     global_tokens,
     neighborhood,
@@ -15,6 +16,7 @@ from attncc.ir import (
     strided,
     validate,
 )
+from attncc.ir.mask import mask
 from attncc.ir.spec import spec_from_data
 
 G = Grid((16, 20))
@@ -121,3 +123,27 @@ def test_bad_tiles():
 def test_every_error_is_an_attncc_error():
     assert all(issubclass(cls, AttnccError) for cls in (ParseError, PatternError, SpecError))
     assert issubclass(AttnccError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "pattern,other",
+    [
+        (per_head([block_sparse([[[1]], [[0]], [[0]]], 8), causal()]), 3),  # a 3-head layout in 2 heads
+        (per_head([causal(), block_sparse([[[1]]], 8)]), 1),  # a 1-head layout in 2 heads
+    ],
+    ids=["3-head-layout-in-2-heads", "1-head-layout-in-2-heads"],
+)
+@pytest.mark.parametrize("entry", ["validate", "mask", "analyze"])
+def test_per_head_entry_with_another_head_count(entry, pattern, other):
+    # One head count for the whole pattern: an entry of per_head may vary by head only with
+    # the per_head's count. (Before the fix these were accepted, dropped heads, or crashed.)
+    grid = Grid((8,))
+    call = {
+        "validate": lambda: validate(pattern, grid),
+        "mask": lambda: mask(pattern, grid),
+        "analyze": lambda: analyze(pattern, grid, 4, 4),
+    }[entry]
+    with pytest.raises(
+        PatternError, match=rf"per-head pattern inside per_head = '{other} heads'.*allowed: 2 heads"
+    ):
+        call()
