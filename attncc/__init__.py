@@ -9,6 +9,6 @@ the pattern language and ``attncc.reference`` for the brute-force oracle.
 __version__ = "0.1.0"
 
 from attncc.errors import AttnccError, ParseError, PatternError, SpecError
-from attncc.ops import attention
+from attncc.library import attention
 
 __all__ = ["AttnccError", "ParseError", "PatternError", "SpecError", "__version__", "attention"]

@@ -1,93 +1,168 @@
-"""``attncc.attention``: run a pattern-specialised Triton forward kernel.
+"""Launching the generated kernels: forward and backward on ``[B, H, N, D]`` views.
 
-The first call with a given (pattern, grid, head dim, dtype) lowers and
-renders the kernel; later calls reuse the loaded module and the tile tables.
+The first call with a given (pattern, grid, head dim, dtype) lowers and renders
+the kernel module; later calls reuse the loaded module and its tile tables.
 Heads that share a pattern share one launch (see ``HEAD_MAP`` in the
-template); per-head patterns launch once per distinct pattern.
+template); per-head patterns launch once per distinct pattern. The public
+entry point is :func:`attncc.attention` (``attncc.library``), which routes
+through torch.library ops so autograd and torch.compile see one op.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
+from types import ModuleType
 
 import numpy as np
 import torch
 
-from attncc.errors import AttnccError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
-from attncc.ir.validate import validate
-from attncc.layouts import check_score, to_sdpa_layout
-from attncc.lower.lowering import LaunchConfig, lower, table_values, tile_table
+from attncc.lower.lowering import LaunchConfig, lower, table_values, tile_table, tile_table_by_kv
 from attncc.lower.render import load
 
-_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+@dataclass(frozen=True, eq=False)  # one per compiled plan: hashed by identity
+class Kernel:
+    """A loaded kernel module of one head pattern and its int32 host tables.
+
+    ``tables`` = (values, offsets, entries, kv_offsets, kv_entries): the rule's
+    lookup values and, for table plans, the CSR of tiles by Q tile and by KV tile.
+    """
+
+    module: ModuleType
+    tables: tuple[np.ndarray, ...]
+
+
+def _int32(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A small int32 table on ``like``'s device, made once per device for real tensors.
+
+    Under tracing (fake or functional tensor subclasses) nothing is cached: a
+    tensor made there must not outlive the trace.
+    """
+    if type(like) is torch.Tensor:
+        return _cached_int32(values, like.device)
+    return torch.tensor(values, dtype=torch.int32, device=like.device)
 
 
 @cache
-def _compiled(
-    pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str
-) -> tuple[object, tuple]:
-    """Loaded module and host-side tables (numpy) of one head pattern."""
+def _cached_int32(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def _tables(kernel: Kernel, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernel's host tables on ``like``'s device (cached as :func:`_int32`)."""
+    if type(like) is torch.Tensor:
+        return _cached_tables(kernel, like.device)
+    return tuple(torch.as_tensor(t, device=like.device) for t in kernel.tables)
+
+
+@cache
+def _cached_tables(kernel: Kernel, device: torch.device) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.as_tensor(t, device=device) for t in kernel.tables)
+
+
+@cache
+def compiled(pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str) -> Kernel:
+    """The kernel of one head-independent pattern (cached per process)."""
     config = LaunchConfig.default(device_type, head_dim)
     plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
-    module = load(plan)
     if plan.iteration == "table":
         offsets, entries = tile_table(pattern, grid, plan)
-        tables = (table_values(pattern, grid), offsets, entries)
+        kv_offsets, kv_entries = tile_table_by_kv(offsets, entries, int(np.prod(plan.kv_tiles())))
+        tables = (table_values(pattern, grid), offsets, entries, kv_offsets, kv_entries)
     else:
-        tables = (np.zeros(1, np.int32),) * 3
-    return module, tables
+        tables = (np.zeros(1, np.int32),) * 5
+    return Kernel(load(plan), tables)
 
 
-def attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: Pattern,
-    scale: float | None = None,
-    return_lse: bool = False,
-    grid: Grid | tuple[int, ...] | None = None,
-    out: torch.Tensor | None = None,
-    score: str = "softmax",
-    sigmoid_bias: float | None = None,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sparse attention of ``pattern`` with a fused, pattern-specialised kernel.
+@dataclass(frozen=True)
+class Launch:
+    """One launch: the kernel of a head pattern and the query heads it serves."""
 
-    Same layouts and semantics as :func:`attncc.reference.attention`: SDPA
-    ``[B, H, N, D]`` (grid from ``grid`` or ``(N,)``) or spatial
-    ``[B, *grid, H, D]``; ``k``/``v`` may have fewer heads (GQA/MQA). Returns
-    the output in ``q``'s dtype and layout, and with ``return_lse`` the
-    natural-log log-sum-exp in float32. ``out`` (same shape and dtype as
-    ``q``) receives the result when given. ``score="sigmoid"`` computes
-    sigmoid attention (bias default ``-ln(N)``, no log-sum-exp).
-    """
-    check_score(score, return_lse)
-    grid, (qs, ks, vs), restore = to_sdpa_layout(q, k, v, grid)
-    if q.dtype not in _DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
-        allowed = "float16, bfloat16 or float32, the same for q, k and v"
-        raise field_error(AttnccError, "dtype", (q.dtype, k.dtype, v.dtype), allowed)
-    if not (q.device == k.device == v.device):
-        raise field_error(AttnccError, "device", (q.device, k.device, v.device), "one device for q, k, v")
-    b, h, n, d = qs.shape
-    heads = validate(pattern, grid, h)
-    o = torch.empty_like(q) if out is None else out
-    if o.shape != q.shape or o.dtype != q.dtype:
-        raise field_error(AttnccError, "out", (tuple(o.shape), o.dtype), f"{tuple(q.shape)} {q.dtype}")
-    os_ = restore(o)  # [B, H, N, D] view of the caller's layout
-    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    bias = -math.log(n) if sigmoid_bias is None else float(sigmoid_bias)
+    kernel: Kernel
+    heads: tuple[int, ...]
+
+
+@cache
+def launches(
+    pattern: Pattern, grid: Grid, heads: int, head_dim: int, dtype: str, device_type: str, score: str
+):
+    """The launches of ``pattern`` over ``heads`` query heads: one per distinct head pattern."""
     groups: dict[Pattern, list[int]] = {}
     for head, head_pattern in enumerate(resolve_heads(pattern, heads)):
         groups.setdefault(canonicalize(head_pattern, grid), []).append(head)
-    for head_pattern, head_ids in groups.items():
-        module, tables = _compiled(head_pattern, grid, d, _DTYPES[q.dtype], q.device.type, score)
-        values, offsets, entries = (torch.from_numpy(t).to(q.device) for t in tables)
-        head_map = torch.tensor(head_ids, dtype=torch.int32, device=q.device)
-        module.launch(qs, ks, vs, os_, lse, values, offsets, entries, head_map, scale, return_lse, bias)
-    if not return_lse:
-        return o
-    return o, restore.lse(lse)
+    return tuple(
+        Launch(compiled(p, grid, head_dim, dtype, device_type, score), tuple(ids))
+        for p, ids in groups.items()
+    )
+
+
+Wrap = Callable | None  # torch.library.wrap_triton under triton_op, else None
+
+
+def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, wrap: Wrap = None):
+    """(out, lse) of ``[B, H, N, D]`` views; ``lse`` is float32 ``[B, H, N]``."""
+    b, h, n, _ = q.shape
+    o = torch.empty_like(q)
+    # Sigmoid attention writes no log-sum-exp: the op still returns a defined tensor.
+    lse = (torch.empty if write_lse else torch.zeros)((b, h, n), device=q.device, dtype=torch.float32)
+    for launch in plan_launches:
+        values, offsets, entries, _, _ = _tables(launch.kernel, q)
+        head_map = _int32(launch.heads, q)
+        launch.kernel.module.launch(
+            q, k, v, o, lse, values, offsets, entries, head_map, scale, write_lse, bias, wrap=wrap
+        )
+    return o, lse
+
+
+def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float, wrap: Wrap = None):
+    """(dq, dk, dv) in the inputs' dtype. Deterministic: no atomics (see the template).
+
+    The score gradient is ``p * (dp - delta)`` with ``delta = rowsum(dO * O)``;
+    a gradient of the log-sum-exp adds ``p * dlse``, so it enters as ``delta - dlse``.
+
+    dK/dV of a KV head sum its query heads (GQA) inside one program. When
+    several launches (per-head patterns) feed the same KV head, they add in
+    turn, on one stream, into float32 buffers.
+    """
+    h_kv = k.shape[1]
+    group = q.shape[1] // h_kv
+    delta = ((do.float() * o.float()).sum(-1) - dlse).contiguous()  # [B, H, N], laid out like lse
+    lse = lse.contiguous()
+    dq = torch.empty_like(q)
+    accumulate = len(plan_launches) > 1
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32) if accumulate else torch.empty_like(k)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if accumulate else torch.empty_like(v)
+    for launch in plan_launches:
+        values, offsets, entries, kv_offsets, kv_entries = _tables(launch.kernel, q)
+        head_map = _int32(launch.heads, q)
+        slots = (_int32(t, q) for t in _slots(launch.heads, group, h_kv, accumulate))
+        launch.kernel.module.launch_bwd(
+            q, k, v, do, lse, delta, dq, dk, dv, values, offsets, entries, kv_offsets, kv_entries, head_map,
+            *slots,
+            scale, accumulate, bias, wrap=wrap,
+        )  # fmt: skip
+    if accumulate:
+        dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv
+
+
+@cache
+def _slots(heads: tuple[int, ...], group: int, h_kv: int, accumulate: bool):
+    """CSR of query heads per KV head for the dK/dV kernel.
+
+    Without accumulation every KV head gets a slot (an empty one writes zeros:
+    a KV head no query head reads has zero gradient).
+    """
+    per_kv: list[list[int]] = [[] for _ in range(h_kv)]
+    for h in heads:
+        per_kv[h // group].append(h)
+    kv = [i for i in range(h_kv) if per_kv[i] or not accumulate]
+    offsets = np.concatenate([[0], np.cumsum([len(per_kv[i]) for i in kv])]).tolist()
+    return tuple(offsets), tuple(h for i in kv for h in per_kv[i]), tuple(kv)

@@ -41,9 +41,11 @@ def main() -> int:
     for name, pattern, grid, dtype, head_dim in CASES:
         plan = lower(pattern, grid, head_dim, dtype, config=LaunchConfig.default("cuda", head_dim))
         try:
-            c = compile_plan(plan)
             tiles = f"q{plan.q_tile} kv{plan.kv_tile}"
-            print(f"{name}: {plan.iteration}, {tiles}, {c.shared_bytes} B shared, {c.tensor_cores}")
+            for kernel, c in compile_plan(plan).items():
+                print(
+                    f"{name} {kernel}: {plan.iteration}, {tiles}, {c.shared_bytes} B shared, {c.tensor_cores}"
+                )
         except Exception as e:  # report every case, then fail
             failed += 1
             print(f"{name}: FAILED {type(e).__name__}: {str(e)[:2000]}")

@@ -24,9 +24,9 @@ from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from attncc.ir import Grid, analyze, axial, causal, dense, neighborhood, sliding_window
 from attncc.ir.mask import neighborhood_axis
+from attncc.library import attention
 from attncc.lower.lowering import LaunchConfig, lower, tile_table
 from attncc.lower.visits import visited_tiles
-from attncc.ops import attention
 
 H, D, DTYPE = 16, 128, torch.bfloat16
 

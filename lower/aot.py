@@ -29,18 +29,44 @@ class Compiled:
     tensor_cores: str  # "wgmma", "mma" or "none"
 
 
-def compile_plan(plan: KernelPlan, target: GPUTarget = HOPPER) -> Compiled:
-    """Compile ``plan``'s kernel for ``target``; raises what the compiler raises."""
-    kernel = load(plan).attention_fwd_kernel
-    p = _POINTER[plan.dtype]
-    signature = {name: "i64" for name in kernel.arg_names[9:28]}  # the strides
-    signature.update(
-        Q=p, K=p, V=p, O=p, LSE="*fp32", TABLES="*i32", TILE_OFF="*i32", TILE_ENT="*i32", HEAD_MAP="*i32",
-        H_LAUNCH="i32", KV_GROUP="i32", qk_scale="fp32", bias="fp32", WRITE_LSE="constexpr",
-    )  # fmt: skip
-    source = ASTSource(fn=kernel, signature=signature, constexprs={"WRITE_LSE": True})
+KERNELS = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkdv_kernel")
+_INT_TABLES = ("TABLES", "TILE_OFF", "TILE_ENT", "HEAD_MAP", "SLOT_OFF", "SLOT_HEADS", "SLOT_KV")
+_CONSTEXPRS = {"WRITE_LSE": True, "ACCUMULATE": False}
+
+
+def _signature(arg_names: list[str], pointer: str) -> dict[str, str]:
+    """Triton types of a generated kernel's arguments, by the template's naming."""
+    types = {}
+    for name in arg_names:
+        if name in _CONSTEXPRS:
+            types[name] = "constexpr"
+        elif name in _INT_TABLES:
+            types[name] = "*i32"
+        elif name in ("LSE", "DELTA"):
+            types[name] = "*fp32"
+        elif name.isupper() and len(name) <= 2:  # Q, K, V, O, DO, DQ, DK, DV
+            types[name] = pointer
+        elif name in ("qk_scale", "scale", "bias"):
+            types[name] = "fp32"
+        elif name in ("H_LAUNCH", "KV_GROUP", "N_SLOTS"):
+            types[name] = "i32"
+        else:
+            types[name] = "i64"  # strides
+    return types
+
+
+def compile_plan(plan: KernelPlan, target: GPUTarget = HOPPER) -> dict[str, Compiled]:
+    """Compile ``plan``'s forward and backward kernels for ``target``; raises what the compiler raises."""
+    module = load(plan)
     options = {"num_warps": plan.num_warps, "num_stages": plan.num_stages}
-    compiled = triton.compile(source, target=target, options=options)
-    ptx = compiled.asm["ptx"]
-    cores = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "none")
-    return Compiled(compiled.metadata.shared, cores)
+    result = {}
+    for name in KERNELS:
+        kernel = getattr(module, name)
+        signature = _signature(kernel.arg_names, _POINTER[plan.dtype])
+        constexprs = {k: v for k, v in _CONSTEXPRS.items() if k in kernel.arg_names}
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(source, target=target, options=options)
+        ptx = compiled.asm["ptx"]
+        cores = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "none")
+        result[name] = Compiled(compiled.metadata.shared, cores)
+    return result

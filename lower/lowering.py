@@ -366,3 +366,15 @@ def tile_table(pattern: Pattern, grid: Grid, plan: KernelPlan) -> tuple[np.ndarr
     full = (classes[q_idx, kv_idx] == 2) & whole[kv_idx]
     entries = (kv_idx * 2 + full).astype(np.int32)
     return offsets, entries
+
+
+def tile_table_by_kv(
+    offsets: np.ndarray, entries: np.ndarray, kv_tiles: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The CSR of :func:`tile_table` transposed: per KV tile, entries ``q_tile * 2 + full``."""
+    q_idx = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    kv_idx, full = entries // 2, entries % 2
+    order = np.argsort(kv_idx, kind="stable")  # Q tiles in increasing order per KV tile
+    counts = np.bincount(kv_idx, minlength=kv_tiles)
+    kv_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return kv_offsets, (q_idx[order] * 2 + full[order]).astype(np.int32)

@@ -23,6 +23,17 @@ a loop with no masking and no branch, then the rest of the box masked.
 ``table`` plans carry, per Q tile, the
 list of non-empty KV tiles and whether each is full, computed by the exact
 analysis; partial tiles evaluate the rule per element.
+
+Note [Inverse iteration]: the dK/dV kernel walks, per KV tile, the Q tiles
+that see it. For a range plan the queries of a term that see a key in
+``[k0, k1]`` on an axis are, since first/last are non-decreasing, the
+interval ``[lo, hi)`` with ``lo`` the first ``i`` where ``last(i) >= k0`` and
+``hi`` the first where ``first(i) > k1``. The kernel finds both by bisection
+over ``[0, Lg)`` on the same closed forms (``search_steps`` scalar steps per
+axis and term, once per program: no table, no set-up pass). A KV tile lies in
+a Q tile's box exactly when that Q tile lies in the KV tile's inverse box, so
+both directions visit the same tile pairs. Table plans use the CSR table
+transposed (``tile_table_by_kv``).
 """
 
 from __future__ import annotations
@@ -94,6 +105,11 @@ class KernelPlan:
     @property
     def block_n(self) -> int:
         return math.prod(self.kv_tile)
+
+    @property
+    def search_steps(self) -> int:
+        """Bisection steps that cover any axis of a group (Note [Inverse iteration])."""
+        return max(self.grid).bit_length() + 1
 
     @property
     def group_count(self) -> int:

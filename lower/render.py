@@ -38,8 +38,8 @@ def kernel_dir() -> Path:
 
 
 def render(plan: KernelPlan) -> str:
-    """The Triton module source of ``plan``."""
-    return ENV.get_template("attention_fwd.py.j2").render(plan=plan)
+    """The Triton module source of ``plan``: forward and backward kernels and their launchers."""
+    return ENV.get_template("attention.py.j2").render(plan=plan)
 
 
 @cache

@@ -30,7 +30,7 @@ from attncc.ir import (
     sliding_window,
     strided,
 )
-from attncc.ops import attention
+from attncc.library import attention
 from attncc.reference import attention as reference
 
 CASES = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attncc.ir import Grid, block_sparse, causal, dense, global_tokens, neighborhood, sliding_window
-from attncc.ops import attention
+from attncc.library import attention
 from attncc.reference import attention as reference
 
 pytestmark = [

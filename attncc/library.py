@@ -1,0 +1,188 @@
+"""``attncc.attention`` and the torch.library ops behind it.
+
+Every kernel launch goes through an op in the ``attncc`` namespace, so autograd
+and torch.compile see one operator with a registered backward:
+
+- ``attncc::fwd`` / ``attncc::bwd`` are ``triton_op``s whose launches go through
+  ``wrap_triton``: on a GPU, torch.compile sees into the kernels.
+- ``attncc::fwd_opaque`` / ``attncc::bwd_opaque`` are ``custom_op``s with a
+  ``register_fake``: torch.compile treats them as opaque calls. They serve the
+  Triton CPU interpreter, which inductor cannot compile.
+
+The pattern travels as its text (``attncc.ir.text``) and the grid as a list of
+ints, so an op's arguments are tensors and constants only: the graph holds no
+Python objects, and lowering and rendering happen inside the op on first use.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+
+import torch
+from torch.library import custom_op, register_autograd, register_fake, triton_op, wrap_triton
+
+from attncc import ops
+from attncc.errors import AttnccError, field_error
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
+from attncc.ir.text import format_pattern, parse
+from attncc.ir.validate import validate
+from attncc.layouts import check_score, to_sdpa_layout
+
+
+@cache
+def _launches(
+    pattern: str,
+    grid: tuple[int, ...],
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    device: str,
+    score: str,
+):
+    return ops.launches(parse(pattern), Grid(grid), heads, head_dim, ops.DTYPES[dtype], device, score)
+
+
+def _fwd(q, k, v, pattern, grid, scale, score, bias, wrap):
+    _, h, _, d = q.shape
+    plan = _launches(pattern, tuple(grid), h, d, q.dtype, q.device.type, score)
+    return ops.forward(q, k, v, plan, scale, bias, score == "softmax", wrap)
+
+
+def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, wrap):
+    _, h, _, d = q.shape
+    plan = _launches(pattern, tuple(grid), h, d, q.dtype, q.device.type, score)
+    return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, wrap)
+
+
+@triton_op("attncc::fwd", mutates_args=())
+def fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: str,
+    grid: list[int],
+    scale: float,
+    score: str,
+    bias: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on ``[B, H, N, D]`` tensors: (out, lse float32 ``[B, H, N]``)."""
+    return _fwd(q, k, v, pattern, grid, scale, score, bias, wrap_triton)
+
+
+@triton_op("attncc::bwd", mutates_args=())
+def bwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+    dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Backward: (dq, dk, dv), given the gradients of out (``do``) and of lse (``dlse``)."""
+    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, wrap_triton)
+
+
+@custom_op("attncc::fwd_opaque", mutates_args=())
+def fwd_opaque(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: str,
+    grid: list[int],
+    scale: float,
+    score: str,
+    bias: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`fwd` as an opaque op (the CPU interpreter)."""
+    return _fwd(q, k, v, pattern, grid, scale, score, bias, None)
+
+
+@custom_op("attncc::bwd_opaque", mutates_args=())
+def bwd_opaque(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+    dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`bwd` as an opaque op."""
+    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, None)
+
+
+@register_fake("attncc::fwd_opaque")
+def _fwd_fake(q, k, v, pattern, grid, scale, score, bias):
+    b, h, n, _ = q.shape
+    return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
+
+
+@register_fake("attncc::bwd_opaque")
+def _bwd_fake(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, pattern, grid, scale, score, bias = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.args = (pattern, grid, scale, score, bias)
+
+
+def _backward_with(op):
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
+        dlse = torch.zeros_like(lse) if dlse is None else dlse
+        dq, dk, dv = op(q, k, v, o, lse, do, dlse, *ctx.args)
+        return dq, dk, dv, None, None, None, None, None
+
+    return backward
+
+
+register_autograd("attncc::fwd", _backward_with(bwd), setup_context=_setup_context)
+register_autograd("attncc::fwd_opaque", _backward_with(bwd_opaque), setup_context=_setup_context)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    scale: float | None = None,
+    return_lse: bool = False,
+    grid: Grid | tuple[int, ...] | None = None,
+    out: torch.Tensor | None = None,
+    score: str = "softmax",
+    sigmoid_bias: float | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Sparse attention of ``pattern`` with fused, pattern-specialised kernels (differentiable).
+
+    Same layouts and semantics as :func:`attncc.reference.attention`: SDPA
+    ``[B, H, N, D]`` (grid from ``grid`` or ``(N,)``) or spatial
+    ``[B, *grid, H, D]``; ``k``/``v`` may have fewer heads (GQA/MQA). Returns
+    the output in ``q``'s dtype and layout, and with ``return_lse`` the
+    natural-log log-sum-exp in float32 (differentiable too). ``out`` (same
+    shape and dtype as ``q``) receives a copy of the result when given.
+    ``score="sigmoid"`` computes sigmoid attention (bias default ``-ln(N)``,
+    no log-sum-exp). Gradients flow to q, k and v.
+    """
+    check_score(score, return_lse)
+    grid, (qs, ks, vs), layout = to_sdpa_layout(q, k, v, grid)
+    if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        allowed = "float16, bfloat16 or float32, the same for q, k and v"
+        raise field_error(AttnccError, "dtype", (q.dtype, k.dtype, v.dtype), allowed)
+    if not (q.device == k.device == v.device):
+        raise field_error(AttnccError, "device", (q.device, k.device, v.device), "one device for q, k, v")
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
+    _, h, n, d = qs.shape
+    validate(pattern, grid, h)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    bias = -math.log(n) if sigmoid_bias is None else float(sigmoid_bias)
+    op = torch.ops.attncc.fwd if q.device.type == "cuda" else torch.ops.attncc.fwd_opaque
+    o, lse = op(qs, ks, vs, _text(pattern), list(grid.shape), scale, score, bias)
+    result = layout.output(o)
+    if out is not None:
+        result = out.copy_(result)
+    if not return_lse:
+        return result
+    return result, layout.lse(lse)
+
+
+@cache
+def _text(pattern: Pattern) -> str:
+    return format_pattern(pattern)
