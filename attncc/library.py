@@ -183,6 +183,6 @@ def attention(
     return result, layout.lse(lse)
 
 
-@cache
+@cache  # eager calls pay for formatting once; torch.compile traces it into a constant
 def _text(pattern: Pattern) -> str:
     return format_pattern(pattern)

@@ -10,6 +10,7 @@ through torch.library ops so autograd and torch.compile see one op.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -25,6 +26,14 @@ from attncc.lower.lowering import LaunchConfig, lower, table_values, tile_table,
 from attncc.lower.render import load
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
+
+
+def _output_like(t: torch.Tensor) -> torch.Tensor:
+    """An output buffer; NaN-filled when ``ATTNCC_POISON=1`` (tests), so an element no kernel
+    writes fails the comparison instead of passing on leftover memory."""
+    if os.environ.get("ATTNCC_POISON") == "1":
+        return torch.full_like(t, float("nan"))
+    return torch.empty_like(t)
 
 
 @dataclass(frozen=True, eq=False)  # one per compiled plan: hashed by identity
@@ -109,7 +118,7 @@ Wrap = Callable | None  # torch.library.wrap_triton under triton_op, else None
 def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, wrap: Wrap = None):
     """(out, lse) of ``[B, H, N, D]`` views; ``lse`` is float32 ``[B, H, N]``."""
     b, h, n, _ = q.shape
-    o = torch.empty_like(q)
+    o = _output_like(q)
     # Sigmoid attention writes no log-sum-exp: the op still returns a defined tensor.
     lse = (torch.empty if write_lse else torch.zeros)((b, h, n), device=q.device, dtype=torch.float32)
     for launch in plan_launches:
@@ -135,10 +144,10 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
     group = q.shape[1] // h_kv
     delta = ((do.float() * o.float()).sum(-1) - dlse).contiguous()  # [B, H, N], laid out like lse
     lse = lse.contiguous()
-    dq = torch.empty_like(q)
+    dq = _output_like(q)
     accumulate = len(plan_launches) > 1
-    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32) if accumulate else torch.empty_like(k)
-    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if accumulate else torch.empty_like(v)
+    dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32) if accumulate else _output_like(k)
+    dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if accumulate else _output_like(v)
     for launch in plan_launches:
         values, offsets, entries, kv_offsets, kv_entries = _tables(launch.kernel, q)
         head_map = _int32(launch.heads, q)

@@ -2,7 +2,8 @@
 
 The package holds one rendered kernel module per distinct head pattern, its
 int32 tables, and an ``__init__`` spelled from ``package_init.py.j2`` whose
-``forward`` needs only torch and triton.
+``forward`` (differentiable: the backward kernels are in the same modules)
+needs only torch and triton.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.spec import Spec
 from attncc.ir.text import format_pattern
 from attncc.ir.validate import required_heads
-from attncc.lower.lowering import LaunchConfig, lower, table_values, tile_table
+from attncc.lower.lowering import LaunchConfig, lower, table_values, tile_table, tile_table_by_kv
 from attncc.lower.render import ENV, render
 
 
@@ -50,14 +51,16 @@ def write_package(spec: Spec, out_dir: str | Path, device_type: str = "cuda") ->
         _write(out / f"_kernel{i}.py", render(plan))
         if plan.iteration == "table":
             offsets, entries = tile_table(pattern, spec.grid, plan)
-            arrays = (table_values(pattern, spec.grid), offsets, entries)
+            by_kv = tile_table_by_kv(offsets, entries, int(np.prod(plan.kv_tiles())))
+            arrays = (table_values(pattern, spec.grid), offsets, entries, *by_kv)
         else:
-            arrays = (np.zeros(1, np.int32),) * 3
+            arrays = (np.zeros(1, np.int32),) * 5
         tables.append(tuple(a.astype(np.int32).tolist() for a in arrays))
         kernels.append({"module": f"_kernel{i}", "heads": None if shared else heads})
     _write(
         out / "_tables.py",
-        f'"""int32 tables of the kernels (values, offsets, entries)."""\n\nTABLES = {tables!r}\n',
+        '"""int32 tables of the kernels (values, offsets, entries, kv_offsets, kv_entries)."""\n\n'
+        f"TABLES = {tables!r}\n",
     )
     init = ENV.get_template("package_init.py.j2").render(
         name=out.name,

@@ -1,4 +1,4 @@
-"""`attncc compile`: a standalone package that imports and runs with torch and triton only."""
+"""`attncc compile`: a standalone package (forward and backward) that runs with torch and triton only."""
 
 import os
 import subprocess
@@ -25,10 +25,14 @@ sys.modules["attncc"] = None  # the package must not need attncc
 import torch
 import na_small
 torch.manual_seed(0)
-q = torch.randn(2, 7, 9, 2, 16)
-k, v = torch.randn(2, 7, 9, 1, 16), torch.randn(2, 7, 9, 1, 16)
+q = torch.randn(2, 7, 9, 2, 16, requires_grad=True)
+k, v = torch.randn(2, 7, 9, 1, 16, requires_grad=True), torch.randn(2, 7, 9, 1, 16, requires_grad=True)
 out, lse = na_small.forward(q, k, v, return_lse=True)
-torch.save({"q": q, "k": k, "v": v, "out": out, "lse": lse}, sys.argv[1])
+do = torch.randn_like(out)
+out.backward(do)
+grads = {"dq": q.grad, "dk": k.grad, "dv": v.grad}
+torch.save({"q": q.detach(), "k": k.detach(), "v": v.detach(), "out": out.detach(), "lse": lse, "do": do, **grads},
+           sys.argv[1])
 """
 
 
@@ -48,6 +52,10 @@ def test_compiled_package_runs_without_attncc(tmp_path):
     assert proc.returncode == 0, proc.stderr
     got = torch.load(tmp_path / "result.pt")
     pattern = parse("per_head([neighborhood(window=3, dilation=2), axial()])")
-    out, lse = reference(got["q"], got["k"], got["v"], pattern, grid=Grid((7, 9)), return_lse=True)
-    torch.testing.assert_close(got["out"], out, atol=1e-5, rtol=0)
-    torch.testing.assert_close(got["lse"], lse, atol=1e-5, rtol=1e-6)
+    q, k, v = (got[x].requires_grad_() for x in "qkv")
+    out, lse = reference(q, k, v, pattern, grid=Grid((7, 9)), return_lse=True)
+    torch.testing.assert_close(got["out"], out.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(got["lse"], lse.detach(), atol=1e-5, rtol=1e-6)
+    out.backward(got["do"])  # the package's backward (two head patterns share a KV head)
+    for name, t in zip("qkv", (q, k, v)):
+        torch.testing.assert_close(got[f"d{name}"], t.grad, atol=1e-4, rtol=0)

@@ -1,0 +1,63 @@
+"""``attncc.nn.SparseAttention``: multi-head attention with a sparse pattern, as a drop-in module.
+
+Vision and video models keep tokens as ``[B, *grid, C]`` (or flattened
+``[B, N, C]``); the module projects them to heads, runs
+:func:`attncc.attention` in the spatial layout (no permute copies), and
+projects back. ``kv_heads < heads`` gives GQA/MQA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from attncc.errors import AttnccError, field_error
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
+from attncc.library import attention
+
+
+class SparseAttention(nn.Module):
+    """Multi-head self-attention restricted to ``pattern`` on ``grid``.
+
+    ``forward(x)`` takes ``[B, *grid, dim]`` or ``[B, N, dim]`` (N = grid size)
+    and returns the same shape. ``dim`` must split into ``heads`` heads.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        pattern: Pattern,
+        grid: tuple[int, ...] | Grid,
+        kv_heads: int | None = None,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+    ) -> None:
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        if heads < 1 or dim % heads:
+            raise field_error(AttnccError, "heads", heads, f"a divisor of dim = {dim}")
+        if kv_heads < 1 or heads % kv_heads:
+            raise field_error(AttnccError, "kv_heads", kv_heads, f"a divisor of heads = {heads}")
+        self.grid = grid if isinstance(grid, Grid) else Grid(tuple(grid))
+        self.pattern, self.heads, self.kv_heads = pattern, heads, kv_heads
+        self.head_dim = dim // heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        if tuple(shape[1:-1]) not in (self.grid.shape, (self.grid.size,)):
+            allowed = f"[B, {', '.join(map(str, self.grid.shape))}, C] or [B, {self.grid.size}, C]"
+            raise field_error(AttnccError, "x.shape", tuple(shape), allowed)
+        tokens = x.reshape(shape[0], *self.grid.shape, shape[-1])
+        q = self.q(tokens).unflatten(-1, (self.heads, self.head_dim))
+        k, v = self.kv(tokens).unflatten(-1, (2, self.kv_heads, self.head_dim)).unbind(-3)
+        if self.grid.rank == 1:  # [B, L, H, D] could read as [B, H, N, D] when L == H: be explicit
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            out = attention(q, k, v, self.pattern, grid=self.grid).transpose(1, 2)
+        else:
+            out = attention(q, k, v, self.pattern, grid=self.grid)
+        return self.proj(out.flatten(-2)).reshape(shape)
