@@ -14,6 +14,7 @@ from functools import cache
 import numpy as np
 import torch
 
+from attncc.autotune.records import tuned_config
 from attncc.errors import AttnccError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
@@ -28,10 +29,12 @@ _DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: 
 
 @cache
 def _compiled(
-    pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str
+    pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str, batch_heads: int
 ) -> tuple[object, tuple]:
-    """Loaded module and host-side tables (numpy) of one head pattern."""
-    config = LaunchConfig.default(device_type, head_dim)
+    """Loaded module and host-side tables (numpy) of one head pattern; the config of a
+    tuning record (``attncc tune``) when one exists for this launch."""
+    tuned = tuned_config(pattern, grid, batch_heads, head_dim, dtype, score, device_type)
+    config = tuned or LaunchConfig.default(device_type, head_dim)
     plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
     module = load(plan)
     if plan.iteration == "table":
@@ -84,7 +87,8 @@ def attention(
     for head, head_pattern in enumerate(resolve_heads(pattern, heads)):
         groups.setdefault(canonicalize(head_pattern, grid), []).append(head)
     for head_pattern, head_ids in groups.items():
-        module, tables = _compiled(head_pattern, grid, d, _DTYPES[q.dtype], q.device.type, score)
+        key = (head_pattern, grid, d, _DTYPES[q.dtype], q.device.type, score, b * len(head_ids))
+        module, tables = _compiled(*key)
         values, offsets, entries = (torch.from_numpy(t).to(q.device) for t in tables)
         head_map = torch.tensor(head_ids, dtype=torch.int32, device=q.device)
         module.launch(qs, ks, vs, os_, lse, values, offsets, entries, head_map, scale, return_lse, bias)

@@ -417,3 +417,14 @@ def tile_table(pattern: Pattern, grid: Grid, plan: KernelPlan) -> tuple[np.ndarr
     full = (classes[q_idx, kv_idx] == 2) & whole[kv_idx]
     entries = (kv_idx * 2 + full).astype(np.int32)
     return offsets, entries
+
+
+def kernel_tables(
+    pattern: Pattern, grid: Grid, plan: KernelPlan
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The three int32 buffers a plan's kernel takes: rule tables, tile offsets, tile entries
+    (placeholders for range plans, which read none)."""
+    if plan.iteration != "table":
+        return (np.zeros(1, np.int32),) * 3
+    offsets, entries = tile_table(pattern, grid, plan)
+    return table_values(pattern, grid), offsets, entries
