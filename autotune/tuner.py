@@ -105,13 +105,13 @@ def tune(
     default = LaunchConfig.default(device.type, head_dim)
     ranked = rank(pattern, grid, batch * heads, head_dim, dtype, target, score, default)
     rank_seconds = time.perf_counter() - start
-    inputs = _inputs(batch, heads, grid.size, head_dim, dtype, device)
+    inputs = input_sets(batch, heads, grid.size, head_dim, dtype, device)
     timed = []
     with _progress(progress) as bar:
         task = bar.add_task("tuning", total=min(top, len(ranked)))
         for r in ranked[:top]:
             bar.update(task, description=describe(r.config))
-            timed.append(_time(r, pattern, grid, inputs, device, warmup, runs))
+            timed.append(time_candidate(r, pattern, grid, inputs, device, warmup, runs))
             bar.advance(task)
     trials = (*timed, *(Trial(r) for r in ranked[top:]))
     best = min(timed, key=lambda t: (t.measured_us, t.ranked.rank))
@@ -142,7 +142,9 @@ def _progress(enabled: bool) -> Progress:
     return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
 
 
-def _inputs(batch: int, heads: int, n: int, head_dim: int, dtype: str, device: torch.device) -> list[tuple]:
+def input_sets(
+    batch: int, heads: int, n: int, head_dim: int, dtype: str, device: torch.device
+) -> list[tuple]:
     """Input sets (q, k, v, o, lse) to rotate through: together over twice L2, at most 8 sets."""
     per_set = 4 * batch * heads * n * head_dim * DTYPE_BYTES[dtype]
     sets = 2 if device.type != "cuda" else min(_MAX_SETS, max(2, math.ceil(2 * _L2_BYTES / per_set)))
@@ -160,9 +162,10 @@ def _inputs(batch: int, heads: int, n: int, head_dim: int, dtype: str, device: t
     return out
 
 
-def _time(
+def time_candidate(
     r: Ranked, pattern: Pattern, grid: Grid, inputs: list, device: torch.device, warmup: int, runs: int
 ) -> Trial:
+    """Time one candidate's kernel over the rotated ``inputs`` (see :func:`input_sets`)."""
     try:
         module = load(r.plan)
         values, offsets, entries = (

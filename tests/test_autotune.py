@@ -321,3 +321,21 @@ def test_analyze_shows_the_model_pick(specs_dir):
     assert "16 heads: pick q" in text and " us (" in text and "default q" in text
     predicted = float(text.split("predicted ")[1].split(" us")[0].replace(",", ""))
     assert predicted > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tune_on_the_gpu_records_the_fastest_and_attention_uses_it(cache_dir):
+    p, grid = neighborhood(7), Grid((32, 32))
+    result = tuner.tune(p, grid, 1, 2, 64, "bfloat16", "cuda", top=3, runs=5, warmup=2, progress=False)
+    timed = [t for t in result.trials if t.timing]
+    assert len(timed) == 3 and result.best.measured_us == min(t.measured_us for t in timed)
+    assert load_record(result.key) == result.record
+    q, k, v = (torch.randn(1, 2, grid.size, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    out = attncc.attention(q, k, v, p, grid=grid)
+    module, _ = attncc.ops._compiled(canonicalize(p, grid), grid, 64, "bfloat16", "cuda", "softmax", 2)
+    assert (module.NUM_WARPS, module.BLOCK_M.value) == (
+        result.record.config.num_warps,
+        result.record.config.q_block,
+    )
+    torch.testing.assert_close(out.float(), reference(q, k, v, p, grid=grid).float(), atol=1.5e-2, rtol=0)
