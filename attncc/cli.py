@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from attncc.autotune.command import tune_cmd
+from attncc.autotune.report import model_pick
 from attncc.errors import AttnccError, PatternError, field_error
 from attncc.ir.analysis import Analysis, analyze
 from attncc.ir.canonical import canonicalize, pattern_hash, resolve_heads
@@ -163,6 +165,7 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
     console.print(_summary(spec, results[0]))
     console.print(_closed_forms(spec), soft_wrap=True)
     console.print(_kernel_plans(spec), soft_wrap=True)
+    console.print(model_pick(spec), soft_wrap=True)
     console.print(_table(spec, results))
     console.print(
         "tile bound = tile pairs / visited pairs: the speedup over dense"
@@ -199,6 +202,9 @@ def compile_cmd(spec_path: str, out_dir: str, device: str) -> None:
     spec = load_spec(spec_path)
     path = write_package(spec, out_dir, device)
     click.echo(f"wrote {path}/ : import {path.name}; {path.name}.forward(q, k, v)")
+
+
+cli.add_command(tune_cmd)
 
 
 def main() -> None:

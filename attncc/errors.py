@@ -24,6 +24,10 @@ class SpecError(AttnccError):
     """A YAML/JSON spec file is unreadable or has an unknown or bad field."""
 
 
+class TuneError(AttnccError):
+    """An autotuning request is out of range (shape, candidate count, device)."""
+
+
 def field_error(
     cls: type[AttnccError], field: str, value: object, allowed: str, why: str = ""
 ) -> AttnccError:

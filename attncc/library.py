@@ -32,27 +32,20 @@ from attncc.layouts import check_score, to_sdpa_layout
 
 
 @cache
-def _launches(
-    pattern: str,
-    grid: tuple[int, ...],
-    heads: int,
-    head_dim: int,
-    dtype: torch.dtype,
-    device: str,
-    score: str,
-):
-    return ops.launches(parse(pattern), Grid(grid), heads, head_dim, ops.DTYPES[dtype], device, score)
+def _launches(pattern: str, grid: tuple[int, ...], batch: int, heads: int, head_dim: int, dtype: torch.dtype,
+              device: str, score: str) -> tuple[ops.Launch, ...]:  # fmt: skip
+    return ops.launches(parse(pattern), Grid(grid), batch, heads, head_dim, ops.DTYPES[dtype], device, score)
 
 
 def _fwd(q, k, v, pattern, grid, scale, score, bias, wrap):
-    _, h, _, d = q.shape
-    plan = _launches(pattern, tuple(grid), h, d, q.dtype, q.device.type, score)
+    b, h, _, d = q.shape
+    plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
     return ops.forward(q, k, v, plan, scale, bias, score == "softmax", wrap)
 
 
 def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, wrap):
-    _, h, _, d = q.shape
-    plan = _launches(pattern, tuple(grid), h, d, q.dtype, q.device.type, score)
+    b, h, _, d = q.shape
+    plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
     return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, wrap)
 
 

@@ -19,10 +19,11 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from attncc.autotune.records import tuned_config
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
-from attncc.lower.lowering import LaunchConfig, lower, table_values, tile_table, tile_table_by_kv
+from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.render import load
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -77,17 +78,15 @@ def _cached_tables(kernel: Kernel, device: torch.device) -> tuple[torch.Tensor, 
 
 
 @cache
-def compiled(pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str) -> Kernel:
-    """The kernel of one head-independent pattern (cached per process)."""
-    config = LaunchConfig.default(device_type, head_dim)
+def compiled(
+    pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str, batch_heads: int
+) -> Kernel:
+    """The kernel of one head-independent pattern (cached per process): the config of a
+    tuning record (``attncc tune``) when one exists for this launch, else the default."""
+    tuned = tuned_config(pattern, grid, batch_heads, head_dim, dtype, score, device_type)
+    config = tuned or LaunchConfig.default(device_type, head_dim)
     plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
-    if plan.iteration == "table":
-        offsets, entries = tile_table(pattern, grid, plan)
-        kv_offsets, kv_entries = tile_table_by_kv(offsets, entries, int(np.prod(plan.kv_tiles())))
-        tables = (table_values(pattern, grid), offsets, entries, kv_offsets, kv_entries)
-    else:
-        tables = (np.zeros(1, np.int32),) * 5
-    return Kernel(load(plan), tables)
+    return Kernel(load(plan), kernel_tables(pattern, grid, plan))
 
 
 @dataclass(frozen=True)
@@ -100,14 +99,21 @@ class Launch:
 
 @cache
 def launches(
-    pattern: Pattern, grid: Grid, heads: int, head_dim: int, dtype: str, device_type: str, score: str
-):
+    pattern: Pattern,
+    grid: Grid,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype: str,
+    device_type: str,
+    score: str,
+) -> tuple[Launch, ...]:
     """The launches of ``pattern`` over ``heads`` query heads: one per distinct head pattern."""
     groups: dict[Pattern, list[int]] = {}
     for head, head_pattern in enumerate(resolve_heads(pattern, heads)):
         groups.setdefault(canonicalize(head_pattern, grid), []).append(head)
     return tuple(
-        Launch(compiled(p, grid, head_dim, dtype, device_type, score), tuple(ids))
+        Launch(compiled(p, grid, head_dim, dtype, device_type, score, batch * len(ids)), tuple(ids))
         for p, ids in groups.items()
     )
 

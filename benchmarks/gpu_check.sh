@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU check (under 20 minutes on an H100): the GPU tests, then the benchmarks.
+# Every GPU check (under 30 minutes on an H100): the GPU tests, the benchmark, the cost-model check.
 # Results are written into the repository (benchmarks/RESULTS.md) and, on the lent
 # machine, copied to $OUT so they come back to be committed. A device command may run
 # 10 minutes at most, so each part can run on its own:
-#   bash benchmarks/gpu_check.sh [all|tests|bench]
+#   bash benchmarks/gpu_check.sh [all|tests|bench|tune]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -24,5 +24,8 @@ status=0
 [[ $part == all || $part == bench ]] &&
   { timeout 540 python3 benchmarks/bench_fwd.py --markdown benchmarks/RESULTS.md 2>&1 |
     tee "$out/bench_fwd.txt" || status=1; }
+[[ $part == all || $part == tune ]] &&
+  { timeout 540 python3 benchmarks/tune_check.py --markdown benchmarks/RESULTS.md --json "$out/tune_check.json" \
+    --seconds 420 2>&1 | tee "$out/tune_check.txt" || status=1; }
 cp benchmarks/RESULTS.md "$out/" 2>/dev/null
 exit $status

@@ -41,7 +41,7 @@ def _per_call_us(fn) -> float:
 def main(markdown: str | None) -> None:
     grid, pattern = Grid((128,)), neighborhood(15)
     q, k, v = (torch.randn(1, 1, 128, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    plan = ops.launches(pattern, grid, 1, 64, "bfloat16", "cuda", "softmax")
+    plan = ops.launches(pattern, grid, 1, 1, 64, "bfloat16", "cuda", "softmax")
     scale = 1 / math.sqrt(64)
 
     def direct():

@@ -55,12 +55,14 @@ def _signature(arg_names: list[str], pointer: str) -> dict[str, str]:
     return types
 
 
-def compile_plan(plan: KernelPlan, target: GPUTarget = HOPPER) -> dict[str, Compiled]:
-    """Compile ``plan``'s forward and backward kernels for ``target``; raises what the compiler raises."""
+def compile_plan(
+    plan: KernelPlan, target: GPUTarget = HOPPER, kernels: tuple[str, ...] = KERNELS
+) -> dict[str, Compiled]:
+    """Compile ``plan``'s kernels (default: forward and backward) for ``target``."""
     module = load(plan)
     options = {"num_warps": plan.num_warps, "num_stages": plan.num_stages}
     result = {}
-    for name in KERNELS:
+    for name in kernels:
         kernel = getattr(module, name)
         signature = _signature(kernel.arg_names, _POINTER[plan.dtype])
         constexprs = {k: v for k, v in _CONSTEXPRS.items() if k in kernel.arg_names}

@@ -21,7 +21,7 @@ from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.spec import Spec
 from attncc.ir.text import format_pattern
 from attncc.ir.validate import required_heads
-from attncc.lower.lowering import LaunchConfig, lower, table_values, tile_table, tile_table_by_kv
+from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.render import ENV, render
 
 
@@ -49,12 +49,7 @@ def write_package(spec: Spec, out_dir: str | Path, device_type: str = "cuda") ->
     for i, (pattern, heads) in enumerate(groups.items()):
         plan = lower(pattern, spec.grid, spec.head_dim, spec.dtype, config=config)
         _write(out / f"_kernel{i}.py", render(plan))
-        if plan.iteration == "table":
-            offsets, entries = tile_table(pattern, spec.grid, plan)
-            by_kv = tile_table_by_kv(offsets, entries, int(np.prod(plan.kv_tiles())))
-            arrays = (table_values(pattern, spec.grid), offsets, entries, *by_kv)
-        else:
-            arrays = (np.zeros(1, np.int32),) * 5
+        arrays = kernel_tables(pattern, spec.grid, plan)
         tables.append(tuple(a.astype(np.int32).tolist() for a in arrays))
         kernels.append({"module": f"_kernel{i}", "heads": None if shared else heads})
     _write(

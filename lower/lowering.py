@@ -69,8 +69,10 @@ def lower(
     ranged = _range_terms(canon, grid)
     dilation = ranged[0] if ranged else (1, 1, 1)
     group0 = tuple((s + d - 1) // d for s, d in zip(pad3(grid.shape, 1), dilation))
-    q_box = _box(q_tile, grid, group0, config.q_block, "q_tile")
-    kv_box = _box(kv_tile, grid, group0, config.kv_block, "kv_tile")
+    q_box = _config_box(config.q_box, grid, "q_box") if q_tile is None and config.q_box else None
+    kv_box = _config_box(config.kv_box, grid, "kv_box") if kv_tile is None and config.kv_box else None
+    q_box = q_box or _box(q_tile, grid, group0, config.q_block, "q_tile")
+    kv_box = kv_box or _box(kv_tile, grid, group0, config.kv_block, "kv_tile")
     head_dim_padded = max(16, 1 << (head_dim - 1).bit_length())
     common = dict(
         grid=pad3(grid.shape, 1),
@@ -96,7 +98,7 @@ def lower(
             lookups=(),
             **common,
         )
-        if q_tile is None and kv_tile is None:
+        if q_tile is None and kv_tile is None and config.q_box is None and config.kv_box is None:
             plan = _fewest_visits(plan, group0)
         return plan
     mask_expr, lookups = spell_rule(rules(canon, grid), grid)
@@ -112,14 +114,49 @@ def lower(
     )
 
 
+BACKENDS = ("triton",)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tokens per Q and KV tile and the launch knobs (the autotuner will choose these)."""
+    """Tokens per Q and KV tile and the launch knobs: what the autotuner chooses.
+
+    ``q_box``/``kv_box`` (rank 3, group coordinates, powers of two) fix the tile
+    shapes; without them lowering spreads ``q_block``/``kv_block`` tokens into
+    the boxes that visit the fewest tiles (Note [Box choice]).
+    """
 
     q_block: int = 64
     kv_block: int = 64
     num_warps: int = 4
     num_stages: int = 2
+    q_box: tuple[int, int, int] | None = None
+    kv_box: tuple[int, int, int] | None = None
+    backend: str = "triton"
+
+    def __post_init__(self) -> None:
+        for name in ("q_block", "kv_block"):
+            _check_pow2(name, getattr(self, name), _MIN_BLOCK, 1024)
+        if self.num_warps not in (1, 2, 4, 8, 16):
+            raise field_error(PatternError, "num_warps", self.num_warps, "1, 2, 4, 8, 16")
+        if (
+            isinstance(self.num_stages, bool)
+            or not isinstance(self.num_stages, int)
+            or not 1 <= self.num_stages <= 8
+        ):
+            raise field_error(PatternError, "num_stages", self.num_stages, "1..8")
+        for name, block in (("q_box", self.q_block), ("kv_box", self.kv_block)):
+            box = getattr(self, name)
+            if box is None:
+                continue
+            if not isinstance(box, tuple) or len(box) != RANK:
+                raise field_error(PatternError, name, box, f"{RANK} powers of two (a rank-3 box) or None")
+            for v in box:
+                _check_pow2(name, v, 1, 1024)
+            if math.prod(box) != block:
+                raise field_error(PatternError, name, box, f"a box of {name[:-4]}_block = {block} tokens")
+        if self.backend not in BACKENDS:
+            raise field_error(PatternError, "backend", self.backend, ", ".join(BACKENDS))
 
     @staticmethod
     def default(device_type: str, head_dim: int) -> LaunchConfig:
@@ -129,10 +166,15 @@ class LaunchConfig:
         return LaunchConfig(128, 64, 8 if head_dim >= 128 else 4, 3 if head_dim <= 128 else 2)
 
 
+def _check_pow2(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi or value & (value - 1):
+        raise field_error(PatternError, name, value, f"a power of two in {lo}..{hi}")
+
+
 # --- tiles ---------------------------------------------------------------------------
 
 
-def _boxes(tokens: int, group0: tuple) -> list[tuple[int, int, int]]:
+def boxes(tokens: int, group0: tuple) -> list[tuple[int, int, int]]:
     """Power-of-two boxes of ``tokens`` tokens that fit the group (rank-3)."""
     caps = [max(0, (lg - 1).bit_length()) for lg in group0]
     out = []
@@ -153,8 +195,8 @@ def _fewest_visits(plan: KernelPlan, group0: tuple) -> KernelPlan:
     from attncc.lower.visits import visited_tiles
 
     best, best_visits = plan, visited_tiles(plan)[0]
-    for q_box in _boxes(plan.block_m, group0):
-        for kv_box in _boxes(plan.block_n, group0):
+    for q_box in boxes(plan.block_m, group0):
+        for kv_box in boxes(plan.block_n, group0):
             candidate = dataclasses.replace(plan, q_tile=q_box, kv_tile=kv_box)
             visits = visited_tiles(candidate)[0]
             if visits < best_visits:
@@ -181,6 +223,15 @@ def _box(tile, grid: Grid, group0: tuple, block: int, name: str) -> tuple[int, i
     while math.prod(sizes) < _MIN_BLOCK:  # tl.dot needs 16 rows; extra rows are masked
         sizes[2] *= 2
     return tuple(sizes)  # type: ignore[return-value]
+
+
+def _config_box(box: tuple[int, int, int], grid: Grid, name: str) -> tuple[int, int, int]:
+    """A config's rank-3 box, which must not extend along the axes the grid lacks."""
+    if any(v != 1 for v in box[: RANK - grid.rank]):
+        raise field_error(
+            PatternError, name, box, f"1 on the first {RANK - grid.rank} axes of a rank-{grid.rank} grid"
+        )
+    return box
 
 
 # --- range plans ----------------------------------------------------------------------
@@ -378,3 +429,13 @@ def tile_table_by_kv(
     counts = np.bincount(kv_idx, minlength=kv_tiles)
     kv_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
     return kv_offsets, (q_idx[order] * 2 + full[order]).astype(np.int32)
+
+
+def kernel_tables(pattern: Pattern, grid: Grid, plan: KernelPlan) -> tuple[np.ndarray, ...]:
+    """The five int32 buffers a plan's kernels take: rule tables, then the tile CSR by Q tile
+    (offsets, entries) and by KV tile (placeholders for range plans, which read none)."""
+    if plan.iteration != "table":
+        return (np.zeros(1, np.int32),) * 5
+    offsets, entries = tile_table(pattern, grid, plan)
+    by_kv = tile_table_by_kv(offsets, entries, math.prod(plan.kv_tiles()))
+    return table_values(pattern, grid), offsets, entries, *by_kv

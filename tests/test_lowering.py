@@ -147,3 +147,32 @@ def test_default_boxes_visit_fewest_tiles():
     fixed = lower(p, g, 128, "bfloat16", q_tile=(4, 4, 8), kv_tile=(4, 4, 4), config=LaunchConfig(128, 64))
     assert (plan.q_tile, plan.kv_tile) == ((2, 8, 8), (1, 8, 8))
     assert visited_tiles(plan)[0] == 15360 < visited_tiles(fixed)[0] == 17920
+
+
+def test_config_boxes_fix_the_tiles():
+    p, g = neighborhood(7), Grid((32, 32))
+    config = LaunchConfig(64, 32, q_box=(1, 4, 16), kv_box=(1, 2, 16))
+    plan = lower(p, g, 64, "float16", config=config)
+    assert (plan.q_tile, plan.kv_tile) == ((1, 4, 16), (1, 2, 16))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"q_block": 48}, r"q_block = 48.*power of two in 16..1024"),
+        ({"num_warps": 3}, r"num_warps = 3.*1, 2, 4, 8, 16"),
+        ({"num_stages": 0}, r"num_stages = 0.*1..8"),
+        ({"q_box": (1, 4, 8)}, r"q_box = \(1, 4, 8\).*64 tokens"),
+        ({"kv_box": (1, 8)}, r"kv_box = \(1, 8\).*rank-3 box"),
+        ({"backend": "cutlass"}, r"backend = 'cutlass'.*triton"),
+    ],
+    ids=["block", "warps", "stages", "box-size", "box-rank", "backend"],
+)
+def test_bad_launch_configs_are_refused(kwargs, match):
+    with pytest.raises(PatternError, match=match):
+        LaunchConfig(**kwargs)
+
+
+def test_config_box_must_fit_the_grid_rank():
+    with pytest.raises(PatternError, match=r"q_box = \(2, 1, 32\).*1 on the first 2 axes"):
+        lower(causal(), Grid((100,)), 64, "float16", config=LaunchConfig(64, 64, q_box=(2, 1, 32)))

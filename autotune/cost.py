@@ -1,0 +1,166 @@
+"""The cost model: a predicted kernel time in microseconds for a plan, with no GPU.
+
+Note [Cost model]: a program (one Q tile of one head) walks its KV tiles; each
+tile costs a fixed loop overhead, its dots (4 * BLOCK_M * BLOCK_N * D FLOPs on the tensor cores),
+the softmax bookkeeping and exponentials, and, when partial, the per-element
+mask arithmetic; its K and V (2 * BLOCK_N * D elements) come from L2. Compute
+and loads of one program overlap with those of the other programs resident on
+the SM, so a tile takes ``max(c, l) + min(c, l) / resident``. An SM runs
+``ceil(programs / SMs)`` programs' work (the wave quantisation: one program
+more than a multiple of the SM count costs a whole program's time), and no
+kernel is faster than its longest program or than reading Q, K, V and writing
+O once from DRAM. Residency is limited by shared memory (Q, K and V tiles),
+registers (the fp32 accumulator and score tiles) and threads. Constants:
+:mod:`attncc.autotune.constants`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from attncc.autotune.constants import DEFAULT_DEVICE, DEVICES, DTYPE_BYTES, KERNEL, DeviceSpec
+from attncc.errors import TuneError, field_error
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
+from attncc.lower.lowering import tile_table
+from attncc.lower.plan import KernelPlan
+from attncc.lower.visits import tile_counts
+
+
+def device_spec(name: str | None = None, sms: int | None = None) -> DeviceSpec:
+    """The table entry whose key occurs in ``name`` (e.g. ``"NVIDIA H100 80GB HBM3"``).
+
+    ``None`` is the default target (an H100). An unknown GPU gets the default's
+    rates with its own SM count ``sms``, which the caller reads from the device.
+    """
+    if name is None:
+        return DEVICES[DEFAULT_DEVICE]
+    upper = name.upper()
+    for key, spec in DEVICES.items():  # most specific names first
+        if key in upper:
+            return spec
+    if sms is None:
+        raise field_error(TuneError, "device", name, ", ".join(DEVICES) + " (or give its SM count)")
+    return DeviceSpec(**{**DEVICES[DEFAULT_DEVICE].__dict__, "name": name, "sms": sms})
+
+
+@dataclass(frozen=True)
+class TileCounts:
+    """Per real program of one head: KV tiles visited, and how many of them are full."""
+
+    visited: np.ndarray
+    full: np.ndarray
+
+    @staticmethod
+    def of(plan: KernelPlan, pattern: Pattern, grid: Grid) -> TileCounts:
+        if plan.iteration == "range":
+            return TileCounts(*tile_counts(plan))
+        offsets, entries = tile_table(pattern, grid, plan)
+        full = np.concatenate([[0], np.cumsum(entries % 2)])
+        return TileCounts(np.diff(offsets).astype(np.int64), (full[offsets[1:]] - full[offsets[:-1]]))
+
+
+def shared_bytes(plan: KernelPlan) -> int:
+    """Shared memory of one program: the Q tile and one K and one V tile (the KV loops are
+    not software-pipelined, so ``num_stages`` adds nothing); fp32 also stages P for its dot.
+    Matches what Triton reports for sm_90 (tests/test_autotune.py checks it)."""
+    size = DTYPE_BYTES[plan.dtype]
+    tiles = (plan.block_m + 2 * plan.block_n) * plan.head_dim_padded * size
+    return tiles + (plan.block_m * plan.block_n * 4 if plan.dtype == "float32" else 0)
+
+
+def registers(plan: KernelPlan) -> int:
+    """Registers per thread: the fp32 accumulator and the score and probability tiles, spread
+    over the program's threads, plus the rest (an estimate; see KernelConstants)."""
+    threads = 32 * plan.num_warps
+    held = plan.block_m * plan.head_dim_padded + 2 * plan.block_m * plan.block_n
+    return KERNEL.base_registers + math.ceil(held / threads)
+
+
+def fits(plan: KernelPlan, device: DeviceSpec) -> bool:
+    """Whether one program fits an SM without spilling registers."""
+    return shared_bytes(plan) <= device.smem_per_block and registers(plan) <= KERNEL.max_registers
+
+
+def resident(plan: KernelPlan, device: DeviceSpec) -> int:
+    """Programs that can be resident on one SM at once (at least one)."""
+    threads = 32 * plan.num_warps
+    regs = -(-registers(plan) // 8) * 8  # allocated in units of 8 per thread
+    by_regs = device.regs_per_sm // (regs * threads)
+    by_smem = device.smem_per_sm // (shared_bytes(plan) + 1024)  # 1 KB reserved per block
+    return max(1, min(by_regs, by_smem, device.threads_per_sm // threads, device.blocks_per_sm))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the model predicts for one launch, and the figures behind it."""
+
+    us: float  # kernel time, microseconds
+    programs: int  # launched programs (Q tiles x groups x batch*heads)
+    per_sm: int  # programs one SM runs in turn: ceil(programs / SMs)
+    resident: int  # programs resident per SM at once
+    waves: int  # ceil(programs / (SMs * resident))
+    visited: int  # KV tiles visited, all programs
+    partial: int  # of which masked
+    bytes_moved: int  # Q and O once per program, K and V once per visited tile
+    shared_bytes: int
+    registers: int
+
+
+def _mask_ops(plan: KernelPlan) -> int:
+    if plan.iteration != "range":
+        return KERNEL.mask_ops_table
+    axes = sum(1 + len(axis.congruences) for term in plan.terms for axis in term)
+    return KERNEL.mask_ops_base + KERNEL.mask_ops_per_term_axis * axes
+
+
+def predict(plan: KernelPlan, counts: TileCounts, batch_heads: int, device: DeviceSpec) -> Prediction:
+    """Predicted time of ``plan`` launched over ``batch_heads`` (batch x heads) heads."""
+    m, n, d = plan.block_m, plan.block_n, plan.head_dim_padded
+    size = DTYPE_BYTES[plan.dtype]
+    cycles_per_us = device.clock_ghz * 1e3
+    dot_tflops = device.fp32_tflops if plan.dtype == "float32" else device.tensor_tflops
+    dot_rate = dot_tflops * 1e6 / device.sms * KERNEL.tensor_efficiency  # FLOP per us per SM
+    elements = m * n
+    exps = 1 if plan.score == "softmax" else 2  # sigmoid: an exponential and a reciprocal
+    compute = (
+        KERNEL.tile_overhead_cycles / cycles_per_us
+        + 4 * elements * d / dot_rate
+        + elements * KERNEL.softmax_ops / (device.fp32_per_clock * cycles_per_us)
+        + elements * exps / (device.mufu_per_clock * cycles_per_us)
+    )
+    mask = elements * _mask_ops(plan) / (device.int_per_clock * cycles_per_us)
+    load = 2 * n * d * size / (device.l2_tbps * 1e6 / device.sms)  # bytes / (bytes per us per SM)
+    per_sm_resident = resident(plan, device)
+
+    def tile(c: float) -> float:
+        return max(c, load) + min(c, load) / per_sm_resident
+
+    full, partial = counts.full, counts.visited - counts.full
+    work = KERNEL.program_overhead_us + full * tile(compute) + partial * tile(compute + mask)
+    launched = math.prod(plan.q_tiles()) * plan.group_count  # per head; extra ones exit at once
+    idle = launched - len(work)
+    mean = (work.sum() + idle * KERNEL.empty_program_us) / launched
+    programs = launched * batch_heads
+    per_sm = -(-programs // device.sms)
+    makespan = max(per_sm * mean, float(work.max(initial=0.0)))
+    tokens = math.prod(plan.grid)
+    dram_bytes = batch_heads * tokens * (4 * plan.head_dim * size + 4)  # Q, K, V, O and the LSE
+    dram = dram_bytes / (device.hbm_tbps * 1e6)
+    visited = int(counts.visited.sum())
+    moved = batch_heads * (len(work) * 2 * m * d * size + visited * 2 * n * d * size)
+    return Prediction(
+        us=max(makespan, dram) + KERNEL.launch_us,
+        programs=programs,
+        per_sm=per_sm,
+        resident=per_sm_resident,
+        waves=-(-programs // (device.sms * per_sm_resident)),
+        visited=visited * batch_heads,
+        partial=int(partial.sum()) * batch_heads,
+        bytes_moved=moved,
+        shared_bytes=shared_bytes(plan),
+        registers=registers(plan),
+    )

@@ -1,0 +1,149 @@
+"""Tuning records: the best measured config per kernel key, as JSON files.
+
+A record is keyed by everything that can change which config is fastest: the
+canonical pattern (its hash), the grid, batch x heads of the launch, head dim,
+dtype, score, the device name and the attncc, torch and triton versions. A
+record from another version has another key, so it is never used. Storage sits
+behind :func:`save_record` / :func:`load_record` (files under
+``<cache dir>/tuning/``, written atomically) so that ``attncc.cache`` can take
+it over in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from attncc.ir.canonical import pattern_hash
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
+from attncc.lower.lowering import LaunchConfig
+from attncc.lower.render import kernel_dir
+
+
+@dataclass(frozen=True)
+class TuningKey:
+    pattern: str  # canonical pattern hash on the grid
+    grid: tuple[int, ...]
+    batch_heads: int
+    head_dim: int
+    dtype: str
+    score: str
+    device: str  # torch.cuda.get_device_name(), or "cpu"
+    versions: tuple[tuple[str, str], ...]  # (package, version), sorted
+
+    @staticmethod
+    def of(
+        pattern: Pattern, grid: Grid, batch_heads: int, head_dim: int, dtype: str, score: str, device: str
+    ) -> TuningKey:
+        import torch
+        import triton
+
+        from attncc import __version__
+
+        versions = (("attncc", __version__), ("torch", torch.__version__), ("triton", triton.__version__))
+        return TuningKey(
+            pattern_hash(pattern, grid), grid.shape, batch_heads, head_dim, dtype, score, device, versions
+        )
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(_plain(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class TuningRecord:
+    """The winner of one tuning run, with what the model predicted and what was measured."""
+
+    key: TuningKey
+    config: LaunchConfig
+    measured_us: float
+    predicted_us: float
+    model_rank: int  # the winner's rank by the cost model (1: the model's own pick)
+    candidates: int  # timed
+    seconds: float  # the whole tuning run
+
+
+def _plain(obj: object) -> object:
+    return json.loads(json.dumps(dataclasses.asdict(obj)))  # type: ignore[call-overload]
+
+
+def _root() -> Path:
+    return kernel_dir().parent / "tuning"  # the cache root holds kernels/ and tuning/
+
+
+def _path(key: TuningKey) -> Path:
+    return _root() / f"{key.digest()}.json"
+
+
+def save_record(record: TuningRecord) -> Path:
+    """Write ``record`` atomically (a reader sees the old file or the whole new one)."""
+    path = _path(record.key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_plain(record), indent=1, sort_keys=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+        f.write(text)
+    os.replace(f.name, path)
+    return path
+
+
+def load_record(key: TuningKey) -> TuningRecord | None:
+    """The record for ``key``, or None; an unreadable or mismatched one is ignored with a warning."""
+    path = _path(key)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        warnings.warn(f"attncc: ignoring unreadable tuning record {path}: {e}", stacklevel=2)
+        return None
+    try:
+        record = _record(data)
+    except (KeyError, TypeError, ValueError) as e:  # AttnccError is a ValueError
+        warnings.warn(f"attncc: ignoring malformed tuning record {path}: {e}", stacklevel=2)
+        return None
+    if record.key != key:
+        warnings.warn(f"attncc: ignoring tuning record {path}: it holds another key", stacklevel=2)
+        return None
+    return record
+
+
+def _record(data: dict) -> TuningRecord:
+    k, c = data["key"], data["config"]
+    key = TuningKey(
+        str(k["pattern"]),
+        tuple(int(v) for v in k["grid"]),
+        int(k["batch_heads"]),
+        int(k["head_dim"]),
+        str(k["dtype"]),
+        str(k["score"]),
+        str(k["device"]),
+        tuple((str(a), str(b)) for a, b in k["versions"]),
+    )
+    boxes = {name: tuple(c[name]) if c[name] is not None else None for name in ("q_box", "kv_box")}
+    config = LaunchConfig(**{**c, **boxes})
+    return TuningRecord(
+        key,
+        config,
+        float(data["measured_us"]),
+        float(data["predicted_us"]),
+        int(data["model_rank"]),
+        int(data["candidates"]),
+        float(data["seconds"]),
+    )
+
+
+def tuned_config(
+    pattern: Pattern, grid: Grid, batch_heads: int, head_dim: int, dtype: str, score: str, device_type: str
+) -> LaunchConfig | None:
+    """The stored config for a launch on the current device of ``device_type``, if tuned."""
+    import torch
+
+    device = torch.cuda.get_device_name() if device_type == "cuda" else device_type
+    record = load_record(TuningKey.of(pattern, grid, batch_heads, head_dim, dtype, score, device))
+    return record.config if record else None

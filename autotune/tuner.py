@@ -1,0 +1,185 @@
+"""Tuning: time the cost model's top candidates on the device, keep and record the fastest.
+
+Each candidate is timed by :func:`attncc.timing.measure` (first call, which
+compiles, kept apart; warm-up discarded; inputs rotated through enough sets to
+exceed L2, so K and V are not served from a cache the real model would not
+have warm). A candidate that fails to compile or launch scores as infinitely
+slow with its reason, as Triton's own autotuner does, instead of ending the run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from attncc.autotune.constants import DTYPE_BYTES, DeviceSpec
+from attncc.autotune.cost import device_spec
+from attncc.autotune.records import TuningKey, TuningRecord, save_record
+from attncc.autotune.space import Ranked, describe, rank
+from attncc.errors import TuneError, field_error
+from attncc.ir.canonical import canonicalize
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
+from attncc.ir.validate import required_heads
+from attncc.lower.lowering import LaunchConfig, kernel_tables
+from attncc.lower.render import load
+from attncc.timing import Timing, measure
+
+_TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_L2_BYTES = 50 * 2**20  # H100's L2; rotated input sets together exceed twice this
+_MAX_SETS = 8
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One ranked candidate; ``timing`` is None when it was not timed, ``error`` why it failed."""
+
+    ranked: Ranked
+    timing: Timing | None = None
+    error: str = ""
+
+    @property
+    def measured_us(self) -> float:
+        """Median microseconds; infinite for a failed candidate, NaN for one not timed."""
+        if self.error:
+            return math.inf
+        return self.timing.median * 1e3 if self.timing else math.nan
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    key: TuningKey
+    device: DeviceSpec  # what the model ranked for
+    trials: tuple[Trial, ...]  # every candidate, in the model's order
+    best: Trial
+    rank_seconds: float  # building and ranking the search space
+    seconds: float  # the whole run: ranking, compiling and timing
+    record: TuningRecord
+
+
+def target_device(device: torch.device) -> DeviceSpec:
+    """The model's device: the GPU's table entry, or the default GPU when timing on the CPU."""
+    if device.type != "cuda":
+        return device_spec()
+    props = torch.cuda.get_device_properties(device)
+    return device_spec(props.name, props.multi_processor_count)
+
+
+def tune(
+    pattern: Pattern,
+    grid: Grid,
+    batch: int,
+    heads: int,
+    head_dim: int,
+    dtype: str,
+    device: str | torch.device = "cuda",
+    top: int = 8,
+    score: str = "softmax",
+    warmup: int = 5,
+    runs: int = 20,
+    save: bool = True,
+    progress: bool = True,
+) -> TuneResult:
+    """Rank the search space of ``pattern`` (head-independent) for ``[batch, heads, N, head_dim]``
+    inputs, time the ``top`` candidates on ``device``, and save the winner's record."""
+    for name, value, lo in (("batch", batch, 1), ("heads", heads, 1), ("top", top, 1), ("runs", runs, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            raise field_error(TuneError, name, value, f"an integer >= {lo}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise field_error(TuneError, "warmup", warmup, "an integer >= 0")
+    if required_heads(pattern) is not None:
+        raise field_error(
+            TuneError, "pattern", "per_head(...)", "a head-independent pattern (tune each head's)"
+        )
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise field_error(TuneError, "device", str(device), "cpu (no CUDA device is available)")
+    start = time.perf_counter()
+    pattern = canonicalize(pattern, grid)
+    target = target_device(device)
+    default = LaunchConfig.default(device.type, head_dim)
+    ranked = rank(pattern, grid, batch * heads, head_dim, dtype, target, score, default)
+    rank_seconds = time.perf_counter() - start
+    inputs = input_sets(batch, heads, grid.size, head_dim, dtype, device)
+    timed = []
+    with _progress(progress) as bar:
+        task = bar.add_task("tuning", total=min(top, len(ranked)))
+        for r in ranked[:top]:
+            bar.update(task, description=describe(r.config))
+            timed.append(time_candidate(r, pattern, grid, inputs, device, warmup, runs))
+            bar.advance(task)
+    trials = (*timed, *(Trial(r) for r in ranked[top:]))
+    best = min(timed, key=lambda t: (t.measured_us, t.ranked.rank))
+    if best.error:
+        raise TuneError(f"every timed candidate failed; the first: {best.error}")
+    seconds = time.perf_counter() - start
+    key = TuningKey.of(pattern, grid, batch * heads, head_dim, dtype, score, _device_name(device))
+    record = TuningRecord(
+        key,
+        best.ranked.config,
+        best.measured_us,
+        best.ranked.prediction.us,
+        best.ranked.rank,
+        len(timed),
+        seconds,
+    )
+    if save:
+        save_record(record)
+    return TuneResult(key, target, trials, best, rank_seconds, seconds, record)
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+
+
+def _progress(enabled: bool) -> Progress:
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
+
+
+def input_sets(
+    batch: int, heads: int, n: int, head_dim: int, dtype: str, device: torch.device
+) -> list[tuple]:
+    """Input sets (q, k, v, o, lse) to rotate through: together over twice L2, at most 8 sets."""
+    per_set = 4 * batch * heads * n * head_dim * DTYPE_BYTES[dtype]
+    sets = 2 if device.type != "cuda" else min(_MAX_SETS, max(2, math.ceil(2 * _L2_BYTES / per_set)))
+    generator = torch.Generator(device=device).manual_seed(0)
+    out = []
+    for _ in range(sets):
+        q, k, v = (
+            torch.randn(batch, heads, n, head_dim, generator=generator, device=device).to(
+                _TORCH_DTYPES[dtype]
+            )
+            for _ in range(3)
+        )
+        lse = torch.empty(batch, heads, n, device=device, dtype=torch.float32)
+        out.append((q, k, v, torch.empty_like(q), lse))
+    return out
+
+
+def time_candidate(
+    r: Ranked, pattern: Pattern, grid: Grid, inputs: list, device: torch.device, warmup: int, runs: int
+) -> Trial:
+    """Time one candidate's kernel over the rotated ``inputs`` (see :func:`input_sets`)."""
+    try:
+        module = load(r.plan)
+        values, offsets, entries, _, _ = (
+            torch.from_numpy(t).to(device) for t in kernel_tables(pattern, grid, r.plan)
+        )
+        heads = inputs[0][0].shape[1]
+        head_map = torch.arange(heads, dtype=torch.int32, device=device)
+        scale = 1.0 / math.sqrt(r.plan.head_dim)
+        bias = -math.log(grid.size)
+
+        def call(x: tuple) -> None:
+            q, k, v, o, lse = x
+            module.launch(q, k, v, o, lse, values, offsets, entries, head_map, scale, False, bias)
+
+        return Trial(r, measure(call, inputs, device, warmup, runs))
+    except Exception as e:  # a config the compiler or the device rejects scores as infinitely slow
+        return Trial(r, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
