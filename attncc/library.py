@@ -176,6 +176,11 @@ def attention(
     return result, layout.lse(lse)
 
 
-@cache  # eager calls pay for formatting once; torch.compile traces it into a constant
+@torch.compiler.assume_constant_result  # torch.compile calls it once and keeps the text
 def _text(pattern: Pattern) -> str:
+    return _cached_text(pattern)
+
+
+@cache  # eager calls pay for formatting once
+def _cached_text(pattern: Pattern) -> str:
     return format_pattern(pattern)
