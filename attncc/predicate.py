@@ -123,8 +123,10 @@ def normal_form(node: Int) -> Form:
     inner, divisor = normal_form(args[0]), args[1]
     if isinstance(inner, Extreme):
         raise TraceError(f"{node.text}: {'//' if kind == 'floordiv' else '%'} of a min, max or abs")
-    if not inner.terms:
-        return _const(inner.const // divisor if kind == "floordiv" else inner.const % divisor)
+    if not inner.terms or divisor == 1:  # x // 1 is x and x % 1 is 0
+        if kind == "floordiv":
+            return inner if divisor == 1 else _const(inner.const // divisor)
+        return _const(inner.const % divisor)
     return Lin((((kind, inner, divisor), 1),), 0)
 
 
@@ -263,11 +265,8 @@ class Matcher:
         atoms = [a for a, _ in lin.terms]
         if len(atoms) == 1:
             return f"it relates {self.name(atoms[0])} only to a constant; a pattern relates keys to queries"
-        axes = {a[2] for a in atoms}
-        if len(axes) > 1:
+        if len({a[2] for a in atoms}) > 1:
             return "it compares different axes: " + ", ".join(self.name(a) for a in atoms)
-        if len({a[1] for a in atoms}) == 1:
-            return "it relates two coordinates of the same token"
         return "q and k do not appear as a difference k - q (their coefficients differ)"
 
     def band(self, axis: int, lo: int | None, hi: int | None, where: str) -> Formula:

@@ -26,6 +26,7 @@ from attncc.errors import TraceError
 
 # Python's binding strength (higher binds tighter), to print sub-expressions as written.
 _ATOM, _UNARY, _MUL, _ADD, _AND, _OR, _CMP = 100, 90, 80, 70, 45, 43, 30
+_JOIN_HELP = "& and | join comparisons, and bind tighter than them in Python; "
 _BOOL_HELP = (
     "write & for and, | for or, ~ for not, and put each comparison in parentheses: "
     "(abs(q.t - k.t) <= 2) & (q.h >= k.h); a chained comparison a <= b <= c is (a <= b) & (b <= c)"
@@ -77,7 +78,8 @@ class Int:
         return self._by_constant(other, "%", "mod")
 
     def _by_constant(self, other: Any, symbol: str, kind: str) -> Int:
-        text = f"{_paren(self, _MUL)} {symbol} {other.text if isinstance(other, Int) else other!r}"
+        shown = other.text if isinstance(other, Int) else repr(other)
+        text = f"{_paren(self, _MUL)} {symbol} {shown}"
         if not _is_int(other) or other < 1:
             raise TraceError(f"{text}: {symbol} takes a positive integer constant on its right")
         return Int(kind, (self, other), text, _MUL)
@@ -85,7 +87,8 @@ class Int:
     def __rfloordiv__(self, other: Any) -> Int:
         raise TraceError(f"{other!r} // {self.text}: // and % divide by a constant, not by a coordinate")
 
-    __rmod__ = __rfloordiv__
+    def __rmod__(self, other: Any) -> Int:
+        raise TraceError(f"{other!r} % {self.text}: // and % divide by a constant, not by a coordinate")
 
     def __mul__(self, other: Any) -> Int:
         raise TraceError(
@@ -123,13 +126,22 @@ class Int:
 
     # --- misuse -------------------------------------------------------------
 
-    def __and__(self, other: Any) -> Int:
-        raise TraceError(
-            f"{self.text} & {getattr(other, 'text', repr(other))}: & and | join comparisons, and bind "
-            "tighter than them in Python; " + _BOOL_HELP
-        )
+    def _join(self, other: Any, op: str, reflected: bool) -> Int:
+        shown = getattr(other, "text", repr(other))
+        text = f"{shown} {op} {self.text}" if reflected else f"{self.text} {op} {shown}"
+        raise TraceError(f"{text}: " + _JOIN_HELP + _BOOL_HELP)
 
-    __rand__ = __or__ = __ror__ = __and__
+    def __and__(self, other: Any) -> Int:
+        return self._join(other, "&", False)
+
+    def __rand__(self, other: Any) -> Int:
+        return self._join(other, "&", True)
+
+    def __or__(self, other: Any) -> Int:
+        return self._join(other, "|", False)
+
+    def __ror__(self, other: Any) -> Int:
+        return self._join(other, "|", True)
 
     def __invert__(self) -> Int:
         raise TraceError(f"~{self.text}: ~ negates a comparison, not an integer; " + _BOOL_HELP)
@@ -172,14 +184,14 @@ class Cond:
         return Cond("and", (self, b), f"{_paren(self, _AND)} & {_paren(b, _AND + 1)}", _AND)
 
     def __rand__(self, other: Any) -> Cond:
-        return _cond(other, self, "&") & self
+        return _cond(other, self, "&", reflected=True) & self
 
     def __or__(self, other: Any) -> Cond:
         b = _cond(other, self, "|")
         return Cond("or", (self, b), f"{_paren(self, _OR)} | {_paren(b, _OR + 1)}", _OR)
 
     def __ror__(self, other: Any) -> Cond:
-        return _cond(other, self, "|") | self
+        return _cond(other, self, "|", reflected=True) | self
 
     def __invert__(self) -> Cond:
         return Cond("not", (self,), f"~{_paren(self, _UNARY)}", _UNARY)
@@ -188,14 +200,14 @@ class Cond:
         raise TraceError(f"{self.text} was used as a Python bool (and, or, not, if); " + _BOOL_HELP)
 
 
-def _cond(value: Any, left: Cond, op: str) -> Cond:
+def _cond(value: Any, cond: Cond, op: str, reflected: bool = False) -> Cond:
     if isinstance(value, Cond):
         return value
     if isinstance(value, bool):
         return Cond("const", (value,), str(value))
-    raise TraceError(
-        f"{left.text} {op} {getattr(value, 'text', repr(value))}: {op} joins comparisons; " + _BOOL_HELP
-    )
+    shown = getattr(value, "text", repr(value))
+    text = f"{shown} {op} {cond.text}" if reflected else f"{cond.text} {op} {shown}"
+    raise TraceError(f"{text}: " + _JOIN_HELP + _BOOL_HELP)
 
 
 def minimum(*args: Any) -> Any:
