@@ -107,7 +107,7 @@ def normal_form(node: Int) -> Form:
     """The min/max normal form of a traced integer."""
     kind, args = node.kind, node.args
     if kind == "var":
-        return Lin((((("var", *args)), 1),), 0)
+        return Lin(((("var", *args), 1),), 0)
     if kind == "const":
         return _const(args[0])
     if kind in ("add", "sub"):
