@@ -8,7 +8,17 @@ the pattern language and ``attncc.reference`` for the brute-force oracle.
 
 __version__ = "0.1.0"
 
-from attncc.errors import AttnccError, ParseError, PatternError, SpecError
+from attncc.errors import AttnccError, ParseError, PatternError, SpecError, TraceError
+from attncc.jit import jit
 from attncc.library import attention
 
-__all__ = ["AttnccError", "ParseError", "PatternError", "SpecError", "__version__", "attention"]
+__all__ = [
+    "AttnccError",
+    "ParseError",
+    "PatternError",
+    "SpecError",
+    "TraceError",
+    "__version__",
+    "attention",
+    "jit",
+]

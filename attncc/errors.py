@@ -20,6 +20,10 @@ class ParseError(AttnccError):
     """The text form of a pattern is malformed."""
 
 
+class TraceError(PatternError):
+    """An ``@attncc.jit`` predicate uses a construct that cannot be traced or has no pattern."""
+
+
 class SpecError(AttnccError):
     """A YAML/JSON spec file is unreadable or has an unknown or bad field."""
 

@@ -16,8 +16,11 @@ import networkx as nx
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
+    Band,
+    BlockDiagonal,
     BlockSparse,
     Causal,
+    Congruent,
     Dense,
     Document,
     GlobalTokens,
@@ -94,6 +97,14 @@ def _rewrite(node: Pattern, grid: Grid, memo: dict[Pattern, Pattern]) -> Pattern
         return _band(min(node.left, n - 1), min(node.right, n - 1), n)
     if isinstance(node, Strided):
         return Dense() if node.stride == 1 else node
+    if isinstance(node, Band):
+        return _axis_band(node.axis, *_interval(node, grid)[1:], grid)  # type: ignore[misc]
+    if isinstance(node, BlockDiagonal):
+        if node.block >= grid.shape[node.axis]:
+            return Dense()
+        return _axis_band(node.axis, 0, 0, grid) if node.block == 1 else node
+    if isinstance(node, Congruent):
+        return _congruent(node, grid)
     if isinstance(node, Axial):
         axes = tuple(sorted(set(node.axes if node.axes is not None else range(grid.rank))))
         others = [[s for b, s in enumerate(grid.shape) if b != a] for a in axes]
@@ -110,9 +121,9 @@ def _rewrite(node: Pattern, grid: Grid, memo: dict[Pattern, Pattern]) -> Pattern
         ids = tuple(first_seen.setdefault(i, len(first_seen)) for i in node.ids)
         return Dense() if len(first_seen) == 1 else Document(ids)
     if isinstance(node, Union):
-        return _union([memo[op] for op in node.operands], n)
+        return _union([memo[op] for op in node.operands], grid)
     if isinstance(node, Intersection):
-        return _intersection([memo[op] for op in node.operands], n)
+        return _intersection([memo[op] for op in node.operands], grid)
     if isinstance(node, PerHead):
         pats = tuple(memo[op] for op in node.patterns)
         return pats[0] if all(q == pats[0] for q in pats) else PerHead(pats)
@@ -157,48 +168,115 @@ def _sorted_unique(ops: list[Pattern]) -> list[Pattern]:
     return [unique[k] for k in sorted(unique)]
 
 
-def _as_band(op: Pattern, n: int) -> tuple[int, int] | None:
+# Note [Bands]: flat bands (sliding_window, causal) and one-axis bands are
+# intervals of the offset ``k - q``, on the flat index or on one axis; on a
+# 1-D grid the two are the same. Intervals with one key merge in unions and
+# intersections, and a band that holds the diagonal on a 1-D grid is written
+# as the flat band, so the two spellings share one canonical form.
+_FLAT = -1
+
+
+def _interval(op: Pattern, grid: Grid) -> tuple[int, int, int] | None:
+    """``(key, lo, hi)``: ``op`` keeps ``lo <= k - q <= hi`` on axis ``key`` (``_FLAT``: flat)."""
+    n = grid.size
+    flat = 0 if grid.rank == 1 else _FLAT
     if isinstance(op, SlidingWindow):
-        return op.left, op.right
+        return flat, -op.left, op.right
     if isinstance(op, Causal):
-        return n - 1, 0
+        return flat, -(n - 1), 0
+    if isinstance(op, Band):
+        length = grid.shape[op.axis]
+        lo = -(length - 1) if op.lo is None else max(op.lo, -(length - 1))
+        hi = length - 1 if op.hi is None else min(op.hi, length - 1)
+        return op.axis, lo, hi
     return None
 
 
-def _union(ops: list[Pattern], n: int) -> Pattern:
+def _axis_band(axis: int, lo: int, hi: int, grid: Grid) -> Pattern:
+    """The canonical pattern of ``lo <= k - q <= hi`` on ``axis``, bounds already cut to the axis."""
+    length = grid.shape[axis]
+    if lo > hi:
+        return Band(axis, lo=length)  # keeps nothing
+    if grid.rank == 1 and lo <= 0 <= hi:
+        return _band(-lo, hi, length)
+    if lo == -(length - 1) and hi == length - 1:
+        return Dense()
+    return Band(axis, None if lo == -(length - 1) else lo, None if hi == length - 1 else hi)
+
+
+def _emit(key: int, lo: int, hi: int, grid: Grid) -> Pattern:
+    return _band(-lo, hi, grid.size) if key == _FLAT else _axis_band(key, lo, hi, grid)
+
+
+def _congruent(node: Congruent, grid: Grid) -> Pattern:
+    if grid.rank == 1:
+        return Dense() if node.modulus == 1 else Strided(node.modulus, node.offset)
+    if node.modulus == 1:
+        return Dense()
+    length = grid.shape[node.axis]
+    if node.modulus < length:
+        return node
+    # A modulus at least the axis length allows at most two offsets k - q on it.
+    offsets = [d for d in range(-(length - 1), length) if (-d) % node.modulus == node.offset]
+    if not offsets:
+        return Band(node.axis, lo=length)
+    return _union([_axis_band(node.axis, d, d, grid) for d in offsets], grid)
+
+
+def _is_empty(op: Pattern, grid: Grid) -> bool:
+    return isinstance(op, Band) and op.lo is not None and op.lo >= grid.shape[op.axis]
+
+
+def _union(ops: list[Pattern], grid: Grid) -> Pattern:
     flat = [x for op in ops for x in (op.operands if isinstance(op, Union) else (op,))]
     if any(isinstance(op, Dense) for op in flat):
         return Dense()
-    rest, bands, globals_ = [], [], set()
+    if all(_is_empty(op, grid) for op in flat):
+        return flat[0]
+    rest, intervals, globals_ = [], {}, set()
     for op in flat:
-        band = _as_band(op, n)
-        if band is not None:
-            bands.append(band)  # bands all contain the diagonal: their union is a band
+        interval = _interval(op, grid)
+        if _is_empty(op, grid):
+            continue
+        if interval is not None:
+            intervals.setdefault(interval[0], []).append(interval[1:])
         elif isinstance(op, GlobalTokens):
             globals_.update(op.indices)
         else:
             rest.append(op)
-    if bands:
-        rest.append(_band(max(b[0] for b in bands), max(b[1] for b in bands), n))
+    for key, spans in intervals.items():
+        merged: list[list[int]] = []
+        for lo, hi in sorted(spans):
+            if merged and lo <= merged[-1][1] + 1:  # overlapping or touching: one band
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        rest.extend(_emit(key, lo, hi, grid) for lo, hi in merged)
     if globals_:
-        rest.append(Dense() if len(globals_) == n else GlobalTokens(tuple(sorted(globals_))))
+        rest.append(Dense() if len(globals_) == grid.size else GlobalTokens(tuple(sorted(globals_))))
     if any(isinstance(op, Dense) for op in rest):
         return Dense()
     rest = _sorted_unique(rest)
     return rest[0] if len(rest) == 1 else Union(tuple(rest))
 
 
-def _intersection(ops: list[Pattern], n: int) -> Pattern:
+def _intersection(ops: list[Pattern], grid: Grid) -> Pattern:
     flat = [x for op in ops for x in (op.operands if isinstance(op, Intersection) else (op,))]
-    rest, bands = [], []
+    empty = [op for op in flat if _is_empty(op, grid)]
+    if empty:
+        return empty[0]
+    rest, intervals = [], {}
     for op in flat:
-        band = _as_band(op, n)
-        if band is not None:
-            bands.append(band)
+        interval = _interval(op, grid)
+        if interval is not None:
+            lo, hi = intervals.get(interval[0], (-grid.size, grid.size))
+            intervals[interval[0]] = (max(lo, interval[1]), min(hi, interval[2]))
         elif not isinstance(op, Dense):
             rest.append(op)
-    if bands:
-        merged = _band(min(b[0] for b in bands), min(b[1] for b in bands), n)
+    for key, (lo, hi) in intervals.items():
+        merged = _emit(key, lo, hi, grid)
+        if _is_empty(merged, grid):
+            return merged
         if not isinstance(merged, Dense):
             rest.append(merged)
     rest = _sorted_unique(rest)

@@ -15,8 +15,11 @@ from attncc.ir.canonical import to_graph
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
+    Band,
+    BlockDiagonal,
     BlockSparse,
     Causal,
+    Congruent,
     Dense,
     Document,
     GlobalTokens,
@@ -99,6 +102,18 @@ def _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values) -> torch.Tensor:
         return out[None]
     if isinstance(node, Strided):
         return ((qf - kf) % node.stride == node.offset)[None]
+    if isinstance(node, Band):
+        offset = kc[..., node.axis] - qc[..., node.axis]
+        keep = torch.ones(n, n, dtype=torch.bool, device=qf.device)
+        if node.lo is not None:
+            keep &= offset >= node.lo
+        if node.hi is not None:
+            keep &= offset <= node.hi
+        return keep[None]
+    if isinstance(node, BlockDiagonal):
+        return (qc[..., node.axis] // node.block == kc[..., node.axis] // node.block)[None]
+    if isinstance(node, Congruent):
+        return ((qc[..., node.axis] - kc[..., node.axis]) % node.modulus == node.offset)[None]
     if isinstance(node, BlockSparse):
         layout = torch.tensor(node.layout, dtype=torch.bool, device=qf.device)
         if not node.per_head:

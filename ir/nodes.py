@@ -262,6 +262,73 @@ class Document(Pattern):
         _set(self, "ids", ids)
 
 
+def _check_axis(field_name: str, value: Any) -> None:
+    _check_int(field_name, value, 0, "an axis index 0-2")
+    if value > 2:
+        raise field_error(PatternError, field_name, value, "an axis index 0-2")
+
+
+@dataclass(frozen=True)
+class Band(Pattern):
+    """Keep when ``lo <= k[axis] - q[axis] <= hi`` on one grid axis (unclamped).
+
+    ``None`` leaves that side open: ``band(0, hi=0)`` is causal along axis 0,
+    ``band(1, -3, 3)`` a window of 7 rows that, unlike a neighborhood, is cut
+    (not shifted) at the borders. The band need not hold the diagonal.
+    """
+
+    NAME: ClassVar[str] = "band"
+    axis: int
+    lo: int | None = None
+    hi: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_axis("band.axis", self.axis)
+        for name in ("lo", "hi"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise field_error(PatternError, f"band.{name}", value, "an integer or None (open)")
+        if self.lo is None and self.hi is None:
+            raise field_error(PatternError, "band.lo/hi", (None, None), "at least one bound")
+        if self.lo is not None and self.hi is not None and self.hi < self.lo:
+            raise field_error(PatternError, "band.hi", self.hi, f">= band.lo = {self.lo}")
+
+
+@dataclass(frozen=True)
+class BlockDiagonal(Pattern):
+    """Keep when ``q[axis] // block == k[axis] // block``: blocks of ``block`` rows on one axis."""
+
+    NAME: ClassVar[str] = "block_diagonal"
+    axis: int
+    block: int
+
+    def __post_init__(self) -> None:
+        _check_axis("block_diagonal.axis", self.axis)
+        _check_int("block_diagonal.block", self.block, 1, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class Congruent(Pattern):
+    """Keep when ``(q[axis] - k[axis]) % modulus == offset`` (``strided`` on one axis)."""
+
+    NAME: ClassVar[str] = "congruent"
+    axis: int
+    modulus: int
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        _check_axis("congruent.axis", self.axis)
+        _check_int("congruent.modulus", self.modulus, 1, "an integer >= 1")
+        if (
+            isinstance(self.offset, bool)
+            or not isinstance(self.offset, int)
+            or not (0 <= self.offset < self.modulus)
+        ):
+            raise field_error(
+                PatternError, "congruent.offset", self.offset, f"0..{self.modulus - 1} (modulus - 1)"
+            )
+
+
 # --- combinators -------------------------------------------------------------
 
 
@@ -345,6 +412,9 @@ PRIMITIVES: dict[str, type[Pattern]] = {
         BlockSparse,
         GlobalTokens,
         Document,
+        Band,
+        BlockDiagonal,
+        Congruent,
     )
 }
 
@@ -388,6 +458,18 @@ def global_tokens(indices: int | Sequence[int]) -> Pattern:
 
 def document(ids: Sequence[int]) -> Pattern:
     return Document(ids)  # type: ignore[arg-type]
+
+
+def band(axis: int, lo: int | None = None, hi: int | None = None) -> Pattern:
+    return Band(axis, lo, hi)
+
+
+def block_diagonal(axis: int, block: int) -> Pattern:
+    return BlockDiagonal(axis, block)
+
+
+def congruent(axis: int, modulus: int, offset: int = 0) -> Pattern:
+    return Congruent(axis, modulus, offset)
 
 
 def union(*patterns: Pattern) -> Pattern:

@@ -26,8 +26,11 @@ from sympy.printing.pycode import PythonCodePrinter
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
+    Band,
+    BlockDiagonal,
     BlockSparse,
     Causal,
+    Congruent,
     Dense,
     Document,
     GlobalTokens,
@@ -87,6 +90,19 @@ def band_progression(length: Num, left: Num, right: Num) -> Progression:
     first = sympy.Max(q - left, 0) if left else q
     last = sympy.Min(q + right, length - 1) if right else q
     return Progression(first, last, sympy.Integer(1))
+
+
+def offset_progression(length: Num, lo: Num | None, hi: Num | None) -> Progression:
+    """Keys ``q + lo .. q + hi`` cut to ``[0, length - 1]`` (``None``: open); empty past a border."""
+    first = sympy.Integer(0) if lo is None else sympy.Max(q + lo, 0)
+    last = sympy.sympify(length) - 1 if hi is None else sympy.Min(q + hi, length - 1)
+    return Progression(first, last, sympy.Integer(1))
+
+
+def block_progression(length: Num, block: Num) -> Progression:
+    """The keys of ``q``'s block of ``block`` coordinates (the last block may be short)."""
+    start = _div(q, block) * block
+    return Progression(start, sympy.Min(start + block - 1, length - 1), sympy.Integer(1))
 
 
 def strided_progression(length: Num, stride: Num, offset: Num = 0) -> Progression:
@@ -161,6 +177,13 @@ def rules(p: Pattern, grid: Grid) -> Rule:
             for a in axes
         )
         return boxes[0] if len(boxes) == 1 else AnyOf(boxes)
+    if isinstance(p, (Band, BlockDiagonal, Congruent)):
+        return GridBox(
+            tuple(
+                _axis_progression(p, size) if a == p.axis else full_progression(size)
+                for a, size in enumerate(grid.shape)
+            )
+        )
     if isinstance(p, SlidingWindow):
         return FlatRange(band_progression(n, p.left, p.right))
     if isinstance(p, Causal):
@@ -185,6 +208,15 @@ def rules(p: Pattern, grid: Grid) -> Rule:
     if isinstance(p, Intersection):
         return AllOf(tuple(rules(op, grid) for op in p.operands))
     raise TypeError(f"{type(p).__name__} has no closed form; resolve heads first")
+
+
+def _axis_progression(p: Band | BlockDiagonal | Congruent, length: Num) -> Progression:
+    """The progression of a one-axis primitive on its axis."""
+    if isinstance(p, Band):
+        return offset_progression(length, p.lo, p.hi)
+    if isinstance(p, BlockDiagonal):
+        return block_progression(length, p.block)
+    return strided_progression(length, p.modulus, p.offset)
 
 
 # --- printing ----------------------------------------------------------------------

@@ -120,8 +120,8 @@ class _Builder:
         return cls(**kwargs)
 
     def literal(self, node: ast.AST) -> Any:
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, bool)):
-            return node.value
+        if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (int, bool))):
+            return node.value  # None: an open band bound
         if isinstance(node, ast.Name) and node.id in ("true", "false", "none", "None"):
             return {"true": True, "false": False}.get(node.id)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
@@ -131,5 +131,7 @@ class _Builder:
         if isinstance(node, (ast.Tuple, ast.List)):
             return tuple(self.literal(e) for e in node.elts)
         raise self.fail(
-            node, f"unexpected value {ast.unparse(node)!r}", "integers, true/false, tuples or lists of them"
+            node,
+            f"unexpected value {ast.unparse(node)!r}",
+            "integers, true/false, None, tuples or lists of them",
         )

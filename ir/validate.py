@@ -8,7 +8,10 @@ from attncc.errors import PatternError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
+    Band,
+    BlockDiagonal,
     BlockSparse,
+    Congruent,
     Document,
     GlobalTokens,
     Neighborhood,
@@ -99,6 +102,9 @@ def _check(p: Pattern, grid: Grid) -> None:
                 raise field_error(PatternError, f"axial.axes[{i}]", a, f"0..{grid.rank - 1} (grid rank)")
         if len(set(axes)) != len(axes):
             raise field_error(PatternError, "axial.axes", axes, "distinct axes")
+    elif isinstance(p, (Band, BlockDiagonal, Congruent)):
+        if p.axis >= grid.rank:
+            raise field_error(PatternError, f"{p.NAME}.axis", p.axis, f"0..{grid.rank - 1} (grid rank)")
     elif isinstance(p, BlockSparse):
         blocks = math.ceil(n / p.block)
         mat = p.layout[0] if p.per_head else p.layout

@@ -23,7 +23,10 @@ from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
+    Band,
+    BlockDiagonal,
     Causal,
+    Congruent,
     Dense,
     Intersection,
     Neighborhood,
@@ -296,6 +299,14 @@ def _product(p: Pattern, grid: Grid) -> list[tuple[int, AxisForm]] | None:
             dilations[off].add(1)
             anchor = to_triton((symbolic.q - factor.offset).subs(symbolic.q, _i))
             congruences[off].append(Congruence(anchor, factor.stride))
+        elif isinstance(factor, Band):
+            window(off + factor.axis, symbolic.offset_progression(_lg, factor.lo, factor.hi))
+        elif isinstance(factor, BlockDiagonal):
+            window(off + factor.axis, symbolic.block_progression(_lg, factor.block))
+        elif isinstance(factor, Congruent):
+            dilations[off + factor.axis].add(1)
+            anchor = to_triton(_i - factor.offset)
+            congruences[off + factor.axis].append(Congruence(anchor, factor.modulus))
         elif isinstance(factor, Axial) and factor.axes is not None and len(factor.axes) == 1:
             for a in range(grid.rank):
                 whole = a == factor.axes[0]
@@ -303,14 +314,65 @@ def _product(p: Pattern, grid: Grid) -> list[tuple[int, AxisForm]] | None:
         else:
             return None
     out = []
+    sizes = pad3(grid.shape, 1)
     for a in range(RANK):
         if len(dilations[a]) > 1:
             return None  # two groupings on one axis
         first = sympy.Max(*firsts[a]) if firsts[a] else sympy.Integer(0)
         last = sympy.Min(*lasts[a]) if lasts[a] else _lg - 1
         d = dilations[a].pop() if dilations[a] else 1
-        out.append((d, AxisForm(to_triton(first), to_triton(last), tuple(congruences[a]))))
+        guarded = _guard_empty_rows(first, last, {(sizes[a] - g + d - 1) // d for g in range(d)})
+        if guarded is None:
+            return None
+        out.append((d, AxisForm(to_triton(guarded[0]), to_triton(guarded[1]), tuple(congruences[a]))))
     return out
+
+
+# Note [Empty rows]: the kernel visits KV tiles ``first(i0) // TK .. last(i1) // TK``
+# of a Q tile ``[i0, i1]``. That is exactly the tiles its rows' keys touch when
+# first and last are non-decreasing and each row's keys start at most one past
+# where the previous row's end. A row with no key on an axis (a band that
+# leaves the diagonal, cut at a border) has ``first > last``, which alone does
+# not make a tile range empty (both may fall in one tile; and Triton's ``//``
+# truncates toward zero). When the empty rows are a prefix ``i < a`` and a
+# suffix ``i > b`` of the axis, ``first`` is raised to at least ``first(a)``
+# and ``last`` lowered to at most ``last(b)`` (no kept row changes, and a
+# tile's range starts and ends at its kept rows), then ``last`` is moved down
+# by ``_NO_ROW`` on the prefix and ``first`` up by it on the suffix: both stay
+# monotone and a tile of empty rows visits no tile (``_NO_ROW`` exceeds any
+# tile). Other shapes of empty rows, or gaps between rows, need a table.
+_NO_ROW = 1 << 24
+
+
+def _guard_empty_rows(
+    first: sympy.Expr, last: sympy.Expr, lengths: set[int]
+) -> tuple[sympy.Expr, sympy.Expr] | None:
+    """``first``/``last`` with Note [Empty rows] applied, or None when ranges would not be exact."""
+    guards = []
+    for length in sorted(lengths):
+        i = np.arange(length, dtype=np.int64)
+        f, l_ = (symbolic.to_numpy(e.subs({_lg: length, _i: symbolic.q}))(i) for e in (first, last))
+        if np.any(np.diff(f) < 0) or np.any(np.diff(l_) < 0):
+            return None
+        rows = np.flatnonzero(f <= l_)
+        if len(rows) and (rows[-1] - rows[0] + 1 != len(rows) or np.any(f[rows[1:]] > l_[rows[:-1]] + 1)):
+            return None  # empty rows between kept ones, or a gap between rows' keys
+        a, b = (int(rows[0]), int(rows[-1])) if len(rows) else (length, length - 1)
+        if (a, b) != (0, length - 1):
+            guards.append((a, b, length))
+    if not guards:
+        return first, last
+    if len(lengths) > 1:
+        return None  # the guards would differ between dilation groups
+    a, b, length = guards[0]
+    if a > 0:
+        if a < length:
+            first = sympy.Max(first, first.subs({_lg: length, _i: a}))
+        last = last - _NO_ROW * sympy.Min(sympy.Max(a - _i, 0), 1)
+    if b < length - 1:
+        last = sympy.Min(last, last.subs({_lg: length, _i: b}))
+        first = first + _NO_ROW * sympy.Min(sympy.Max(_i - b, 0), 1)
+    return first, last
 
 
 def to_triton(expr: sympy.Expr) -> str:

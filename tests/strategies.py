@@ -7,8 +7,11 @@ from hypothesis import strategies as st
 from attncc.ir import (
     Grid,
     axial,
+    band,
+    block_diagonal,
     block_sparse,
     causal,
+    congruent,
     dense,
     document,
     global_tokens,
@@ -43,6 +46,16 @@ def neighborhoods(draw, grid):
 
 
 @st.composite
+def axis_bands(draw, grid):
+    """A band on one axis: open or bounded sides, holding the diagonal or not, past the borders."""
+    axis = draw(st.integers(0, grid.rank - 1))
+    reach = grid.shape[axis] + 1
+    lo = draw(st.none() | st.integers(-reach, reach))
+    hi = draw(st.integers(-reach, reach) if lo is None else st.none() | st.integers(lo, reach))
+    return band(axis, lo, hi)
+
+
+@st.composite
 def primitives(draw, grid, heads):
     n = grid.size
     kind = draw(
@@ -58,6 +71,10 @@ def primitives(draw, grid, heads):
                 "block",
                 "global",
                 "doc",
+                "axis-band",
+                "axis-band",
+                "block-diagonal",
+                "congruent",
             ]
         )
     )
@@ -69,6 +86,15 @@ def primitives(draw, grid, heads):
         return sliding_window(draw(st.integers(0, n)), draw(st.integers(0, n)))
     if kind == "causal":
         return causal()
+    if kind == "axis-band":
+        return draw(axis_bands(grid))
+    if kind == "block-diagonal":
+        axis = draw(st.integers(0, grid.rank - 1))
+        return block_diagonal(axis, draw(st.integers(1, grid.shape[axis] + 1)))
+    if kind == "congruent":
+        axis = draw(st.integers(0, grid.rank - 1))
+        m = draw(st.integers(1, grid.shape[axis] + 2))
+        return congruent(axis, m, draw(st.integers(0, m - 1)))
     if kind == "axial":
         axes = draw(st.lists(st.integers(0, grid.rank - 1), min_size=1, max_size=grid.rank, unique=True))
         return axial(tuple(axes))

@@ -9,9 +9,12 @@ import pytest
 from attncc.ir import (
     Grid,
     axial,
+    band,
+    block_diagonal,
     block_sparse,
     canonicalize,
     causal,
+    congruent,
     dense,
     document,
     global_tokens,
@@ -49,6 +52,22 @@ SAME = [
     ("all-ones-layout", block_sparse([[1, 1], [1, 1]], 20), dense(), G1),
     ("axial-1d", axial(), dense(), G1),
     ("stride-1", strided(1), dense(), G1),
+    ("axis-band-1d-is-flat", band(0, -6, 3), sliding_window(6, 3), G1),
+    ("axis-causal-1d", band(0, hi=0), causal(), G1),
+    ("axis-band-wider-than-axis", band(0, -20, 3) & band(1, hi=30), band(0, hi=3), G2),
+    (
+        "axis-bands-intersect",
+        band(1, -3, 5) & band(1, lo=-1) & neighborhood(3),
+        band(1, -1, 5) & neighborhood(3),
+        G2,
+    ),
+    ("axis-bands-touching-union", band(0, 1, 2) | band(0, -4, 0), band(0, -4, 2), G2),
+    ("axis-bands-apart", band(0, 2, 3) | band(0, -4, -2), band(0, -4, -2) | band(0, 2, 3), G2),
+    ("disjoint-axis-bands-keep-nothing", band(0, 2, 3) & band(0, hi=-1) & causal(), band(0, lo=12), G2),
+    ("block-of-one-is-the-diagonal", block_diagonal(1, 1), band(1, 0, 0), G2),
+    ("block-of-the-axis-is-dense", block_diagonal(1, 10), dense(), G2),
+    ("modulus-past-the-axis", congruent(1, 13, 3), band(1, -3, -3) | band(1, 10, 10), Grid((3, 11))),
+    ("congruent-1d-is-strided", congruent(0, 4, 1), strided(4, 1), G1),
 ]
 
 
@@ -94,6 +113,7 @@ def test_graph_is_a_dag_sharing_equal_subpatterns():
         "block_sparse(layout=[[[1, 0], [0, 1]], [[1, 1], [0, 1]]], block=64)",
         "union(causal(), global_tokens(indices=[0, 1]))",
         "document(ids=(0, 0, 1))",
+        "band(axis=1, lo=-3, hi=None) & band(2, hi=0) | block_diagonal(0, 4) & congruent(1, 3, offset=2)",
     ],
 )
 def test_text_round_trip_by_hand(text):

@@ -6,8 +6,11 @@ from attncc import AttnccError, ParseError, PatternError, SpecError
 from attncc.ir import (
     Grid,
     analyze,
+    band,
+    block_diagonal,
     block_sparse,
     causal,
+    congruent,
     document,
     global_tokens,
     neighborhood,
@@ -32,8 +35,20 @@ G = Grid((16, 20))
         (block_sparse([[1, 0], [0, 1]], 64), G, r"block_sparse.layout shape = \(2, 2\).*\(5, 5\)"),
         (global_tokens([320]), G, r"global_tokens.indices\[0\] = 320 .*0..319"),
         (document([0, 1]), G, r"document.ids length = 2 .*320"),
+        (band(2, hi=0), G, r"band.axis = 2 .*0..1 \(grid rank\)"),
+        (congruent(2, 3), G, r"congruent.axis = 2 .*0..1"),
     ],
-    ids=["window", "dilation-x-window", "stride", "rank", "layout-shape", "global-index", "document-length"],
+    ids=[
+        "window",
+        "dilation-x-window",
+        "stride",
+        "rank",
+        "layout-shape",
+        "global-index",
+        "document-length",
+        "band-axis",
+        "congruent-axis",
+    ],
 )
 def test_grid_checks(pattern, grid, match):
     with pytest.raises(PatternError, match=match):
@@ -52,11 +67,18 @@ def test_grid_checks(pattern, grid, match):
         (lambda: block_sparse([[1, 2], [1, 0]], 8), r"block_sparse.layout entry = 2 .*0 or 1"),
         (lambda: block_sparse([1, 0], 8), r"block_sparse.layout.*2-D"),
         (lambda: global_tokens([]), r"global_tokens.indices = \(\).*at least one"),
+        (lambda: band(0, 3, 1), r"band.hi = 1 .*>= band.lo = 3"),
+        (lambda: band(0), r"band.lo/hi = \(None, None\) .*at least one bound"),
+        (lambda: band(3, hi=0), r"band.axis = 3 .*axis index 0-2"),
+        (lambda: band(0, lo=1.5), r"band.lo = 1.5 .*integer or None"),
+        (lambda: block_diagonal(0, 0), r"block_diagonal.block = 0 .*>= 1"),
+        (lambda: congruent(1, 4, 4), r"congruent.offset = 4 .*0..3"),
         (lambda: Grid((2, 3, 4, 5)), r"grid = \(2, 3, 4, 5\).*1 to 3 axes"),
         (lambda: Grid((0, 3)), r"grid\[0\] = 0 .*>= 1"),
     ],
     ids=["zero-window", "negative-dilation", "zero-stride", "causal-int", "offset", "ragged-layout",
-         "layout-value", "layout-1d", "no-globals", "rank-4", "zero-size"],
+         "layout-value", "layout-1d", "no-globals", "band-order", "band-open", "band-axis", "band-float",
+         "block-zero", "congruent-offset", "rank-4", "zero-size"],
 )  # fmt: skip
 def test_parameter_checks(build, match):
     with pytest.raises(PatternError, match=match):

@@ -15,7 +15,17 @@ import torch
 from conftest import DEVICE
 from test_triton_fwd import CASES
 
-from attncc.ir import Grid, causal, neighborhood, per_head, sliding_window, strided
+from attncc.ir import (
+    Grid,
+    band,
+    block_diagonal,
+    causal,
+    congruent,
+    neighborhood,
+    per_head,
+    sliding_window,
+    strided,
+)
 from attncc.library import attention
 from attncc.reference import attention as reference
 
@@ -89,3 +99,18 @@ def test_backward_spatial_layout_and_no_key_rows():
     want = _grads(lambda *t: reference(*t, pattern, grid=grid), q, k, v, do)
     for got, ref in zip(ours, want):
         torch.testing.assert_close(got, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "name,pattern,grid",
+    [
+        ("band-excluding-diagonal", band(0, hi=-1) & band(1, lo=-2, hi=2), Grid((7, 9))),
+        ("band-ahead-open", band(1, lo=1), Grid((4, 11))),
+        ("block-diagonal-congruent", block_diagonal(0, 3) & congruent(1, 2), Grid((8, 10))),
+    ],
+    ids=lambda c: c if isinstance(c, str) else "",
+)
+def test_backward_of_per_axis_primitives(name, pattern, grid):
+    """Bands that leave rows without keys (Note [Empty rows]) keep first/last monotone: the
+    dK/dV bisection relies on it."""
+    _check(pattern, grid, 1, 2, 1, 16, torch.float32, 1e-4)
