@@ -3,7 +3,7 @@
 # Results are written into the repository (benchmarks/RESULTS.md) and, on the lent
 # machine, copied to $OUT so they come back to be committed. A device command may run
 # 10 minutes at most, so each part can run on its own:
-#   bash benchmarks/gpu_check.sh [all|tests|bench|tune]
+#   bash benchmarks/gpu_check.sh [all|tests|tests-bwd|bench|tune]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
