@@ -140,6 +140,27 @@ def test_nan_in_query_or_key_reaches_only_rows_that_see_it():
     assert bad.nonzero().flatten().tolist() == [5, 18, 19, 20, 21, 22]
 
 
+@pytest.mark.parametrize("value", [math.nan, math.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_non_finite_value_reaches_only_rows_that_see_it(value, score):
+    """Note [Non-finite values]: rows in a partial tile that skip key j never see v[j]."""
+    p, grid = neighborhood(3), Grid((6, 7))
+    q, k, v = _inputs(1, 1, 1, grid.size, 16, torch.float32)
+    v[0, 0, 16, 3] = value  # token (2, 2)
+    o = attention(q, k, v, p, grid=grid, score=score)
+    bad = (~torch.isfinite(o)).any(-1)[0, 0]
+    r = reference(q, k, torch.where(torch.isfinite(v), v, 0.0), p, grid=grid, score=score)
+    sees = torch.zeros(grid.size, dtype=torch.bool)
+    for qi in range(grid.size):  # the 3x3 window (clamped) of each query contains (2, 2)?
+        y, x = divmod(qi, 7)
+        sees[qi] = (
+            min(max(y - 1, 0), 3) <= 2 <= min(max(y - 1, 0), 3) + 2
+            and min(max(x - 1, 0), 4) <= 2 <= min(max(x - 1, 0), 4) + 2
+        )
+    assert torch.equal(bad, sees)
+    torch.testing.assert_close(o[0, 0, ~sees], r[0, 0, ~sees], atol=1e-5, rtol=0)
+
+
 def test_bad_dtype_is_refused():
     q, k, v = _inputs(1, 1, 1, 16, 16, torch.float32)
     with pytest.raises(AttnccError, match="dtype"):
