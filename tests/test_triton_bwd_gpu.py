@@ -78,3 +78,30 @@ def test_triton_op_compiles_fullgraph_on_gpu():
     ref = reference(q.detach().float(), k.detach().float(), v.detach().float(), neighborhood(7), grid=grid)
     torch.testing.assert_close(out.float(), ref, atol=1.5e-2, rtol=0)
     assert counter.frame_count == 1
+
+
+def test_compiled_training_step_with_sparse_attention_on_gpu():
+    """A small video-style model trains under torch.compile(fullgraph=True) with the triton_op path."""
+    from attncc.nn import SparseAttention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    grid = (4, 12, 12)
+    model = torch.nn.Sequential(
+        SparseAttention(256, 4, neighborhood((3, 5, 5)), grid, kv_heads=2),
+        torch.nn.LayerNorm(256),
+        SparseAttention(256, 4, neighborhood((3, 5, 5), dilation=(1, 2, 2)), grid),
+    ).to("cuda", torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    step = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, *grid, 256, device="cuda", dtype=torch.bfloat16)
+    target = torch.randn_like(x)
+    losses = []
+    for _ in range(5):
+        opt.zero_grad()
+        loss = (step(x).float() - target.float()).square().mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    assert losses[-1] < losses[0], losses
