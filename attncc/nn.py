@@ -47,7 +47,33 @@ class SparseAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def from_fused(
+        cls, qkv: nn.Linear, proj: nn.Linear, heads: int, pattern: Pattern, grid: tuple[int, ...] | Grid
+    ) -> SparseAttention:
+        """A module with the weights of a fused ``qkv`` projection (rows q, k, v, each heads x head_dim,
+        as timm and most ViTs lay them out) and an output ``proj``: a drop-in for their attention."""
+        dim = proj.in_features
+        if qkv.out_features != 3 * dim or qkv.in_features != dim:
+            raise field_error(AttnccError, "qkv", tuple(qkv.weight.shape), f"a Linear({dim}, {3 * dim})")
+        module = cls(
+            dim, heads, pattern, grid, qkv_bias=qkv.bias is not None, proj_bias=proj.bias is not None
+        )
+        module = module.to(qkv.weight.device, qkv.weight.dtype)
+        with torch.no_grad():
+            module.q.weight.copy_(qkv.weight[:dim])
+            module.kv.weight.copy_(qkv.weight[dim:])
+            if qkv.bias is not None:
+                module.q.bias.copy_(qkv.bias[:dim])
+                module.kv.bias.copy_(qkv.bias[dim:])
+            module.proj.load_state_dict(proj.state_dict())
+        return module
+
+    def forward(self, x: torch.Tensor, attn_mask: None = None, is_causal: bool = False) -> torch.Tensor:
+        """``attn_mask``/``is_causal`` are accepted for drop-in calls and must stay unset: the
+        pattern is the mask (use ``causal()`` in it)."""
+        if attn_mask is not None or is_causal:
+            raise field_error(AttnccError, "attn_mask/is_causal", "set", "unset: the pattern is the mask")
         shape = x.shape
         if tuple(shape[1:-1]) not in (self.grid.shape, (self.grid.size,)):
             allowed = f"[B, {', '.join(map(str, self.grid.shape))}, C] or [B, {self.grid.size}, C]"
