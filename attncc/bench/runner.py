@@ -213,7 +213,8 @@ def run_entry(
                 error, tol = _error(peer, case, results[0], expected)
                 if not error <= tol:
                     reason = f"max |{name} - attncc| = {error:.3g} > tolerance {tol:.3g}: not timed"
-                    return Entry(name, "wrong", reason, detail, error=error, tolerance=tol), None
+                    shown = error if math.isfinite(error) else None  # NaN output: JSON has no inf
+                    return Entry(name, "wrong", reason, detail, error=shown, tolerance=tol), None
             elif peer.name != Attncc.name:
                 return Entry(name, "unchecked", "attncc gave no result to check it against: not timed"), None
             timing = measure(step, args, device, warmup=warmup, runs=runs)
