@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from attncc.bench.report import prepend
 from attncc.ir import neighborhood
 from attncc.ir.mask import neighborhood_axis
 from attncc.nn import SparseAttention
@@ -101,9 +102,7 @@ def main(markdown: str | None) -> None:
     )
     print(text)
     if markdown:
-        from bench_fwd import _prepend
-
-        _prepend(markdown, text)
+        prepend(markdown, text)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU check (under 30 minutes on an H100): the GPU tests, the benchmark, the cost-model check.
-# Results are written into the repository (benchmarks/RESULTS.md) and, on the lent
-# machine, copied to $OUT so they come back to be committed. A device command may run
-# 10 minutes at most, so each part can run on its own:
-#   bash benchmarks/gpu_check.sh [all|tests|tests-bwd|bench|tune]
+# Every GPU check: the GPU tests, the benchmark suite (`attncc bench`, one part per suite
+# part), the op-overhead and drop-in figures, and the cost-model check. Results are written
+# into the repository (benchmarks/RESULTS.md, plots in benchmarks/plots/) and, on the lent
+# machine, copied to $OUT so they come back to be committed. A device command may run 10
+# minutes at most, so each part runs on its own; in order of priority:
+#   bash benchmarks/gpu_check.sh tests | tests-bwd | bench-issue3 | bench-bwd | bench-grids |
+#        bench-flat | bench-models | extras | tune      (all = every part, bench = every bench-*)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 export ATTNCC_CACHE_DIR="${ATTNCC_CACHE_DIR:-/tmp/attncc-cache}"
 out="${OUT:-benchmarks/out}"
 mkdir -p "$out"
+out="$(cd "$out" && pwd)"
+repo="$(pwd)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$out/device.txt"
 # The GPU machine has the dependencies but no registry: install attncc itself only. If its
@@ -18,16 +22,35 @@ python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | tai
 python3 -c "import attncc.ir" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/attncc-*.whl
 python3 -c "import attncc.ir, attncc.ops" || { echo "attncc is not importable"; exit 1; }
 part="${1:-all}"
+# python3 -P: the repository root is not put on sys.path, so its ./attncc does not shadow the install.
 status=0
 [[ $part == all || $part == tests ]] &&
-  { timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider tests --ignore=tests/test_triton_bwd_gpu.py 2>&1 |
+  { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests --ignore=tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests.txt" || status=1; }
 [[ $part == all || $part == tests-bwd ]] &&
-  { timeout 540 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
+  { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }
-[[ $part == all || $part == bench ]] &&
-  { timeout 540 python3 benchmarks/bench_fwd.py --markdown benchmarks/RESULTS.md 2>&1 |
-    tee "$out/bench_fwd.txt" || status=1; }
+bench_part() {  # bench_part NAME SUITE [attncc bench options...]
+  local name=$1 suite=$2
+  shift 2
+  [[ $part == all || $part == bench || $part == "bench-$name" ]] || return 0
+  local plot="plots/$(date +%F)-$name.png"
+  mkdir -p benchmarks/plots
+  # From $out, not the repository root, whose ./attncc would shadow the installed package.
+  (cd "$out" && timeout 570 python3 -m attncc bench "$suite" "$@" --json "$out/bench-$name.json" \
+    --plot "$repo/benchmarks/$plot" --markdown "$repo/benchmarks/RESULTS.md" --plot-link "$plot") 2>&1 |
+    tee "$out/bench-$name.txt" || status=1
+  cp "$repo/benchmarks/$plot" "$out/" 2>/dev/null
+}
+bench_part issue3 issue3 --fwd
+bench_part grids grids --fwd
+bench_part flat flat --fwd
+bench_part models models --fwd
+bench_part bwd issue3 --fwd-bwd --runs 10
+[[ $part == all || $part == extras ]] &&
+  { (cd "$out" && timeout 270 python3 "$repo/benchmarks/op_overhead.py" --markdown "$repo/benchmarks/RESULTS.md" &&
+    timeout 270 python3 "$repo/benchmarks/dropin_timm.py" --markdown "$repo/benchmarks/RESULTS.md") 2>&1 |
+    tee "$out/extras.txt" || status=1; }
 [[ $part == all || $part == tune ]] &&
   { timeout 540 python3 benchmarks/tune_check.py --markdown benchmarks/RESULTS.md --json "$out/tune_check.json" \
     --seconds 420 2>&1 | tee "$out/tune_check.txt" || status=1; }

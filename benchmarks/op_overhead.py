@@ -21,6 +21,7 @@ import torch
 
 import attncc
 from attncc import ops
+from attncc.bench.report import prepend
 from attncc.ir import Grid, neighborhood
 
 CALLS, REPEATS = 2000, 7
@@ -69,9 +70,7 @@ def main(markdown: str | None) -> None:
     )
     print(text)
     if markdown:
-        from bench_fwd import _prepend
-
-        _prepend(markdown, text)
+        prepend(markdown, text)
 
 
 if __name__ == "__main__":

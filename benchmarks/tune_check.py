@@ -2,7 +2,7 @@
 
     python benchmarks/tune_check.py --markdown benchmarks/RESULTS.md --json benchmarks/out/tune.json
 
-The forward benchmark's cases (bench_fwd.CASES; bf16, B=1, H=16, D=128). Timing
+The benchmark suite's ``issue3`` cases (attncc.bench.suite; bf16, B=1, H=16, D=128). Timing
 every candidate does not fit a 10-minute run (the 3-D case has about 13,000),
 so each case times a documented subset: the model's top ``--top`` (what
 ``attncc tune --top`` times), ``--spread`` candidates evenly spaced over the
@@ -28,13 +28,16 @@ import time
 import numpy as np
 import torch
 import triton
-from bench_fwd import CASES, D, H, _prepend
 
 from attncc.autotune.space import describe, rank
 from attncc.autotune.tuner import input_sets, target_device, time_candidate
+from attncc.bench.report import prepend
+from attncc.bench.suite import load_cases
 from attncc.lower.lowering import LaunchConfig
 
 DTYPE = "bfloat16"
+CASES = load_cases("issue3")
+H, D = CASES[0].heads, CASES[0].head_dim
 
 
 def _subset(ranked: list, top: int, spread: int) -> list:
@@ -133,7 +136,7 @@ def _report(rows: list[dict], device_name: str, top: int, spread: int, markdown:
     text = "\n".join(head + lines) + "\n"
     print(text)
     if markdown:
-        _prepend(markdown, text)
+        prepend(markdown, text)
 
 
 def main() -> None:
@@ -151,7 +154,8 @@ def main() -> None:
     budget = args.seconds / len(CASES)
     device = torch.device("cuda")
     rows = []
-    for name, pattern, grid, _ in CASES:
+    for case in CASES:
+        name, pattern, grid = case.name, case.pattern, case.grid
         rows.append(_case(name, pattern, grid, device, args.top, args.spread, budget, args.warmup, args.runs))
     _report(rows, torch.cuda.get_device_name(), args.top, args.spread, args.markdown)
     if args.json:

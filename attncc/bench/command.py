@@ -1,0 +1,120 @@
+"""``attncc bench``: run a suite (or one spec) against the peers and report the figures."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+import torch
+from rich.console import Console
+
+from attncc.errors import AttnccError, field_error
+
+
+def _device(name: str | None) -> torch.device:
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise field_error(AttnccError, "--device", name, "cpu (no CUDA GPU is visible)")
+    if name == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise field_error(
+            AttnccError, "--device", name, "cuda, or cpu with TRITON_INTERPRET=1 set (Triton's interpreter)"
+        )
+    return torch.device(name)
+
+
+def _peers(text: str) -> list:
+    from attncc.bench.peers import PEERS
+
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    for n in names:
+        if n not in PEERS:
+            raise field_error(AttnccError, "--peers", n, ", ".join(PEERS) + " (comma-separated)")
+    return [PEERS[n]() for n in dict.fromkeys(names)]
+
+
+@click.command("bench")
+@click.argument("targets", metavar="[SUITE|SPEC]...", nargs=-1)
+@click.option("--fwd", "mode", flag_value="fwd", default=True, help="Time the forward pass (default).")
+@click.option("--fwd-bwd", "mode", flag_value="fwd-bwd", help="Time forward + backward (grads of q, k, v).")
+@click.option(
+    "--peers",
+    "peer_names",
+    default="sdpa,flex,naive,natten",
+    show_default=True,
+    help="Comma-separated: sdpa, flex, naive, natten.",
+)
+@click.option("-k", "select", default="", help="Only cases whose name contains this text.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every raw figure here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw speedups, efficiency (PNG).")
+@click.option(
+    "--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Prepend a results section here."
+)
+@click.option("--plot-link", help="How the Markdown section links the plot (default: the --plot path).")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available.")
+@click.option("--warmup", default=5, show_default=True, help="Untimed runs after the first call.")
+@click.option("--runs", default=30, show_default=True, help="Timed runs; the median is reported.")
+@click.option("--list", "list_only", is_flag=True, help="List the suites' cases and exit.")
+def bench_cmd(
+    targets: tuple[str, ...],
+    mode: str,
+    peer_names: str,
+    select: str,
+    json_path: str | None,
+    plot_path: str | None,
+    markdown_path: str | None,
+    plot_link: str | None,
+    device: str | None,
+    warmup: int,
+    runs: int,
+    list_only: bool,
+) -> None:
+    """Benchmark attncc against dense SDPA, FlexAttention, naive attention and NATTEN.
+
+    SUITE is default (every part), issue3, grids, flat, models or tiny; SPEC is a spec file.
+    Exit status 1 when a peer's output disagrees with ours or our forward has no figure.
+    """
+    from attncc.bench import report
+    from attncc.bench.runner import run_case
+    from attncc.bench.suite import load_cases
+
+    cases = [c for t in targets or ("default",) for c in load_cases(t) if select in c.name]
+    console = Console(width=None if sys.stdout.isatty() else 200)
+    if list_only:
+        for c in cases:
+            console.print(f"{c.name}: {c.pattern} on {c.grid}, H={c.heads}, D={c.head_dim}, {c.dtype}")
+        return
+    if not cases:
+        raise field_error(AttnccError, "-k", select, "text that some case name contains (see --list)")
+    for name, value in (("--warmup", warmup), ("--runs", runs)):
+        if value < (0 if name == "--warmup" else 1):
+            raise field_error(AttnccError, name, value, "an integer >= 0" if name == "--warmup" else ">= 1")
+    dev = _device(device)
+    peers = _peers(peer_names)
+    results = []
+    for case in cases:
+        result = run_case(case, peers, dev, mode, warmup, runs)
+        results.append(result)
+        ours = result.entry("attncc")
+        console.print(f"{case.name}: attncc {ours.status} {ours.median_ms or ''} ms", highlight=False)
+    title = f"attncc bench {' '.join(targets or ('default',))} --{mode}"
+    env = report.environment(dev)
+    console.print(report.table(results, title))
+    for line in report.notes(results):
+        console.print(line, highlight=False, markup=False)
+    if json_path:
+        report.write_json(json_path, results, env)
+    if plot_path:
+        report.plot(plot_path, results, f"{title} ({env['device']})")
+    if markdown_path:
+        link = plot_link or plot_path
+        report.prepend(markdown_path, report.markdown(results, env, title, link))
+    bad = [
+        r.case.name
+        for r in results
+        for e in r.entries
+        if e.status == "wrong" or (e.peer == "attncc" and mode == "fwd" and e.status != "ok")
+    ]
+    if bad:
+        console.print(f"figures in doubt: {', '.join(dict.fromkeys(bad))}", style="bold red")
+        sys.exit(1)

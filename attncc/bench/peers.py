@@ -1,0 +1,193 @@
+"""What attncc is measured against, each behind one small contract.
+
+A :class:`Peer` says why it declines a case (never a silent skip), builds its
+callable in :meth:`Peer.prepare` (set-up such as a block mask is timed there,
+apart from the first call), may move q/k/v into its own layout outside the
+timing (:meth:`Peer.adapt`), and maps its output back to ``[B, H, N, D]`` for
+the check (:meth:`Peer.standard`). ``computes`` says what its output must
+equal: our pattern's attention, or dense attention (SDPA is the dense
+baseline, checked against our kernel on the dense pattern).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Callable, Iterator
+
+import torch
+
+from attncc.bench.flexmask import mask_mod
+from attncc.bench.suite import Case
+from attncc.ir import Neighborhood, canonicalize, resolve_heads
+from attncc.layouts import Layout
+
+Tensors = tuple[torch.Tensor, ...]
+Call = Callable[[Tensors], torch.Tensor]
+
+# The naive peer materialises [H, N, N] scores, probabilities and the mask, plus the
+# oracle's int64 [N, N] temporaries while it builds the mask.
+_NAIVE_BYTES_PER_PAIR_HEAD = 12
+_NAIVE_BYTES_PER_PAIR = 48
+_CPU_NAIVE_LIMIT = 4 << 30
+
+
+class Peer:
+    """One implementation to time against attncc (see the module docstring for the contract)."""
+
+    name: str = ""
+    computes: str = "pattern"
+
+    def decline(self, case: Case, device: torch.device) -> str | None:
+        """Why this peer cannot run ``case`` on ``device``, or None when it can."""
+        return None
+
+    def prepare(self, case: Case, device: torch.device) -> Call:
+        raise NotImplementedError
+
+    def adapt(self, case: Case, tensors: Tensors) -> Tensors:
+        """q, k, v (and the output gradient) in this peer's layout; default ``[B, H, N, D]``."""
+        return tensors
+
+    def standard(self, case: Case, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    @contextlib.contextmanager
+    def session(self, case: Case, device: torch.device) -> Iterator[None]:
+        """Held around every call of the peer (backend selection), outside each timed call."""
+        yield
+
+    def describe(self, case: Case, device: torch.device) -> str:
+        return ""
+
+
+class Attncc(Peer):
+    """Ours: ``attncc.attention`` (compiled on its first call)."""
+
+    name = "attncc"
+
+    def prepare(self, case: Case, device: torch.device) -> Call:
+        from attncc.ops import attention
+
+        return lambda a: attention(a[0], a[1], a[2], case.pattern, grid=case.grid)
+
+
+class Sdpa(Peer):
+    """Dense ``scaled_dot_product_attention``: flash on a GPU (fp16/bf16), math on the CPU."""
+
+    name = "sdpa"
+    computes = "dense"
+
+    def _backend(self, case: Case, device: torch.device):
+        from torch.nn.attention import SDPBackend
+
+        flash = device.type == "cuda" and case.dtype in ("float16", "bfloat16")
+        return SDPBackend.FLASH_ATTENTION if flash else SDPBackend.MATH
+
+    def prepare(self, case: Case, device: torch.device) -> Call:
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        return lambda a: sdpa(a[0], a[1], a[2])
+
+    @contextlib.contextmanager
+    def session(self, case: Case, device: torch.device) -> Iterator[None]:
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(self._backend(case, device)):
+            yield
+
+    def describe(self, case: Case, device: torch.device) -> str:
+        return self._backend(case, device).name.lower()
+
+
+class Flex(Peer):
+    """``torch.compile(flex_attention)`` with a block mask of the same pattern.
+
+    The mask_mod comes from the IR (:mod:`attncc.bench.flexmask`); the block
+    mask is built in :meth:`prepare` (its time is the set-up figure), compiled
+    on a GPU as FlexAttention's docs advise. Dynamo's caches are reset per
+    case so its recompile limit never sends a later case to the eager path.
+    """
+
+    name = "flex"
+
+    def prepare(self, case: Case, device: torch.device) -> Call:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        torch._dynamo.reset()
+        mod, heads = mask_mod(case.pattern, case.grid, case.heads, device)
+        n = case.tokens
+        block_mask = None
+        if mod is not None:
+            block_mask = create_block_mask(
+                mod, None, None if heads == 1 else heads, n, n, device=device, _compile=device.type == "cuda"
+            )
+        flex = torch.compile(flex_attention, dynamic=False)
+        return lambda a: flex(a[0], a[1], a[2], block_mask=block_mask)
+
+
+class Naive(Peer):
+    """Masked attention computed naively (:func:`attncc.reference.attention`, fp32 math)."""
+
+    name = "naive"
+
+    def decline(self, case: Case, device: torch.device) -> str | None:
+        pairs = case.batch * case.tokens**2
+        need = pairs * (case.heads * _NAIVE_BYTES_PER_PAIR_HEAD + _NAIVE_BYTES_PER_PAIR)
+        have = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else _CPU_NAIVE_LIMIT
+        if need > have:
+            return f"needs ~{need / 2**30:.0f} GiB for N x N matrices; {have / 2**30:.0f} GiB allowed"
+        return None
+
+    def prepare(self, case: Case, device: torch.device) -> Call:
+        from attncc.reference import attention
+
+        return lambda a: attention(a[0], a[1], a[2], case.pattern, grid=case.grid)
+
+
+class Natten(Peer):
+    """NATTEN's fused neighborhood attention, for plain neighborhood patterns, when installed."""
+
+    name = "natten"
+
+    def _natten(self):
+        try:
+            return importlib.import_module("natten.functional")
+        except ImportError:
+            return None
+
+    def decline(self, case: Case, device: torch.device) -> str | None:
+        functional = self._natten()
+        if functional is None:
+            return "natten is not installed"
+        if not hasattr(functional, "neighborhood_attention_generic"):
+            return "this natten has no neighborhood_attention_generic (needs natten >= 0.20)"
+        heads = {canonicalize(p, case.grid) for p in resolve_heads(case.pattern, case.heads)}
+        if len(heads) != 1 or not isinstance(next(iter(heads)), Neighborhood):
+            return "natten runs one neighborhood pattern on every head, not this pattern"
+        return None
+
+    def prepare(self, case: Case, device: torch.device) -> Call:
+        functional = self._natten()
+        (p,) = {canonicalize(h, case.grid) for h in resolve_heads(case.pattern, case.heads)}
+        rank = case.grid.rank
+
+        def per_axis(value):
+            return value if isinstance(value, tuple) else (value,) * rank
+
+        kwargs = dict(
+            kernel_size=per_axis(p.window),
+            stride=per_axis(p.stride),
+            dilation=per_axis(p.dilation),
+            is_causal=per_axis(p.causal),
+        )
+        return lambda a: functional.neighborhood_attention_generic(a[0], a[1], a[2], **kwargs)
+
+    def adapt(self, case: Case, tensors: Tensors) -> Tensors:
+        """NATTEN's ``[B, *grid, H, D]`` layout, copied outside the timing."""
+        return tuple(Layout(case.grid, spatial=True).output(t).contiguous() for t in tensors)
+
+    def standard(self, case: Case, t: torch.Tensor) -> torch.Tensor:
+        return Layout(case.grid, spatial=True)(t)
+
+
+PEERS: dict[str, type[Peer]] = {"sdpa": Sdpa, "flex": Flex, "naive": Naive, "natten": Natten}

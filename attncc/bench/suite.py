@@ -1,0 +1,166 @@
+"""Benchmark cases as data, and the named suites ``attncc bench`` runs.
+
+A suite is split into parts that each fit one 10-minute GPU command
+(``benchmarks/gpu_check.sh`` runs one part per command); ``default`` is all of
+them. ``issue3`` holds issue 3's eight forward acceptance cases unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from attncc.errors import AttnccError, field_error
+from attncc.ir import (
+    Grid,
+    Pattern,
+    axial,
+    block_sparse,
+    causal,
+    dense,
+    global_tokens,
+    load_spec,
+    neighborhood,
+    per_head,
+    sliding_window,
+    validate,
+)
+from attncc.ir.spec import DTYPES
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark problem: ``[batch, heads, grid.size, head_dim]`` q, k, v of ``dtype``."""
+
+    name: str
+    pattern: Pattern
+    grid: Grid
+    heads: int = 16
+    head_dim: int = 128
+    dtype: str = "bfloat16"
+    batch: int = 1
+
+    def __post_init__(self) -> None:
+        validate(self.pattern, self.grid, self.heads)
+        if self.dtype not in DTYPES:
+            raise field_error(AttnccError, f"case {self.name}: dtype", self.dtype, ", ".join(DTYPES))
+        for name in ("head_dim", "batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise field_error(AttnccError, f"case {self.name}: {name}", value, "an integer >= 1")
+
+    @property
+    def tokens(self) -> int:
+        return self.grid.size
+
+
+def random_layout(blocks: int, density: float, seed: int) -> tuple[tuple[int, ...], ...]:
+    """A block layout keeping about ``density`` of the blocks, the diagonal always
+    (so no query row is empty), reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    extra = (density * blocks - 1) / (blocks - 1)  # the diagonal already gives 1/blocks
+    layout = (rng.random((blocks, blocks)) < extra) | np.eye(blocks, dtype=bool)
+    return tuple(tuple(int(v) for v in row) for row in layout)
+
+
+def _issue3() -> list[Case]:
+    return [
+        Case("dense-16384", dense(), Grid((16384,))),
+        Case("causal-16384", causal(), Grid((16384,))),
+        Case("swa-2048-32768", sliding_window(2047, 0), Grid((32768,))),
+        Case("na2d-128x128-w31", neighborhood(31), Grid((128, 128))),
+        Case("na2d-128x128-w63", neighborhood(63), Grid((128, 128))),
+        Case("na2d-128x128-w15-d4", neighborhood(15, dilation=4), Grid((128, 128))),
+        Case("na3d-16x48x48-w7x15x15", neighborhood((7, 15, 15)), Grid((16, 48, 48))),
+        Case("axial-128x128", axial(), Grid((128, 128))),
+    ]
+
+
+def _grids() -> list[Case]:
+    return [
+        Case("na2d-128x128-w13", neighborhood(13), Grid((128, 128))),
+        Case("na2d-127x129-w31", neighborhood(31), Grid((127, 129))),  # not a multiple of any tile
+        Case("na2d-96x96-w7-d2", neighborhood(7, dilation=2), Grid((96, 96))),
+        Case("na3d-16x48x48-w5x9x9", neighborhood((5, 9, 9)), Grid((16, 48, 48))),
+        Case("gna2d-128x128-w24-s8", neighborhood(24, stride=8), Grid((128, 128))),
+        # Stride = window = a 128-token Q tile: every tile sees one KV box, no masking (block-sparse).
+        Case("gna2d-128x128-w8x16-s8x16", neighborhood((8, 16), stride=(8, 16)), Grid((128, 128))),
+        Case(
+            "gna3d-16x48x48-w8x16x16-s4x8x8", neighborhood((8, 16, 16), stride=(4, 8, 8)), Grid((16, 48, 48))
+        ),
+        Case("gna3d-16x48x48-w2x8x8-s2x8x8", neighborhood((2, 8, 8), stride=(2, 8, 8)), Grid((16, 48, 48))),
+    ]
+
+
+def _flat() -> list[Case]:
+    mixture = [neighborhood(15), neighborhood(15, dilation=4), axial(), dense()] * 4
+    return [
+        Case("dense-4096", dense(), Grid((4096,))),
+        Case("causal-4096", causal(), Grid((4096,))),
+        Case("band-511-511-16384", sliding_window(511, 511), Grid((16384,))),
+        Case("na1d-8192-w255", neighborhood(255), Grid((8192,))),
+        Case("block-sparse-10%-16384", block_sparse(random_layout(128, 0.10, 0), 128), Grid((16384,))),
+        Case("block-sparse-25%-16384", block_sparse(random_layout(128, 0.25, 1), 128), Grid((16384,))),
+        Case(
+            "swa-1024-sinks-16384",
+            (sliding_window(1023) | global_tokens([0, 1, 2, 3])) & causal(),
+            Grid((16384,)),
+        ),
+        Case("per-head-mix-128x128", per_head(mixture), Grid((128, 128))),
+    ]
+
+
+def _models() -> list[Case]:
+    sinks = (sliding_window(4095) | global_tokens([0, 1, 2, 3])) & causal()
+    return [
+        Case("image-128x128-na2d-w13-d64-fp16", neighborhood(13), Grid((128, 128)), 16, 64, "float16"),
+        Case("image-128x128-na2d-w31-d64-bf16", neighborhood(31), Grid((128, 128)), 16, 64),
+        Case(
+            "video-16x48x80-causal-t-w5x15x15",
+            neighborhood((5, 15, 15), causal=(True, False, False)),
+            Grid((16, 48, 80)),
+        ),
+        Case(
+            "video-16x48x80-w7x15x15-d64-fp16",
+            neighborhood((7, 15, 15)),
+            Grid((16, 48, 80)),
+            24,
+            64,
+            "float16",
+        ),
+        Case("lm-32768-causal", causal(), Grid((32768,))),
+        Case("lm-32768-swa-4096-sinks-d64-fp16", sinks, Grid((32768,)), 32, 64, "float16"),
+    ]
+
+
+def _tiny() -> list[Case]:
+    """Seconds under the Triton interpreter: the CPU test of the harness."""
+    return [
+        Case("tiny-causal-40", causal(), Grid((40,)), 2, 16, "float32"),
+        Case("tiny-na2d-6x9-w3", neighborhood(3), Grid((6, 9)), 2, 16, "float32"),
+    ]
+
+
+PARTS = {"issue3": _issue3, "grids": _grids, "flat": _flat, "models": _models, "tiny": _tiny}
+DEFAULT = ("issue3", "grids", "flat", "models")
+
+
+def suite_names() -> list[str]:
+    return ["default", *PARTS]
+
+
+def load_cases(target: str) -> list[Case]:
+    """The cases of a suite name (``default`` or a part) or of a spec file (one case)."""
+    if target == "default":
+        return [case for part in DEFAULT for case in PARTS[part]()]
+    if target in PARTS:
+        return PARTS[target]()
+    path = Path(target)
+    if path.suffix in (".yaml", ".yml", ".json"):
+        spec = load_spec(path)
+        name = spec.name or path.stem
+        return [Case(name, spec.pattern, spec.grid, spec.heads, spec.head_dim, spec.dtype)]
+    allowed = ", ".join(suite_names()) + ", or a spec file (.yaml, .yml, .json)"
+    raise field_error(AttnccError, "SUITE|SPEC", target, allowed)
