@@ -67,7 +67,7 @@ class Attncc(Peer):
     name = "attncc"
 
     def prepare(self, case: Case, device: torch.device) -> Call:
-        from attncc.ops import attention
+        from attncc.library import attention
 
         return lambda a: attention(a[0], a[1], a[2], case.pattern, grid=case.grid)
 
