@@ -24,6 +24,10 @@ class SpecError(AttnccError):
     """A YAML/JSON spec file is unreadable or has an unknown or bad field."""
 
 
+class CacheError(AttnccError):
+    """A cache key, entry or bundle is malformed, unknown, or fails its checks."""
+
+
 def field_error(
     cls: type[AttnccError], field: str, value: object, allowed: str, why: str = ""
 ) -> AttnccError:
