@@ -11,7 +11,10 @@ dtypes, device, backend, ...) and the toolchain: the attncc, torch and triton
 versions and a hash of the template files. An entry made by another toolchain
 has another digest, so it is never found; a manifest is also checked against
 its directory's digest, so an entry edited or copied to the wrong place is
-never used either.
+never used either. A key may bind its files' contents with a part ``sha256``
+(file name -> hash), as the kernel module's key does: then files that hash
+otherwise make the entry corrupt, so no bundle can bring other code in under a
+key that attncc looks up.
 
 Note [Cache writes]: a builder writes into a fresh temporary directory beside
 the entries, the manifest last, and the directory is then renamed into place:
@@ -199,11 +202,18 @@ def check_entry(
             if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
                 raise Corrupt(f"file {name} fails its checksum ({len(data)} bytes, manifest: {meta['size']})")
             contents[name] = data
+        if _bound(m["parts"]) not in (None, {name: meta["sha256"] for name, meta in files.items()}):
+            raise Corrupt("its files are not the ones its key parts name by sha256")
         if not isinstance(m["created"], (int, float)) or not isinstance(m["label"], str):
             raise Corrupt("manifest has a bad created time or label")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise Corrupt(f"malformed manifest ({type(e).__name__}: {e})") from None
     return m, contents
+
+
+def _bound(parts: object) -> object:
+    """The file hashes a key binds, if any (Note [Cache keys])."""
+    return parts.get("sha256") if isinstance(parts, dict) else None
 
 
 def _load(path: Path, kind: str, digest: str) -> tuple[Entry, dict[str, bytes]]:
@@ -278,6 +288,9 @@ def _install(key: Key, build: Callable[[Path], None], label: str, created: float
                 raise field_error(CacheError, "built file", p.name, allowed)
             data = p.read_bytes()
             files[p.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        bound = _bound(json.loads(key.parts))
+        if bound not in (None, {name: meta["sha256"] for name, meta in files.items()}):
+            raise field_error(CacheError, "built files", sorted(files), "the files its key binds by sha256")
         manifest = {
             "format": FORMAT,
             "kind": key.kind,

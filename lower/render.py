@@ -47,10 +47,10 @@ def load(plan: KernelPlan) -> ModuleType:
 
     Memoised per process: a second call with an equal plan returns the same module.
     """
-    source = render(plan)
+    data = render(plan).encode()
     parts = {
         "plan": dataclasses.asdict(plan),
-        "source": hashlib.sha256(source.encode()).hexdigest(),
+        "sha256": {MODULE: hashlib.sha256(data).hexdigest()},  # binds the file: see attncc.cache
         "backend": "triton",
         "device": kernel_cache.device_capability(),
     }
@@ -59,7 +59,6 @@ def load(plan: KernelPlan) -> ModuleType:
         f" q {'x'.join(map(str, plan.q_tile))} kv {'x'.join(map(str, plan.kv_tile))}"
     )
     key = kernel_cache.make_key(KERNELS, parts)
-    data = source.encode()
     entry = kernel_cache.build_entry(key, lambda folder: (folder / MODULE).write_bytes(data), label)
     spec = importlib.util.spec_from_file_location(f"attncc_kernel_{key.digest[:24]}", entry.file(MODULE))
     assert spec and spec.loader

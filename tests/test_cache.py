@@ -1,6 +1,7 @@
 """attncc.cache: keys, concurrency, corruption, versions, the in-process memo, and kernels through it."""
 
 import builtins
+import hashlib
 import io
 import json
 import os
@@ -200,6 +201,24 @@ def test_entry_copied_under_another_key_is_refused(own_cache, monkeypatch):
     assert len(calls) == 1 and b.file("data.txt").read_text() == "nine"
 
 
+def test_key_that_binds_its_files_refuses_other_content(monkeypatch):
+    code = b"KERNEL = 1\n"
+    key = cache.make_key("test", {"sha256": {"k.py": hashlib.sha256(code).hexdigest()}})
+    entry = cache.build_entry(key, lambda folder: (folder / "k.py").write_bytes(code))
+    other = b"import os\n"  # swapped in with a manifest that matches it: checksums pass, the key does not
+    entry.file("k.py").write_bytes(other)
+    manifest = json.loads(entry.file(cache.MANIFEST).read_text())
+    manifest["files"]["k.py"] = {"size": len(other), "sha256": hashlib.sha256(other).hexdigest()}
+    entry.file(cache.MANIFEST).write_text(json.dumps(manifest))
+    _forget(monkeypatch)
+    with pytest.warns(UserWarning, match="not the ones its key parts name by sha256"):
+        rebuilt = cache.build_entry(key, lambda folder: (folder / "k.py").write_bytes(code))
+    assert rebuilt.file("k.py").read_bytes() == code
+    wrong = cache.make_key("test", {"sha256": {"k.py": "0" * 64}})
+    with pytest.raises(CacheError, match=r"built files = \['k\.py'\]"):
+        cache.build_entry(wrong, lambda folder: (folder / "k.py").write_bytes(code))
+
+
 def test_failed_build_leaves_nothing_and_raises(own_cache):
     key = cache.make_key("test", {"n": 10})
 
@@ -297,6 +316,7 @@ def test_attention_runs_through_the_kernel_cache(fresh_kernels, own_cache, monke
     [status] = cache.scan()
     assert status.kind == KERNELS and status.problem == "" and status.path.parent == own_cache / KERNELS
     assert set(status.entry.files) == {MODULE} and status.entry.parts["backend"] == "triton"
+    assert status.entry.parts["sha256"] == {MODULE: status.entry.files[MODULE]["sha256"]}
     assert status.entry.parts["plan"]["dtype"] == "float32"
     assert "float32" in status.entry.label and "grid 1x1x16" in status.entry.label
     # Damaged on disk, the kernel is rebuilt with a warning the next time a process loads it.
