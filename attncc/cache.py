@@ -199,8 +199,10 @@ def check_entry(
                 data = read(name)
             except FileNotFoundError:
                 raise Corrupt(f"file {name} is missing") from None
-            if len(data) != meta["size"] or hashlib.sha256(data).hexdigest() != meta["sha256"]:
-                raise Corrupt(f"file {name} fails its checksum ({len(data)} bytes, manifest: {meta['size']})")
+            if len(data) != meta["size"]:
+                raise Corrupt(f"file {name} is {len(data)} bytes, its manifest says {meta['size']}")
+            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                raise Corrupt(f"file {name} fails its sha256 checksum")
             contents[name] = data
         if _bound(m["parts"]) not in (None, {name: meta["sha256"] for name, meta in files.items()}):
             raise Corrupt("its files are not the ones its key parts name by sha256")
@@ -216,12 +218,15 @@ def _bound(parts: object) -> object:
     return parts.get("sha256") if isinstance(parts, dict) else None
 
 
-def _load(path: Path, kind: str, digest: str) -> tuple[Entry, dict[str, bytes]]:
-    """Read and check the entry at ``path``; ``FileNotFoundError`` if it has no manifest."""
+def read_entry(path: Path, kind: str, digest: str) -> tuple[Entry, dict[str, bytes]]:
+    """Read and check the entry at ``path``: the entry and the bytes checked, manifest included.
+
+    Raises ``FileNotFoundError`` if it has no manifest, :class:`Corrupt` if a check fails.
+    """
     manifest = (path / MANIFEST).read_bytes()
     m, contents = check_entry(kind, digest, manifest, lambda name: (path / name).read_bytes())
     entry = Entry(path, kind, digest, m["parts"], m["versions"], m["files"], m["label"], m["created"])
-    return entry, contents
+    return entry, {**contents, MANIFEST: manifest}
 
 
 _memo: dict[tuple[str, str], Entry] = {}
@@ -232,7 +237,7 @@ def _find(key: Key, warn: bool = True) -> tuple[Entry, dict[str, bytes]] | None:
     """The checked entry of ``key`` on disk, or None (a corrupt one is warned about when ``warn``)."""
     path = root() / key.kind / key.digest
     try:
-        return _load(path, key.kind, key.digest)
+        return read_entry(path, key.kind, key.digest)
     except FileNotFoundError:
         return None
     except Corrupt as e:
@@ -270,6 +275,14 @@ def build_entry(key: Key, build: Callable[[Path], None], label: str = "") -> Ent
     with _lock(key):
         found = _find(key, warn=False)  # built by another process while we waited?
         entry = found[0] if found else _install(key, build, label, time.time())
+    _memo[(str(root()), key.digest)] = entry
+    return entry
+
+
+def install(key: Key, build: Callable[[Path], None], label: str, created: float) -> Entry:
+    """Write the entry of ``key`` whether or not one is stored (an import, a new record), under its lock."""
+    with _lock(key):
+        entry = _install(key, build, label, created)
     _memo[(str(root()), key.digest)] = entry
     return entry
 
@@ -329,10 +342,8 @@ def put_record(kind: str, parts: Mapping[str, object], obj: object, label: str =
     except (TypeError, ValueError) as e:
         allowed = "JSON values (str, int, finite float, bool, None, lists, dicts)"
         raise field_error(CacheError, "record", obj, allowed, str(e)) from None
-    with _lock(key):
-        entry = _install(key, lambda folder: (folder / RECORD).write_text(text), label, time.time())
-    memo = (str(root()), key.digest)
-    _memo[memo], _records[memo] = entry, text
+    entry = install(key, lambda folder: (folder / RECORD).write_text(text), label, time.time())
+    _records[(str(root()), key.digest)] = text
     return entry
 
 
@@ -372,7 +383,7 @@ def scan() -> list[Status]:
                 continue
             entry, problem = None, ""
             try:
-                entry = _load(path, kind_dir.name, path.name)[0]
+                entry = read_entry(path, kind_dir.name, path.name)[0]
             except FileNotFoundError:
                 problem = "corrupt: no manifest"
             except Corrupt as e:

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from attncc.cache_cli import cache_cmd
 from attncc.errors import AttnccError, PatternError, field_error
 from attncc.ir.analysis import Analysis, analyze
 from attncc.ir.canonical import canonicalize, pattern_hash, resolve_heads
@@ -199,6 +200,9 @@ def compile_cmd(spec_path: str, out_dir: str, device: str) -> None:
     spec = load_spec(spec_path)
     path = write_package(spec, out_dir, device)
     click.echo(f"wrote {path}/ : import {path.name}; {path.name}.forward(q, k, v)")
+
+
+cli.add_command(cache_cmd)
 
 
 def main() -> None:
