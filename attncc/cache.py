@@ -258,6 +258,13 @@ def lookup(key: Key) -> Entry | None:
     return found[0]
 
 
+def forget(base: Path | None = None) -> None:
+    """Drop what this process remembers of ``base`` (default: every root); the disk is untouched."""
+    for memo in [m for m in _memo if base is None or m[0] == str(base)]:
+        _memo.pop(memo)
+        _records.pop(memo, None)
+
+
 def _lock(key: Key) -> filelock.FileLock:
     locks = root() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
@@ -416,9 +423,7 @@ def clear(stale_only: bool = False) -> int:
         _remove(status.path)
         removed += 1
     base = root()
-    for memo in [m for m in _memo if m[0] == str(base)]:
-        _memo.pop(memo)
-        _records.pop(memo, None)
+    forget(base)
     if not stale_only and base.is_dir():
         for leftover in [*base.glob("*/.build-*"), *base.glob("*/.trash-*")]:
             if time.time() - leftover.stat().st_mtime > _STALE_TEMP_S:
