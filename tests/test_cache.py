@@ -329,3 +329,17 @@ def test_attention_runs_through_the_kernel_cache(fresh_kernels, own_cache, monke
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cache.scan()[0].problem == ""
+
+
+@pytest.mark.gpu
+def test_kernel_entry_on_a_gpu_names_its_capability(fresh_kernels):
+    """On a GPU the kernel's key holds the device capability, and the cached module runs."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 256, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(3))
+    out = attncc.attention(q, k, v, dense())
+    expected = reference(q.float(), k.float(), v.float(), dense())
+    torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
+    [status] = cache.scan()
+    major, minor = torch.cuda.get_device_capability()
+    assert status.entry.parts["device"] == f"sm_{major}{minor}" == cache.device_capability()
+    assert "bfloat16" in status.entry.label and status.problem == ""
