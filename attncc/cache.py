@@ -199,6 +199,8 @@ def check_entry(
                 data = read(name)
             except FileNotFoundError:
                 raise Corrupt(f"file {name} is missing") from None
+            except OSError as e:
+                raise Corrupt(f"file {name} is unreadable ({e})") from None
             if len(data) != meta["size"]:
                 raise Corrupt(f"file {name} is {len(data)} bytes, its manifest says {meta['size']}")
             if hashlib.sha256(data).hexdigest() != meta["sha256"]:
@@ -233,25 +235,28 @@ _memo: dict[tuple[str, str], Entry] = {}
 _records: dict[tuple[str, str], str] = {}
 
 
-def _find(key: Key, warn: bool = True) -> tuple[Entry, dict[str, bytes]] | None:
-    """The checked entry of ``key`` on disk, or None (a corrupt one is warned about when ``warn``)."""
+def _find(key: Key, on_corrupt: str) -> tuple[Entry, dict[str, bytes]] | None:
+    """The checked entry of ``key`` on disk, or None; a corrupt one is warned about, saying ``on_corrupt``."""
     path = root() / key.kind / key.digest
     try:
         return read_entry(path, key.kind, key.digest)
     except FileNotFoundError:
         return None
     except Corrupt as e:
-        if warn:
-            warnings.warn(f"attncc: cache entry {path} is corrupt ({e}); rebuilding it", stacklevel=3)
+        if on_corrupt:
+            warnings.warn(f"attncc: cache entry {path} is corrupt ({e}); {on_corrupt}", stacklevel=3)
         return None
 
 
-def lookup(key: Key) -> Entry | None:
-    """The entry of ``key`` if one is stored and intact (Note [Cache memo])."""
+def lookup(key: Key, on_corrupt: str = "ignoring it") -> Entry | None:
+    """The entry of ``key`` if one is stored and intact (Note [Cache memo]).
+
+    A corrupt one is warned about; ``on_corrupt`` says what the caller does next.
+    """
     memo = (str(root()), key.digest)
     if memo in _memo:
         return _memo[memo]
-    found = _find(key)
+    found = _find(key, on_corrupt)
     if found is None:
         return None
     _memo[memo] = found[0]
@@ -276,11 +281,11 @@ def build_entry(key: Key, build: Callable[[Path], None], label: str = "") -> Ent
 
     Processes that ask for one key at once build it once (Note [Cache writes]).
     """
-    entry = lookup(key)
+    entry = lookup(key, on_corrupt="rebuilding it")
     if entry is not None:
         return entry
     with _lock(key):
-        found = _find(key, warn=False)  # built by another process while we waited?
+        found = _find(key, on_corrupt="")  # built by another process while we waited?
         entry = found[0] if found else _install(key, build, label, time.time())
     _memo[(str(root()), key.digest)] = entry
     return entry
@@ -359,7 +364,7 @@ def get_record(kind: str, parts: Mapping[str, object]) -> object | None:
     key = make_key(kind, parts)
     memo = (str(root()), key.digest)
     if memo not in _records:
-        found = _find(key)
+        found = _find(key, on_corrupt="ignoring it")
         if found is None or RECORD not in found[1]:
             return None
         _memo[memo], _records[memo] = found[0], found[1][RECORD].decode()

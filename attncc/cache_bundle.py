@@ -78,7 +78,7 @@ def import_bundle(src: str | Path) -> tuple[int, int]:
     for kind, digest, manifest, contents in entries:
         key = cache.make_key(kind, manifest["parts"])
         assert key.digest == digest  # checked: same parts, same versions
-        if cache.lookup(key) is not None:
+        if cache.lookup(key, on_corrupt="replacing it with the bundle's") is not None:
             continue
 
         def write(folder: Path, contents: dict[str, bytes] = contents) -> None:

@@ -154,7 +154,7 @@ def test_corrupt_record_is_ignored_with_a_warning(monkeypatch):
     entry = cache.put_record("tuning", {"n": 5}, {"us": 1.0})
     entry.file(cache.RECORD).write_text('{"us": 0.1}')  # edited by hand: fails its checksum
     _forget(monkeypatch)
-    with pytest.warns(UserWarning, match="corrupt"):
+    with pytest.warns(UserWarning, match="is corrupt .*; ignoring it"):
         assert cache.get_record("tuning", {"n": 5}) is None
 
 

@@ -86,6 +86,18 @@ def test_export_import_round_trip(tmp_path, monkeypatch):
     assert import_bundle(bundle) == (0, 2)
 
 
+def test_import_replaces_a_corrupt_local_entry(tmp_path, monkeypatch):
+    kernel, _ = _fill()
+    bundle = tmp_path / "tuned.tar.gz"
+    export_bundle(bundle)
+    kernel.file("kernel.py").write_bytes(b"damaged")
+    cache.forget()
+    with pytest.warns(UserWarning, match="is corrupt .*; replacing it with the bundle's"):
+        assert import_bundle(bundle) == (1, 1)
+    assert [s.problem for s in cache.scan()] == ["", ""]
+    assert kernel.file("kernel.py").read_bytes() == CODE
+
+
 def test_export_by_kind_and_nothing_to_export(tmp_path):
     with pytest.raises(CacheError, match="entries to export = 0"):
         export_bundle(tmp_path / "empty.tar.gz")
