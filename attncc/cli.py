@@ -12,6 +12,7 @@ from rich.table import Table
 from attncc.autotune.command import tune_cmd
 from attncc.autotune.report import model_pick
 from attncc.bench.command import bench_cmd
+from attncc.cache_cli import cache_cmd
 from attncc.errors import AttnccError, PatternError, field_error
 from attncc.ir.analysis import Analysis, analyze
 from attncc.ir.canonical import canonicalize, pattern_hash, resolve_heads
@@ -207,6 +208,7 @@ def compile_cmd(spec_path: str, out_dir: str, device: str) -> None:
 
 cli.add_command(tune_cmd)
 cli.add_command(bench_cmd)
+cli.add_command(cache_cmd)
 
 
 def main() -> None:

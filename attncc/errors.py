@@ -32,6 +32,10 @@ class TuneError(AttnccError):
     """An autotuning request is out of range (shape, candidate count, device)."""
 
 
+class CacheError(AttnccError):
+    """A cache key, entry or bundle is malformed, unknown, or fails its checks."""
+
+
 def field_error(
     cls: type[AttnccError], field: str, value: object, allowed: str, why: str = ""
 ) -> AttnccError:

@@ -1,12 +1,11 @@
-"""Tuning records: the best measured config per kernel key, as JSON files.
+"""Tuning records: the best measured config per kernel key, kept in the kernel cache.
 
 A record is keyed by everything that can change which config is fastest: the
 canonical pattern (its hash), the grid, batch x heads of the launch, head dim,
 dtype, score, the device name and the attncc, torch and triton versions. A
-record from another version has another key, so it is never used. Storage sits
-behind :func:`save_record` / :func:`load_record` (files under
-``<cache dir>/tuning/``, written atomically) so that ``attncc.cache`` can take
-it over in one place.
+record from another version has another key, so it is never used. Records are
+``attncc.cache`` records of kind ``tuning`` (atomic, checksummed, and carried by
+``attncc cache export``/``import`` to machines with no tuning budget).
 """
 
 from __future__ import annotations
@@ -14,17 +13,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from attncc import cache
 from attncc.ir.canonical import pattern_hash
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.lower.lowering import LaunchConfig
-from attncc.lower.render import kernel_dir
 
 
 @dataclass(frozen=True)
@@ -73,42 +70,29 @@ def _plain(obj: object) -> object:
     return json.loads(json.dumps(dataclasses.asdict(obj)))  # type: ignore[call-overload]
 
 
-def _root() -> Path:
-    return kernel_dir().parent / "tuning"  # the cache root holds kernels/ and tuning/
-
-
-def _path(key: TuningKey) -> Path:
-    return _root() / f"{key.digest()}.json"
+KIND = "tuning"
 
 
 def save_record(record: TuningRecord) -> Path:
-    """Write ``record`` atomically (a reader sees the old file or the whole new one)."""
-    path = _path(record.key)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_plain(record), indent=1, sort_keys=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
-    return path
+    """Store ``record`` in the cache; returns the record's file."""
+    label = f"tuning {record.key.dtype} D={record.key.head_dim} grid={'x'.join(map(str, record.key.grid))}"
+    entry = cache.put_record(KIND, _plain(record.key), _plain(record), label=label)
+    return entry.file(cache.RECORD)
 
 
 def load_record(key: TuningKey) -> TuningRecord | None:
-    """The record for ``key``, or None; an unreadable or mismatched one is ignored with a warning."""
-    path = _path(key)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        warnings.warn(f"attncc: ignoring unreadable tuning record {path}: {e}", stacklevel=2)
+    """The record for ``key``, or None; a damaged entry (the cache warns) or a malformed or
+    mismatched record is ignored with a warning."""
+    data = cache.get_record(KIND, _plain(key))
+    if data is None:
         return None
     try:
         record = _record(data)
     except (KeyError, TypeError, ValueError) as e:  # AttnccError is a ValueError
-        warnings.warn(f"attncc: ignoring malformed tuning record {path}: {e}", stacklevel=2)
+        warnings.warn(f"attncc: ignoring malformed tuning record for {key}: {e}", stacklevel=2)
         return None
     if record.key != key:
-        warnings.warn(f"attncc: ignoring tuning record {path}: it holds another key", stacklevel=2)
+        warnings.warn(f"attncc: ignoring tuning record for {key}: it holds another key", stacklevel=2)
         return None
     return record
 

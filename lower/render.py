@@ -1,23 +1,26 @@
 """Render a KernelPlan into Triton source and load it as a module.
 
-Rendered files are written once, atomically, under the kernel directory
-(``ATTNCC_CACHE_DIR`` or the platform cache directory) named by the hash of
-their source, and imported from there: Triton's JIT needs a real source file.
+A rendered module is a kernel entry of :mod:`attncc.cache` (its one file
+``kernel.py``, imported from there: Triton's JIT needs a real source file),
+keyed by the plan, the source's hash, the backend and the device.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
-import os
-import tempfile
 from functools import cache
 from pathlib import Path
 from types import ModuleType
 
 import jinja2
 
+from attncc import cache as kernel_cache
 from attncc.lower.plan import KernelPlan
+
+KERNELS = "kernels"  # the cache kind of rendered modules
+MODULE = "kernel.py"
 
 ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("attncc.templates", "triton"),
@@ -29,12 +32,8 @@ ENV = jinja2.Environment(
 
 
 def kernel_dir() -> Path:
-    root = os.environ.get("ATTNCC_CACHE_DIR")
-    if not root:
-        import platformdirs  # only when needed: the lent GPU machines lack it
-
-        root = platformdirs.user_cache_dir("attncc")
-    return Path(root) / "kernels"
+    """The folder of kernel entries, ``<cache root>/kernels``."""
+    return kernel_cache.root() / KERNELS
 
 
 def render(plan: KernelPlan) -> str:
@@ -44,16 +43,24 @@ def render(plan: KernelPlan) -> str:
 
 @cache
 def load(plan: KernelPlan) -> ModuleType:
-    """Render, write (once) and import the module of ``plan``; cached per process."""
-    source = render(plan)
-    digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-    path = kernel_dir() / f"attncc_fwd_{digest}.py"
-    if not path.exists() or path.read_text() != source:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-            f.write(source)
-        os.replace(f.name, path)  # readers see the old file or the whole new one
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    """Render ``plan``, take its module file from the kernel cache (built once) and import it.
+
+    Memoised per process: a second call with an equal plan returns the same module.
+    """
+    data = render(plan).encode()
+    parts = {
+        "plan": dataclasses.asdict(plan),
+        "sha256": {MODULE: hashlib.sha256(data).hexdigest()},  # binds the file: see attncc.cache
+        "backend": "triton",
+        "device": kernel_cache.device_capability(),
+    }
+    label = (
+        f"triton {plan.iteration} {plan.dtype} d{plan.head_dim} grid {'x'.join(map(str, plan.grid))}"
+        f" q {'x'.join(map(str, plan.q_tile))} kv {'x'.join(map(str, plan.kv_tile))}"
+    )
+    key = kernel_cache.make_key(KERNELS, parts)
+    entry = kernel_cache.build_entry(key, lambda folder: (folder / MODULE).write_bytes(data), label)
+    spec = importlib.util.spec_from_file_location(f"attncc_kernel_{key.digest[:24]}", entry.file(MODULE))
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -17,7 +17,8 @@ from click.testing import CliRunner
 
 import attncc.library
 import attncc.ops
-from attncc.autotune import tuner
+from attncc import cache
+from attncc.autotune import records, tuner
 from attncc.autotune.constants import KERNEL
 from attncc.autotune.cost import TileCounts, device_spec, predict, registers, resident, shared_bytes
 from attncc.autotune.records import TuningKey, TuningRecord, load_record, save_record
@@ -200,37 +201,51 @@ def cache_dir(tmp_path, monkeypatch):
 def _clear():
     for cached in (attncc.ops.compiled, attncc.ops.launches, attncc.library._launches):
         cached.cache_clear()
+    cache.forget()
 
 
 def test_record_round_trip_and_versions(cache_dir):
     record = _record()
     path = save_record(record)
-    assert path.parent == cache_dir / "tuning" and not list(path.parent.glob("*.tmp"))
+    assert path.parent.parent == cache_dir / "tuning"  # a cache entry of kind "tuning"
+    assert load_record(record.key) == record
+    cache.forget()  # as a new process: read back from disk
     assert load_record(record.key) == record
     other = _record(versions=(("attncc", "0.0.0"), ("torch", "1"), ("triton", "1")))
     assert load_record(other.key) is None  # another version's record is never used
 
 
 @pytest.mark.parametrize(
-    "damage,match",
-    [
-        (lambda text: text[: len(text) // 2], "unreadable"),
-        (lambda text: text.replace('"measured_us"', '"measured"'), "malformed"),
-        (lambda text: text.replace('"num_warps": 4', '"num_warps": 5'), "malformed"),
-    ],
-    ids=["truncated", "missing-field", "bad-config"],
+    "damage",
+    [lambda text: text[: len(text) // 2], lambda text: text.replace('"num_warps": 4', '"num_warps": 5')],
+    ids=["truncated", "edited"],
 )
-def test_damaged_record_is_ignored_with_a_warning(cache_dir, damage, match):
+def test_damaged_record_is_ignored_with_a_warning(cache_dir, damage):
     record = _record()
     path = save_record(record)
     path.write_text(damage(path.read_text()))
-    with pytest.warns(UserWarning, match=match):
+    cache.forget()
+    with pytest.warns(UserWarning, match="corrupt"):
+        assert load_record(record.key) is None
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [lambda d: d.pop("measured_us"), lambda d: d["config"].update(num_warps=5)],
+    ids=["missing-field", "bad-config"],
+)
+def test_malformed_record_is_ignored_with_a_warning(cache_dir, edit):
+    record = _record()
+    data = records._plain(record)
+    edit(data)
+    cache.put_record(records.KIND, records._plain(record.key), data)  # intact entry, bad content
+    with pytest.warns(UserWarning, match="malformed"):
         assert load_record(record.key) is None
 
 
 def test_record_under_another_key_is_ignored(cache_dir):
     a, b = _record(), _record(pattern=neighborhood(5))
-    save_record(b).replace(save_record(a))  # b's content under a's name
+    cache.put_record(records.KIND, records._plain(a.key), records._plain(b))  # b's content under a's key
     with pytest.warns(UserWarning, match="another key"):
         assert load_record(a.key) is None
 

@@ -1,0 +1,436 @@
+"""attncc.cache: a content-addressed, process-safe store for kernels and records.
+
+Layout: ``<root>/<kind>/<digest>/`` holds an entry's files and ``manifest.json``
+(kind, key parts, versions, each file's size and sha256, a label, the time it
+was made); lock files live in ``<root>/locks/``. The root is
+``ATTNCC_CACHE_DIR``, else the platform cache directory.
+
+Note [Cache keys]: the digest is a sha256 over canonical JSON of the kind, the
+caller's key parts (canonical pattern text or the kernel plan, grid, shapes,
+dtypes, device, backend, ...) and the toolchain: the attncc, torch and triton
+versions and a hash of the template files. An entry made by another toolchain
+has another digest, so it is never found; a manifest is also checked against
+its directory's digest, so an entry edited or copied to the wrong place is
+never used either. A key may bind its files' contents with a part ``sha256``
+(file name -> hash), as the kernel module's key does: then files that hash
+otherwise make the entry corrupt, so no bundle can bring other code in under a
+key that attncc looks up.
+
+Note [Cache writes]: a builder writes into a fresh temporary directory beside
+the entries, the manifest last, and the directory is then renamed into place:
+a reader sees no entry or a whole one. A file lock per key makes concurrent
+builders of one key (threads or processes) build it once: look, lock, look
+again, build. An entry whose files fail their checksums is reported with a
+warning and rebuilt under the lock.
+
+Note [Cache memo]: a lookup that succeeds is remembered per (root, digest), so
+a second lookup of a key in one process touches no file. The memo does not see
+what other processes do later; ``clear`` forgets the root it clears.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.resources
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import filelock
+
+from attncc.errors import CacheError, field_error
+
+MANIFEST = "manifest.json"
+RECORD = "record.json"
+FORMAT = 1
+_KIND = re.compile(r"[a-z][a-z0-9_-]{0,39}\Z")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
+_DIGEST = re.compile(r"[0-9a-f]{64}\Z")
+_NOT_KINDS = ("locks",)
+_STALE_TEMP_S = 3600.0  # a hidden build or trash folder this old was left by a crashed process
+
+
+def root() -> Path:
+    """``ATTNCC_CACHE_DIR``, else the platform cache directory (read on every call, so tests can move it)."""
+    env = os.environ.get("ATTNCC_CACHE_DIR")
+    if env:
+        return Path(env)
+    import platformdirs  # only when needed: the lent GPU machines lack it
+
+    return Path(platformdirs.user_cache_dir("attncc"))
+
+
+@functools.cache
+def template_version() -> str:
+    """A hash of every template file's name and text: a template edit changes every key."""
+    h = hashlib.sha256()
+    for name, data in sorted(_templates(importlib.resources.files("attncc.templates"), "")):
+        h.update(f"{name}\0{len(data)}\0".encode() + data)
+    return h.hexdigest()[:16]
+
+
+def _templates(folder, prefix: str) -> Iterator[tuple[str, bytes]]:
+    for item in folder.iterdir():
+        if item.is_dir():
+            yield from _templates(item, f"{prefix}{item.name}/")
+        elif item.name.endswith(".j2"):
+            yield prefix + item.name, item.read_bytes()
+
+
+@functools.cache
+def versions() -> tuple[tuple[str, str], ...]:
+    """The toolchain every key includes: attncc, templates, torch, triton."""
+    import torch
+    import triton
+
+    from attncc import __version__
+
+    return (
+        ("attncc", __version__),
+        ("templates", template_version()),
+        ("torch", torch.__version__),
+        ("triton", triton.__version__),
+    )
+
+
+def device_capability() -> str:
+    """``sm_90`` style for the current CUDA device, ``cpu`` when there is none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
+
+
+def _canonical(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def digest_of(kind: str, parts: object, versions: Mapping[str, str]) -> str:
+    """The digest of a key given as plain JSON data (Note [Cache keys])."""
+    text = _canonical({"kind": kind, "parts": parts, "versions": dict(versions)})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Key:
+    """A cache key: ``kind`` names the entry's folder; ``parts`` is the caller's canonical JSON."""
+
+    kind: str
+    parts: str
+    versions: tuple[tuple[str, str], ...]
+    digest: str
+
+
+def make_key(kind: str, parts: Mapping[str, object]) -> Key:
+    """The key of ``parts`` (JSON values) under the current toolchain."""
+    if not isinstance(kind, str) or not _KIND.match(kind) or kind in _NOT_KINDS:
+        allowed = "1-40 of a-z, 0-9, '_', '-', starting with a letter; not 'locks'"
+        raise field_error(CacheError, "kind", kind, allowed)
+    if not isinstance(parts, Mapping):
+        raise field_error(CacheError, "key parts", parts, "a dict of JSON values")
+    try:
+        text = _canonical(parts)
+    except (TypeError, ValueError) as e:
+        allowed = "a dict of JSON values (str, int, finite float, bool, None, lists, dicts)"
+        raise field_error(CacheError, "key parts", parts, allowed, str(e)) from None
+    toolchain = versions()
+    return Key(kind, text, toolchain, digest_of(kind, json.loads(text), dict(toolchain)))
+
+
+@dataclass(frozen=True, eq=False)
+class Entry:
+    """A verified entry: its folder and what its manifest says."""
+
+    path: Path
+    kind: str
+    digest: str
+    parts: dict
+    versions: dict[str, str]
+    files: dict[str, dict]  # name -> {"size": int, "sha256": str}
+    label: str
+    created: float
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def size(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+
+class Corrupt(Exception):
+    """An entry fails a check; the message says which."""
+
+
+def check_entry(
+    kind: str, digest: str, manifest: bytes, read: Callable[[str], bytes]
+) -> tuple[dict, dict[str, bytes]]:
+    """Check an entry's manifest against its place and its files against the manifest.
+
+    ``read(name)`` returns a file's bytes (``FileNotFoundError`` if missing).
+    Returns the manifest and the files' contents; raises :class:`Corrupt`.
+    Shared by lookups and by bundle import, so both trust exactly the same things.
+    """
+    try:
+        m = json.loads(manifest)
+        if m["format"] != FORMAT:
+            raise Corrupt(f"manifest format {m['format']!r}, this attncc reads {FORMAT}")
+        if m["kind"] != kind or m["digest"] != digest:
+            raise Corrupt(f"manifest names {m['kind']}/{m['digest'][:16]}, not where it lies")
+        if digest_of(m["kind"], m["parts"], m["versions"]) != digest:
+            raise Corrupt("the digest of the manifest's key parts and versions is not the entry's key")
+        files = m["files"]
+        contents = {}
+        for name, meta in files.items():
+            if not _NAME.match(name) or name == MANIFEST:
+                raise Corrupt(f"file name {name!r} is not allowed")
+            try:
+                data = read(name)
+            except FileNotFoundError:
+                raise Corrupt(f"file {name} is missing") from None
+            except OSError as e:
+                raise Corrupt(f"file {name} is unreadable ({e})") from None
+            if len(data) != meta["size"]:
+                raise Corrupt(f"file {name} is {len(data)} bytes, its manifest says {meta['size']}")
+            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                raise Corrupt(f"file {name} fails its sha256 checksum")
+            contents[name] = data
+        if _bound(m["parts"]) not in (None, {name: meta["sha256"] for name, meta in files.items()}):
+            raise Corrupt("its files are not the ones its key parts name by sha256")
+        if not isinstance(m["created"], (int, float)) or not isinstance(m["label"], str):
+            raise Corrupt("manifest has a bad created time or label")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise Corrupt(f"malformed manifest ({type(e).__name__}: {e})") from None
+    return m, contents
+
+
+def _bound(parts: object) -> object:
+    """The file hashes a key binds, if any (Note [Cache keys])."""
+    return parts.get("sha256") if isinstance(parts, dict) else None
+
+
+def read_entry(path: Path, kind: str, digest: str) -> tuple[Entry, dict[str, bytes]]:
+    """Read and check the entry at ``path``: the entry and the bytes checked, manifest included.
+
+    Raises ``FileNotFoundError`` if it has no manifest, :class:`Corrupt` if a check fails.
+    """
+    manifest = (path / MANIFEST).read_bytes()
+    m, contents = check_entry(kind, digest, manifest, lambda name: (path / name).read_bytes())
+    entry = Entry(path, kind, digest, m["parts"], m["versions"], m["files"], m["label"], m["created"])
+    return entry, {**contents, MANIFEST: manifest}
+
+
+_memo: dict[tuple[str, str], Entry] = {}
+_records: dict[tuple[str, str], str] = {}
+
+
+def _find(key: Key, on_corrupt: str) -> tuple[Entry, dict[str, bytes]] | None:
+    """The checked entry of ``key`` on disk, or None; a corrupt one is warned about, saying ``on_corrupt``."""
+    path = root() / key.kind / key.digest
+    try:
+        return read_entry(path, key.kind, key.digest)
+    except FileNotFoundError:
+        return None
+    except Corrupt as e:
+        if on_corrupt:
+            warnings.warn(f"attncc: cache entry {path} is corrupt ({e}); {on_corrupt}", stacklevel=3)
+        return None
+
+
+def lookup(key: Key, on_corrupt: str = "ignoring it") -> Entry | None:
+    """The entry of ``key`` if one is stored and intact (Note [Cache memo]).
+
+    A corrupt one is warned about; ``on_corrupt`` says what the caller does next.
+    """
+    memo = (str(root()), key.digest)
+    if memo in _memo:
+        return _memo[memo]
+    found = _find(key, on_corrupt)
+    if found is None:
+        return None
+    _memo[memo] = found[0]
+    return found[0]
+
+
+def forget(base: Path | None = None) -> None:
+    """Drop what this process remembers of ``base`` (default: every root); the disk is untouched."""
+    for memo in [m for m in _memo if base is None or m[0] == str(base)]:
+        _memo.pop(memo)
+        _records.pop(memo, None)
+
+
+def _lock(key: Key) -> filelock.FileLock:
+    locks = root() / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    return filelock.FileLock(locks / f"{key.digest}.lock")
+
+
+def build_entry(key: Key, build: Callable[[Path], None], label: str = "") -> Entry:
+    """The entry of ``key``; if missing or corrupt, ``build(folder)`` writes its files into ``folder``.
+
+    Processes that ask for one key at once build it once (Note [Cache writes]).
+    """
+    entry = lookup(key, on_corrupt="rebuilding it")
+    if entry is not None:
+        return entry
+    with _lock(key):
+        found = _find(key, on_corrupt="")  # built by another process while we waited?
+        entry = found[0] if found else _install(key, build, label, time.time())
+    _memo[(str(root()), key.digest)] = entry
+    return entry
+
+
+def install(key: Key, build: Callable[[Path], None], label: str, created: float) -> Entry:
+    """Write the entry of ``key`` whether or not one is stored (an import, a new record), under its lock."""
+    with _lock(key):
+        entry = _install(key, build, label, created)
+    _memo[(str(root()), key.digest)] = entry
+    return entry
+
+
+def _install(key: Key, build: Callable[[Path], None], label: str, created: float) -> Entry:
+    """Build into a temporary folder, write the manifest last, rename into place. Hold the key's lock."""
+    kind_dir = root() / key.kind
+    kind_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key.digest[:16]}-", dir=kind_dir))
+    try:
+        build(tmp)
+        files = {}
+        for p in sorted(tmp.iterdir()):
+            if not p.is_file() or not _NAME.match(p.name) or p.name == MANIFEST:
+                allowed = "plain files named with A-Z, a-z, 0-9, '_', '.', '-' (not manifest.json)"
+                raise field_error(CacheError, "built file", p.name, allowed)
+            data = p.read_bytes()
+            files[p.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        bound = _bound(json.loads(key.parts))
+        if bound not in (None, {name: meta["sha256"] for name, meta in files.items()}):
+            raise field_error(CacheError, "built files", sorted(files), "the files its key binds by sha256")
+        manifest = {
+            "format": FORMAT,
+            "kind": key.kind,
+            "digest": key.digest,
+            "parts": json.loads(key.parts),
+            "versions": dict(key.versions),
+            "files": files,
+            "label": label,
+            "created": created,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        final = kind_dir / key.digest
+        _remove(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Entry(final, key.kind, key.digest, manifest["parts"], dict(key.versions), files, label, created)
+
+
+def _remove(path: Path) -> None:
+    """Rename aside, then delete: readers see the whole entry or none, never half of one."""
+    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(path, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def put_record(kind: str, parts: Mapping[str, object], obj: object, label: str = "") -> Entry:
+    """Store ``obj`` (JSON data) as the record of ``parts``, replacing an older one."""
+    key = make_key(kind, parts)
+    try:
+        text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        allowed = "JSON values (str, int, finite float, bool, None, lists, dicts)"
+        raise field_error(CacheError, "record", obj, allowed, str(e)) from None
+    entry = install(key, lambda folder: (folder / RECORD).write_text(text), label, time.time())
+    _records[(str(root()), key.digest)] = text
+    return entry
+
+
+def get_record(kind: str, parts: Mapping[str, object]) -> object | None:
+    """The record of ``parts`` stored by :func:`put_record` under this toolchain, or None."""
+    key = make_key(kind, parts)
+    memo = (str(root()), key.digest)
+    if memo not in _records:
+        found = _find(key, on_corrupt="ignoring it")
+        if found is None or RECORD not in found[1]:
+            return None
+        _memo[memo], _records[memo] = found[0], found[1][RECORD].decode()
+    return json.loads(_records[memo])
+
+
+@dataclass(frozen=True)
+class Status:
+    """An entry folder as ``scan`` found it: ``problem`` is empty, ``stale: ...`` or ``corrupt: ...``."""
+
+    path: Path
+    kind: str
+    digest: str
+    entry: Entry | None
+    problem: str
+
+
+def scan() -> list[Status]:
+    """Every entry folder under the root, checked, in kind then creation order."""
+    base = root()
+    current = dict(versions())
+    found = []
+    for kind_dir in sorted(base.iterdir()) if base.is_dir() else ():
+        if not kind_dir.is_dir() or not _KIND.match(kind_dir.name) or kind_dir.name in _NOT_KINDS:
+            continue
+        for path in sorted(kind_dir.iterdir()):
+            if not path.is_dir() or not _DIGEST.match(path.name):
+                continue
+            entry, problem = None, ""
+            try:
+                entry = read_entry(path, kind_dir.name, path.name)[0]
+            except FileNotFoundError:
+                problem = "corrupt: no manifest"
+            except Corrupt as e:
+                problem = f"corrupt: {e}"
+            if entry is not None and entry.versions != current:
+                changed = [f"{k} {v}" for k, v in sorted(entry.versions.items()) if current.get(k) != v]
+                problem = "stale: made by " + ", ".join(changed)
+            found.append(Status(path, kind_dir.name, path.name, entry, problem))
+    return sorted(found, key=lambda s: (s.kind, s.entry.created if s.entry else 0.0, s.digest))
+
+
+def find(prefix: str) -> Status:
+    """The one entry whose digest starts with ``prefix`` (at least 4 hex digits)."""
+    allowed = "a key (or a unique prefix of 4+ hex digits) that `attncc cache ls` lists"
+    if not re.fullmatch(r"[0-9a-f]{4,64}", prefix):
+        raise field_error(CacheError, "KEY", prefix, allowed)
+    matches = [s for s in scan() if s.digest.startswith(prefix)]
+    if len(matches) != 1:
+        why = "no such entry" if not matches else f"{len(matches)} entries match"
+        raise field_error(CacheError, "KEY", prefix, allowed, why)
+    return matches[0]
+
+
+def clear(stale_only: bool = False) -> int:
+    """Remove every entry (or only stale and corrupt ones); returns how many. Forgets the root's memo."""
+    removed = 0
+    for status in scan():
+        if stale_only and not status.problem:
+            continue
+        _remove(status.path)
+        removed += 1
+    base = root()
+    forget(base)
+    if not stale_only and base.is_dir():
+        for leftover in [*base.glob("*/.build-*"), *base.glob("*/.trash-*")]:
+            if time.time() - leftover.stat().st_mtime > _STALE_TEMP_S:
+                shutil.rmtree(leftover, ignore_errors=True)
+    return removed
