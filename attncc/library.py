@@ -29,12 +29,20 @@ from attncc.ir.nodes import Pattern
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
 from attncc.layouts import check_score, to_sdpa_layout
+from attncc.lower.render import load
 
 
 @cache
 def _launches(pattern: str, grid: tuple[int, ...], batch: int, heads: int, head_dim: int, dtype: torch.dtype,
               device: str, score: str) -> tuple[ops.Launch, ...]:  # fmt: skip
     return ops.launches(parse(pattern), Grid(grid), batch, heads, head_dim, ops.DTYPES[dtype], device, score)
+
+
+def forget_kernels() -> None:
+    """Drop every per-process memo of compiled kernels (the next call looks in the cache and
+    the tuning records again): for tests, and after ``attncc cache clear`` in a live process."""
+    for memo in (_launches, ops.launches, ops.compiled, load):
+        memo.cache_clear()
 
 
 def _fwd(q, k, v, pattern, grid, scale, score, bias, wrap):

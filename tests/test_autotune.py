@@ -199,8 +199,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def _clear():
-    for cached in (attncc.ops.compiled, attncc.ops.launches, attncc.library._launches):
-        cached.cache_clear()
+    attncc.library.forget_kernels()
     cache.forget()
 
 

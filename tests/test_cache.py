@@ -17,8 +17,8 @@ import attncc
 from attncc import cache
 from attncc.errors import CacheError
 from attncc.ir import Grid, dense
-from attncc.lower.render import KERNELS, MODULE, load
-from attncc.ops import _compiled
+from attncc.library import forget_kernels
+from attncc.lower.render import KERNELS, MODULE
 from attncc.reference import attention as reference
 
 
@@ -297,11 +297,9 @@ def test_processes_asking_at_once_build_once(tmp_path, own_cache):
 @pytest.fixture
 def fresh_kernels():
     """load() and the op memoise per process: start and end with them empty, so the kernel is built here."""
-    load.cache_clear()
-    _compiled.cache_clear()
+    forget_kernels()
     yield
-    load.cache_clear()
-    _compiled.cache_clear()
+    forget_kernels()
 
 
 def _dense16():
@@ -321,8 +319,7 @@ def test_attention_runs_through_the_kernel_cache(fresh_kernels, own_cache, monke
     assert "float32" in status.entry.label and "grid 1x1x16" in status.entry.label
     # Damaged on disk, the kernel is rebuilt with a warning the next time a process loads it.
     status.entry.file(MODULE).write_text("raise SystemExit('corrupted kernel')\n")
-    load.cache_clear()
-    _compiled.cache_clear()
+    forget_kernels()
     _forget(monkeypatch)
     with pytest.warns(UserWarning, match="corrupt"):
         _dense16()
