@@ -26,7 +26,10 @@ part="${1:-all}"
 status=0
 [[ $part == all || $part == tests ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests --ignore=tests/test_triton_bwd_gpu.py 2>&1 |
-    tee "$out/gpu_tests.txt" || status=1; }
+    tee "$out/gpu_tests.txt" || status=1
+    # The timm drop-in check (unmarked: it runs on the CPU too, where timm is installed).
+    timeout 300 python3 -P -m pytest -q -p no:cacheprovider tests/test_dropin_timm.py 2>&1 |
+      tee -a "$out/gpu_tests.txt" || status=1; }
 [[ $part == all || $part == tests-bwd ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }

@@ -3,16 +3,23 @@ with its attention replaced by attncc.nn.SparseAttention.
 
 Dense pattern: the model's output matches the original within fp32 rounding of a few layers
 (1e-4). Neighborhood pattern: a forward+backward step runs under torch.compile(fullgraph=True).
+
+timm needs a torchvision whose C++ ops load with the installed torch. CI's package index pairs
+torch 2.13.0+cpu with a torchvision build whose ops do not load, so timm is not in the test extra
+and this module is skipped where timm cannot be imported; benchmarks/gpu_check.sh runs it on the
+GPU machine (which ships timm), and it runs wherever timm is installed.
 """
 
 import copy
 
-import timm  # in the test extra
+import pytest
 import torch
 from conftest import DEVICE
 
 from attncc.ir import dense, neighborhood
 from attncc.nn import SparseAttention
+
+timm = pytest.importorskip("timm", reason="timm (and a torchvision matching torch) is not installed")
 
 
 def _vit():
