@@ -36,6 +36,10 @@ class CacheError(AttnccError):
     """A cache key, entry or bundle is malformed, unknown, or fails its checks."""
 
 
+class BuildError(AttnccError):
+    """A kernel could not be built: a compiler or its headers are missing, or it rejected the source."""
+
+
 def field_error(
     cls: type[AttnccError], field: str, value: object, allowed: str, why: str = ""
 ) -> AttnccError:

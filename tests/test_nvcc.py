@@ -1,0 +1,84 @@
+"""attncc.nvcc: building a CUDA source into a cached shared object, on a machine with nvcc and no GPU.
+
+A tiny source with one host function is enough to check the build, the load,
+the cache (a second build runs no nvcc) and the error on a source that does
+not compile; the CUTLASS kernel itself is compiled in ``tests/test_cutlass.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import pytest
+
+from attncc import nvcc
+from attncc.errors import BuildError
+
+pytestmark = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc is not installed")
+
+SOURCE = """
+extern "C" int attncc_answer(int x) { return 6 * x; }
+__global__ void unused(float* p) { p[threadIdx.x] = 0.f; }
+"""
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_build_loads_and_calls(cache_dir):
+    path = nvcc.build(SOURCE, "answer", {"test": "answer"})
+    assert path.name == nvcc.LIBRARY and path.is_relative_to(cache_dir)
+    assert (path.parent / nvcc.SOURCE).read_text() == SOURCE
+    answer = nvcc.load(path).attncc_answer
+    answer.argtypes, answer.restype = [ctypes.c_int], ctypes.c_int
+    assert answer(7) == 42
+
+
+def test_second_build_is_a_cache_hit(cache_dir, monkeypatch):
+    first = nvcc.build(SOURCE, "answer", {"test": "hit"})
+
+    def no_compiler(*args, **kwargs):
+        raise AssertionError("nvcc ran on a cache hit")
+
+    monkeypatch.setattr(nvcc.subprocess, "run", no_compiler)
+    assert nvcc.build(SOURCE, "answer", {"test": "hit"}) == first
+
+
+def test_another_source_is_another_entry(cache_dir):
+    a = nvcc.build(SOURCE, "answer", {"test": "two"})
+    b = nvcc.build(SOURCE.replace("6 * x", "7 * x"), "answer", {"test": "two"})
+    assert a != b
+
+
+def test_broken_source_names_the_kept_file(cache_dir):
+    broken = 'extern "C" int f() { return undeclared_name; }\n'
+    with pytest.raises(BuildError, match="nvcc could not build broken") as info:
+        nvcc.build(broken, "broken", {"test": "broken"})
+    message = str(info.value)
+    assert "undeclared_name" in message  # nvcc's own report is in the error
+    kept = Path(message.split("source kept at ")[1].split(")")[0])
+    assert kept.read_text() == broken and kept.parent == cache_dir / "failed"
+    assert not list((cache_dir / nvcc.KERNELS).glob("[0-9a-f]*"))  # no entry was made
+
+
+def test_command_targets_sm90a(tmp_path):
+    cmd = nvcc.command(tmp_path / "k.cu", tmp_path / "k.so", includes=[tmp_path])
+    assert "-gencode=arch=compute_90a,code=sm_90a" in cmd and "-shared" in cmd
+    assert cmd[-1] == str(tmp_path / "k.cu") and cmd[cmd.index("-o") + 1] == str(tmp_path / "k.so")
+    assert f"-I{tmp_path}" in cmd
+
+
+def test_missing_nvcc_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(nvcc, "nvcc_path", lambda: None)
+    with pytest.raises(BuildError, match="nvcc is not on PATH"):
+        nvcc.build(SOURCE, "answer", {"test": "none"})
+
+
+def test_missing_headers_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(nvcc, "cutlass_root", lambda: None)
+    with pytest.raises(BuildError, match=r'pip install "attncc\[cutlass\]"'):
+        nvcc.include_dirs()
