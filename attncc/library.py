@@ -7,7 +7,9 @@ and torch.compile see one operator with a registered backward:
   ``wrap_triton``: on a GPU, torch.compile sees into the kernels.
 - ``attncc::fwd_opaque`` / ``attncc::bwd_opaque`` are ``custom_op``s with a
   ``register_fake``: torch.compile treats them as opaque calls. They serve the
-  Triton CPU interpreter, which inductor cannot compile.
+  Triton CPU interpreter, which inductor cannot compile, and CUTLASS kernels
+  (a C call torch.compile cannot see into): on a GPU they are used whenever
+  ``ATTNCC_BACKEND`` lets CUTLASS run (:func:`attncc.ops.backend_setting`).
 
 The pattern travels as its text (``attncc.ir.text``) and the grid as a list of
 ints, so an op's arguments are tensors and constants only: the graph holds no
@@ -22,7 +24,7 @@ from functools import cache
 import torch
 from torch.library import custom_op, register_autograd, register_fake, triton_op, wrap_triton
 
-from attncc import ops
+from attncc import cutlass_kernel, ops
 from attncc.errors import AttnccError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
@@ -41,7 +43,7 @@ def _launches(pattern: str, grid: tuple[int, ...], batch: int, heads: int, head_
 def forget_kernels() -> None:
     """Drop every per-process memo of compiled kernels (the next call looks in the cache and
     the tuning records again): for tests, and after ``attncc cache clear`` in a live process."""
-    for memo in (_launches, ops.launches, ops.compiled, load):
+    for memo in (_launches, ops.launches, ops.compiled, load, cutlass_kernel.load):
         memo.cache_clear()
 
 
@@ -174,7 +176,8 @@ def attention(
     validate(pattern, grid, h)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     bias = -math.log(n) if sigmoid_bias is None else float(sigmoid_bias)
-    op = torch.ops.attncc.fwd if q.device.type == "cuda" else torch.ops.attncc.fwd_opaque
+    visible = q.device.type == "cuda" and _backend_setting() == "triton"
+    op = torch.ops.attncc.fwd if visible else torch.ops.attncc.fwd_opaque
     o, lse = op(qs, ks, vs, _text(pattern), list(grid.shape), scale, score, bias)
     result = layout.output(o)
     if out is not None:
@@ -182,6 +185,11 @@ def attention(
     if not return_lse:
         return result
     return result, layout.lse(lse)
+
+
+@torch.compiler.assume_constant_result  # read once per trace, like the pattern's text
+def _backend_setting() -> str:
+    return ops.backend_setting()
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once and keeps the text

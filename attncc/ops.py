@@ -11,6 +11,7 @@ through torch.library ops so autograd and torch.compile see one op.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -19,10 +20,13 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from attncc import cutlass_kernel
 from attncc.autotune.records import tuned_config
+from attncc.errors import PatternError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
+from attncc.lower.cutlass import refusal
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.render import load
 
@@ -47,6 +51,7 @@ class Kernel:
 
     module: ModuleType
     tables: tuple[np.ndarray, ...]
+    cutlass: cutlass_kernel.CutlassKernel | None = None  # runs the forward when set (all heads)
 
 
 def _int32(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -77,15 +82,54 @@ def _cached_tables(kernel: Kernel, device: torch.device) -> tuple[torch.Tensor, 
     return tuple(torch.as_tensor(t, device=device) for t in kernel.tables)
 
 
+BACKEND_SETTINGS = ("triton", "auto", "cutlass")
+
+
+def backend_setting() -> str:
+    """``ATTNCC_BACKEND``: ``triton`` (the default until CUTLASS has GPU figures), ``auto`` (a
+    tuning record may pick CUTLASS) or ``cutlass`` (every plan it takes; others refused)."""
+    value = os.environ.get("ATTNCC_BACKEND", "triton")
+    if value not in BACKEND_SETTINGS:
+        raise field_error(PatternError, "ATTNCC_BACKEND", value, ", ".join(BACKEND_SETTINGS))
+    return value
+
+
+def cutlass_config(head_dim: int) -> LaunchConfig:
+    """The CUTLASS tiles of the example's cooperative kernels: 128 x 128 (or x 64 for D = 64)."""
+    return LaunchConfig(128, 128 if head_dim >= 128 else 64, 8, 2, backend="cutlass")
+
+
 @cache
 def compiled(
     pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str, batch_heads: int
 ) -> Kernel:
     """The kernel of one head-independent pattern (cached per process): the config of a
-    tuning record (``attncc tune``) when one exists for this launch, else the default."""
+    tuning record (``attncc tune``) when one exists for this launch, else the default.
+
+    A CUTLASS config runs the forward in CUTLASS and keeps a Triton module of the
+    default config for the backward (it needs only the output and the log-sum-exp).
+    """
+    setting = backend_setting()
     tuned = tuned_config(pattern, grid, batch_heads, head_dim, dtype, score, device_type)
-    config = tuned or LaunchConfig.default(device_type, head_dim)
+    default = LaunchConfig.default(device_type, head_dim)
+    config = tuned or default
+    if setting == "cutlass":
+        config = cutlass_config(head_dim)
+    elif setting == "triton" and config.backend == "cutlass":
+        config = default
     plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
+    if config.backend == "cutlass":
+        reason = refusal(plan) or cutlass_kernel.unavailable(device_type)
+        if reason is None:
+            triton_plan = lower(pattern, grid, head_dim, dtype, score=score, config=default)
+            tables = kernel_tables(pattern, grid, triton_plan)
+            return Kernel(load(triton_plan), tables, cutlass_kernel.load(plan))
+        if setting == "cutlass":
+            allowed = "triton here (ATTNCC_BACKEND=triton)"
+            raise field_error(PatternError, "backend", "cutlass", allowed, reason)
+        # "auto" with a tuning record that picked CUTLASS where it cannot run (say, no nvcc here).
+        warnings.warn(f"attncc: the tuned CUTLASS kernel cannot run ({reason}); using Triton", stacklevel=2)
+        plan = lower(pattern, grid, head_dim, dtype, score=score, config=default)
     return Kernel(load(plan), kernel_tables(pattern, grid, plan))
 
 
@@ -128,6 +172,9 @@ def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, 
     # Sigmoid attention writes no log-sum-exp: the op still returns a defined tensor.
     lse = (torch.empty if write_lse else torch.zeros)((b, h, n), device=q.device, dtype=torch.float32)
     for launch in plan_launches:
+        if launch.kernel.cutlass is not None and len(launch.heads) == h and wrap is None:
+            cutlass_kernel.forward(launch.kernel.cutlass, q, k, v, o, lse, scale)
+            continue
         values, offsets, entries, _, _ = _tables(launch.kernel, q)
         head_map = _int32(launch.heads, q)
         launch.kernel.module.launch(

@@ -7,7 +7,12 @@ tiles); table plans keep lowering's box per token count, because each box needs
 its own exact tile table. Candidates that do not fit an SM (shared memory per
 block, registers without spilling) are left out; lowering's default config is
 always in, so the space is never empty and the model's pick can be compared
-with it.
+with it. With ``cutlass`` among the backends, the plans the CUTLASS templates
+take (:func:`attncc.lower.cutlass.refusal`) join as CUTLASS candidates: the
+example's 128-row Q tiles and 64 or 128-token KV tiles, each in the boxes
+that visit the fewest tiles (every candidate is an nvcc build of about a
+minute). The model ranks them as Triton plans of the same tiles; only timing
+tells the backends apart, so the tuner times every CUTLASS candidate.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from attncc.autotune.cost import Prediction, TileCounts, fits, predict
 from attncc.errors import TuneError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
+from attncc.lower.cutlass import BLOCK_M as CUTLASS_BLOCK_M
+from attncc.lower.cutlass import BLOCK_NS as CUTLASS_BLOCK_NS
+from attncc.lower.cutlass import refusal
 from attncc.lower.lowering import LaunchConfig, boxes, lower
 from attncc.lower.plan import KernelPlan
 
@@ -62,9 +70,10 @@ def search_space(
     device: DeviceSpec,
     score: str = "softmax",
     default: LaunchConfig | None = None,
+    backends: tuple[str, ...] = ("triton",),
 ) -> list[tuple[LaunchConfig, KernelPlan]]:
     """Every candidate for a head-independent ``pattern``: the default config first (lowering's
-    GPU default unless given), then the space in a fixed order."""
+    GPU default unless given), then the space in a fixed order (CUTLASS last)."""
     default = default or LaunchConfig.default("cuda", head_dim)
     base = lower(pattern, grid, head_dim, dtype, score=score, config=default)
     out = [(_config(base), base)]
@@ -84,6 +93,12 @@ def search_space(
                 continue
             seen.add(key)
             out.append((LaunchConfig(block_m, block_n, warps, stages, q_box, kv_box), plan))
+    if "cutlass" in backends and base.iteration == "range":
+        for block_n in CUTLASS_BLOCK_NS:  # lowering's fewest-visits boxes: each costs an nvcc build
+            config = LaunchConfig(CUTLASS_BLOCK_M, block_n, 8, 2, backend="cutlass")
+            plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
+            if refusal(plan) is None:
+                out.append((dataclasses.replace(config, q_box=plan.q_tile, kv_box=plan.kv_tile), plan))
     return out
 
 
@@ -107,13 +122,15 @@ def rank(
     device: DeviceSpec,
     score: str = "softmax",
     default: LaunchConfig | None = None,
+    backends: tuple[str, ...] = ("triton",),
 ) -> list[Ranked]:
     """The search space sorted by predicted time; ties keep the space's order (deterministic)."""
     if isinstance(batch_heads, bool) or not isinstance(batch_heads, int) or batch_heads < 1:
         raise field_error(TuneError, "batch_heads", batch_heads, "an integer >= 1 (batch x heads)")
     counts: dict[tuple, TileCounts] = {}  # the counts depend on the boxes only
     scored = []
-    for i, (config, plan) in enumerate(search_space(pattern, grid, head_dim, dtype, device, score, default)):
+    space = search_space(pattern, grid, head_dim, dtype, device, score, default, backends)
+    for i, (config, plan) in enumerate(space):
         key = (plan.q_tile, plan.kv_tile)
         if key not in counts:
             counts[key] = TileCounts.of(plan, pattern, grid)

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from attncc import cutlass_kernel
 from attncc.autotune.constants import DTYPE_BYTES, DeviceSpec
 from attncc.autotune.cost import device_spec
 from attncc.autotune.records import TuningKey, TuningRecord, save_record
@@ -28,6 +29,7 @@ from attncc.ir.nodes import Pattern
 from attncc.ir.validate import required_heads
 from attncc.lower.lowering import LaunchConfig, kernel_tables
 from attncc.lower.render import load
+from attncc.ops import backend_setting
 from attncc.timing import Timing, measure
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -86,7 +88,8 @@ def tune(
     progress: bool = True,
 ) -> TuneResult:
     """Rank the search space of ``pattern`` (head-independent) for ``[batch, heads, N, head_dim]``
-    inputs, time the ``top`` candidates on ``device``, and save the winner's record."""
+    inputs, time the ``top`` candidates (and every CUTLASS one) on ``device``, and save the
+    winner's record."""
     for name, value, lo in (("batch", batch, 1), ("heads", heads, 1), ("top", top, 1), ("runs", runs, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
             raise field_error(TuneError, name, value, f"an integer >= {lo}")
@@ -103,17 +106,19 @@ def tune(
     pattern = canonicalize(pattern, grid)
     target = target_device(device)
     default = LaunchConfig.default(device.type, head_dim)
-    ranked = rank(pattern, grid, batch * heads, head_dim, dtype, target, score, default)
+    backends = ("triton", "cutlass") if _cutlass_here(device) else ("triton",)
+    ranked = rank(pattern, grid, batch * heads, head_dim, dtype, target, score, default, backends)
     rank_seconds = time.perf_counter() - start
     inputs = input_sets(batch, heads, grid.size, head_dim, dtype, device)
     timed = []
     with _progress(progress) as bar:
-        task = bar.add_task("tuning", total=min(top, len(ranked)))
-        for r in ranked[:top]:
+        chosen = ranked[:top] + [r for r in ranked[top:] if r.config.backend == "cutlass"]
+        task = bar.add_task("tuning", total=len(chosen))
+        for r in chosen:
             bar.update(task, description=describe(r.config))
             timed.append(time_candidate(r, pattern, grid, inputs, device, warmup, runs))
             bar.advance(task)
-    trials = (*timed, *(Trial(r) for r in ranked[top:]))
+    trials = (*timed, *(Trial(r) for r in ranked if r not in chosen))
     best = min(timed, key=lambda t: (t.measured_us, t.ranked.rank))
     if best.error:
         raise TuneError(f"every timed candidate failed; the first: {best.error}")
@@ -131,6 +136,11 @@ def tune(
     if save:
         save_record(record)
     return TuneResult(key, target, trials, best, rank_seconds, seconds, record)
+
+
+def _cutlass_here(device: torch.device) -> bool:
+    """CUTLASS candidates join when they can run here and ``ATTNCC_BACKEND`` lets a record pick them."""
+    return backend_setting() != "triton" and cutlass_kernel.unavailable(device) is None
 
 
 def _device_name(device: torch.device) -> str:
@@ -167,6 +177,14 @@ def time_candidate(
 ) -> Trial:
     """Time one candidate's kernel over the rotated ``inputs`` (see :func:`input_sets`)."""
     try:
+        if r.config.backend == "cutlass":
+            kernel = cutlass_kernel.load(r.plan)
+            scale = 1.0 / math.sqrt(r.plan.head_dim)
+
+            def run(x: tuple) -> None:
+                cutlass_kernel.forward(kernel, *x, scale)
+
+            return Trial(r, measure(run, inputs, device, warmup, runs))
         module = load(r.plan)
         values, offsets, entries, _, _ = (
             torch.from_numpy(t).to(device) for t in kernel_tables(pattern, grid, r.plan)

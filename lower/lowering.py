@@ -117,7 +117,7 @@ def lower(
     )
 
 
-BACKENDS = ("triton",)
+BACKENDS = ("triton", "cutlass")
 
 
 @dataclass(frozen=True)

@@ -236,7 +236,7 @@ def test_config_boxes_fix_the_tiles():
         ({"num_stages": 0}, r"num_stages = 0.*1..8"),
         ({"q_box": (1, 4, 8)}, r"q_box = \(1, 4, 8\).*64 tokens"),
         ({"kv_box": (1, 8)}, r"kv_box = \(1, 8\).*rank-3 box"),
-        ({"backend": "cutlass"}, r"backend = 'cutlass'.*triton"),
+        ({"backend": "cuda"}, r"backend = 'cuda'.*triton, cutlass"),
     ],
     ids=["block", "warps", "stages", "box-size", "box-rank", "backend"],
 )
