@@ -4,8 +4,10 @@
 # into the repository (benchmarks/RESULTS.md, plots in benchmarks/plots/) and, on the lent
 # machine, copied to $OUT so they come back to be committed. A device command may run 10
 # minutes at most, so each part runs on its own; in order of priority:
-#   bash benchmarks/gpu_check.sh tests | tests-bwd | bench-issue3 | bench-bwd | bench-grids |
-#        bench-flat | bench-models | extras | tune      (all = every part, bench = every bench-*)
+#   bash benchmarks/gpu_check.sh tests | tests-bwd | bench-issue3 | bench-bwd | cutlass | bench-cutlass |
+#        bench-grids | bench-flat | bench-models | extras | tune   (all = every part, bench = every bench-*)
+# The CUTLASS parts need the nvidia-cutlass wheel (headers), which the GPU machine lacks and cannot
+# download: carry it in .whl/ (pip download nvidia-cutlass==4.2.0.0 --no-deps -d .whl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -21,11 +23,14 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | tail -2
 python3 -c "import attncc.ir" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/attncc-*.whl
 python3 -c "import attncc.ir, attncc.ops" || { echo "attncc is not importable"; exit 1; }
+python3 -c "import cutlass_library" 2>/dev/null ||
+  python3 -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl 2>&1 | tail -2
 part="${1:-all}"
 # python3 -P: the repository root is not put on sys.path, so its ./attncc does not shadow the install.
 status=0
 [[ $part == all || $part == tests ]] &&
-  { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests --ignore=tests/test_triton_bwd_gpu.py 2>&1 |
+  { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests --ignore=tests/test_triton_bwd_gpu.py \
+    --ignore=tests/test_cutlass_gpu.py 2>&1 |
     tee "$out/gpu_tests.txt" || status=1
     # The timm drop-in check (unmarked: it runs on the CPU too, where timm is installed).
     timeout 300 python3 -P -m pytest -q -p no:cacheprovider tests/test_dropin_timm.py 2>&1 |
@@ -33,6 +38,9 @@ status=0
 [[ $part == all || $part == tests-bwd ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }
+[[ $part == all || $part == cutlass ]] &&
+  { timeout 560 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_cutlass_gpu.py 2>&1 |
+    tee "$out/gpu_tests_cutlass.txt" || status=1; }
 bench_part() {  # bench_part NAME SUITE [attncc bench options...]
   local name=$1 suite=$2
   shift 2
@@ -50,6 +58,10 @@ bench_part grids grids --fwd
 bench_part flat flat --fwd
 bench_part models models --fwd
 bench_part bwd issue3 --fwd-bwd --runs 10
+# Both backends and the CUTLASS example's own kernel in one run; kernels prebuilt in parallel.
+[[ $part == all || $part == bench || $part == bench-cutlass ]] &&
+  { timeout 300 python3 -P benchmarks/cutlass_prebuild.py issue3 2>&1 | tee "$out/cutlass_prebuild.txt" || status=1; }
+bench_part cutlass issue3 --fwd --peers sdpa,flex,attncc-cutlass,cutlass-example
 [[ $part == all || $part == extras ]] &&
   { (cd "$out" && timeout 270 python3 "$repo/benchmarks/op_overhead.py" --markdown "$repo/benchmarks/RESULTS.md" &&
     timeout 270 python3 "$repo/benchmarks/dropin_timm.py" --markdown "$repo/benchmarks/RESULTS.md") 2>&1 |

@@ -190,4 +190,99 @@ class Natten(Peer):
         return Layout(case.grid, spatial=True)(t)
 
 
-PEERS: dict[str, type[Peer]] = {"sdpa": Sdpa, "flex": Flex, "naive": Naive, "natten": Natten}
+class AttnccCutlass(Peer):
+    """attncc with its CUTLASS forward (``ATTNCC_BACKEND=cutlass``; the backward stays Triton's),
+    beside the default: the two backends side by side, permutation included."""
+
+    name = "attncc-cutlass"
+
+    def decline(self, case: Case, device: torch.device) -> str | None:
+        from attncc import cutlass_kernel
+        from attncc.lower.cutlass import refusal
+        from attncc.lower.lowering import lower
+        from attncc.ops import cutlass_config
+
+        reason = cutlass_kernel.unavailable(device)
+        if reason is not None:
+            return reason
+        heads = {canonicalize(p, case.grid) for p in resolve_heads(case.pattern, case.heads)}
+        if len(heads) != 1:
+            return "per-head patterns run on Triton"
+        config = cutlass_config(case.head_dim)
+        return refusal(lower(heads.pop(), case.grid, case.head_dim, case.dtype, config=config))
+
+    @contextlib.contextmanager
+    def session(self, case: Case, device: torch.device) -> Iterator[None]:
+        from attncc.library import forget_kernels
+
+        with _environment("ATTNCC_BACKEND", "cutlass"):
+            forget_kernels()
+            try:
+                yield
+            finally:
+                forget_kernels()
+
+    def prepare(self, case: Case, device: torch.device) -> Call:
+        return Attncc().prepare(case, device)
+
+
+class CutlassExample(Peer):
+    """The CUTLASS Hopper FMHA example's own kernel (dense or causal, its 1/sqrt(D) scale):
+    what the templating must not lose (issue: within 3% on dense)."""
+
+    name = "cutlass-example"
+
+    def _which(self, case: Case) -> str | None:
+        from attncc.ir import Causal, Dense
+
+        heads = {canonicalize(p, case.grid) for p in resolve_heads(case.pattern, case.heads)}
+        p = heads.pop() if len(heads) == 1 else None
+        if isinstance(p, Dense):
+            return "dense"
+        if isinstance(p, Causal) and case.grid.rank == 1:
+            return "causal"
+        return None
+
+    def decline(self, case: Case, device: torch.device) -> str | None:
+        from attncc import cutlass_kernel
+        from attncc.lower.cutlass import ELEMENTS, HEAD_DIMS
+
+        reason = cutlass_kernel.unavailable(device)
+        if reason is not None:
+            return reason
+        if self._which(case) is None:
+            return "the example runs dense and causal attention only"
+        if case.dtype not in ELEMENTS or case.head_dim not in HEAD_DIMS:
+            return f"{case.dtype} d{case.head_dim}: built for float16/bfloat16, d64/d128"
+        return None
+
+    def prepare(self, case: Case, device: torch.device) -> Call:
+        from attncc import cutlass_kernel
+
+        run = cutlass_kernel.example(case.dtype, case.head_dim, self._which(case) == "causal")
+        return lambda a: run(a[0], a[1], a[2])
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    import os
+
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = old
+
+
+PEERS: dict[str, type[Peer]] = {
+    "sdpa": Sdpa,
+    "flex": Flex,
+    "naive": Naive,
+    "natten": Natten,
+    "attncc-cutlass": AttnccCutlass,
+    "cutlass-example": CutlassExample,
+}
