@@ -23,8 +23,10 @@ import numpy as np
 import torch
 
 from attncc import nvcc
-from attncc.errors import AttnccError
-from attncc.lower.cutlass import CutlassPlan, cutlass_plan, kv_order, q_order, render, render_example
+from attncc.errors import AttnccError, PatternError
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
+from attncc.lower.cutlass import CutlassPlan, cutlass_plan, kv_order, q_order, refusal, render, render_example
 from attncc.lower.plan import KernelPlan
 
 CAPABILITY = (9, 0)  # sm_90a: wgmma and TMA as the Hopper FMHA uses them
@@ -71,25 +73,36 @@ def _rows(order: np.ndarray, tokens: int) -> np.ndarray:
     return rows
 
 
-def build(plan: KernelPlan) -> Path:
-    """The shared object of ``plan``'s kernel, built once into the kernel cache."""
-    cplan = cutlass_plan(plan)
-    return nvcc.build(render(cplan), cplan.label, {"plan": dataclasses.asdict(plan)})
+def build(cplan: CutlassPlan) -> Path:
+    """The shared object of ``cplan``'s kernel, built once into the kernel cache (keyed by the plan
+    and the source's hash, which covers a table plan's tables)."""
+    return nvcc.build(render(cplan), cplan.label, {"plan": dataclasses.asdict(cplan.plan)})
 
 
-def prebuild(plans: Iterable[KernelPlan], workers: int | None = None) -> None:
+def prebuild(cplans: Iterable[CutlassPlan], workers: int | None = None) -> None:
     """Build many plans' kernels at once: one nvcc run uses one core for about a minute, so a
     suite's kernels build in parallel before it runs (the cache's lock keeps each build single)."""
     with ThreadPoolExecutor(workers or os.cpu_count()) as pool:
-        for future in [pool.submit(build, plan) for plan in dict.fromkeys(plans)]:
+        for future in [pool.submit(build, cplan) for cplan in dict.fromkeys(cplans)]:
             future.result()
 
 
+def plan_for(pattern: Pattern, grid: Grid, plan: KernelPlan) -> CutlassPlan | str:
+    """The CUTLASS plan of ``plan`` (lowered from ``pattern`` on ``grid``), or why there is none."""
+    reason = refusal(plan)
+    if reason is not None:
+        return reason
+    try:
+        return cutlass_plan(plan, pattern, grid)
+    except PatternError as e:  # a table too large to bake in
+        return str(e)
+
+
 @cache
-def load(plan: KernelPlan) -> CutlassKernel:
-    """Build (once, in the kernel cache) and load the CUTLASS kernel of ``plan``."""
-    cplan = cutlass_plan(plan)
-    library = nvcc.load(build(plan))
+def load(cplan: CutlassPlan) -> CutlassKernel:
+    """Build (once, in the kernel cache) and load the CUTLASS kernel of ``cplan``."""
+    plan = cplan.plan
+    library = nvcc.load(build(cplan))
     entry = library.attncc_fwd
     entry.argtypes = _ARGTYPES
     entry.restype = ctypes.c_int

@@ -26,7 +26,6 @@ from attncc.errors import PatternError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
-from attncc.lower.cutlass import refusal
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.render import load
 
@@ -119,11 +118,12 @@ def compiled(
         config = default
     plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
     if config.backend == "cutlass":
-        reason = refusal(plan) or cutlass_kernel.unavailable(device_type)
+        cplan = cutlass_kernel.plan_for(pattern, grid, plan)
+        reason = cplan if isinstance(cplan, str) else cutlass_kernel.unavailable(device_type)
         if reason is None:
             triton_plan = lower(pattern, grid, head_dim, dtype, score=score, config=default)
             tables = kernel_tables(pattern, grid, triton_plan)
-            return Kernel(load(triton_plan), tables, cutlass_kernel.load(plan))
+            return Kernel(load(triton_plan), tables, cutlass_kernel.load(cplan))
         if setting == "cutlass":
             allowed = "triton here (ATTNCC_BACKEND=triton)"
             raise field_error(PatternError, "backend", "cutlass", allowed, reason)

@@ -93,7 +93,7 @@ def search_space(
                 continue
             seen.add(key)
             out.append((LaunchConfig(block_m, block_n, warps, stages, q_box, kv_box), plan))
-    if "cutlass" in backends and base.iteration == "range":
+    if "cutlass" in backends:
         for block_n in CUTLASS_BLOCK_NS:  # lowering's fewest-visits boxes: each costs an nvcc build
             config = LaunchConfig(CUTLASS_BLOCK_M, block_n, 8, 2, backend="cutlass")
             plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)

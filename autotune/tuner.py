@@ -9,6 +9,7 @@ slow with its reason, as Triton's own autotuner does, instead of ending the run.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -22,11 +23,12 @@ from attncc.autotune.constants import DTYPE_BYTES, DeviceSpec
 from attncc.autotune.cost import device_spec
 from attncc.autotune.records import TuningKey, TuningRecord, save_record
 from attncc.autotune.space import Ranked, describe, rank
-from attncc.errors import TuneError, field_error
+from attncc.errors import BuildError, TuneError, field_error
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.ir.validate import required_heads
+from attncc.lower.cutlass import cutlass_plan
 from attncc.lower.lowering import LaunchConfig, kernel_tables
 from attncc.lower.render import load
 from attncc.ops import backend_setting
@@ -113,6 +115,12 @@ def tune(
     timed = []
     with _progress(progress) as bar:
         chosen = ranked[:top] + [r for r in ranked[top:] if r.config.backend == "cutlass"]
+        # nvcc takes a core for a minute per CUTLASS candidate: build them side by side first
+        # (a build that fails is reported again, as that candidate's error, when it is timed).
+        with contextlib.suppress(BuildError):
+            cutlass_kernel.prebuild(
+                cutlass_plan(r.plan, pattern, grid) for r in chosen if r.config.backend == "cutlass"
+            )
         task = bar.add_task("tuning", total=len(chosen))
         for r in chosen:
             bar.update(task, description=describe(r.config))
@@ -178,7 +186,7 @@ def time_candidate(
     """Time one candidate's kernel over the rotated ``inputs`` (see :func:`input_sets`)."""
     try:
         if r.config.backend == "cutlass":
-            kernel = cutlass_kernel.load(r.plan)
+            kernel = cutlass_kernel.load(cutlass_plan(r.plan, pattern, grid))
             scale = 1.0 / math.sqrt(r.plan.head_dim)
 
             def run(x: tuple) -> None:

@@ -17,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 from attncc import cutlass_kernel
 from attncc.bench.suite import load_cases
 from attncc.ir import Causal, Dense, canonicalize, resolve_heads
-from attncc.lower.cutlass import refusal
 from attncc.lower.lowering import lower
 from attncc.ops import cutlass_config
 
@@ -34,8 +33,9 @@ def main() -> None:
             continue
         pattern = heads.pop()
         plan = lower(pattern, case.grid, case.head_dim, case.dtype, config=cutlass_config(case.head_dim))
-        if refusal(plan) is None:
-            plans.append(plan)
+        cplan = cutlass_kernel.plan_for(pattern, case.grid, plan)
+        if not isinstance(cplan, str):
+            plans.append(cplan)
         if isinstance(pattern, Dense) or (isinstance(pattern, Causal) and case.grid.rank == 1):
             examples.add((case.dtype, case.head_dim, isinstance(pattern, Causal)))
     with ThreadPoolExecutor() as pool:

@@ -5,6 +5,13 @@ A :class:`CutlassPlan` is a :class:`KernelPlan` the Hopper templates
 the tile counts the token order needs. Plans it cannot take are refused with
 the reason (:func:`refusal`), so the autotuner keeps Triton for them.
 
+Note [Baked tables]: a table plan's KV tiles per Q tile (from the exact
+analysis, as the Triton kernel reads them) and its rule's lookup values are
+written into the CUDA source as constant arrays, full tiles first in each Q
+tile's list so the kernel's unmasked loop takes them. The tables then need no
+device buffers or arguments, and the cache key (the source's hash) covers
+them: two patterns with one plan but different layouts build two kernels.
+
 Note [Tile order]: the example FMHA loads a Q tile and each KV tile with one
 TMA box of consecutive rows, so the host permutes tokens into tile order
 before the kernel and back after it (both are part of the op and of every
@@ -30,13 +37,17 @@ import jinja2
 import numpy as np
 
 from attncc.errors import PatternError, field_error
-from attncc.lower.cxx import to_cxx
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
+from attncc.lower.cxx import rule_to_cxx, to_cxx
+from attncc.lower.lowering import table_values, tile_table
 from attncc.lower.plan import KernelPlan
 
 ELEMENTS = {"float16": "cutlass::half_t", "bfloat16": "cutlass::bfloat16_t"}
 HEAD_DIMS = (64, 128)
 BLOCK_M = 128  # two consumer warpgroups of 64 rows: the example's cooperative schedule
 BLOCK_NS = (64, 128)
+MAX_TABLE = 1 << 20  # baked-in table entries (Note [Baked tables]): a larger source compiles too slowly
 
 ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("attncc.templates", "cutlass"),
@@ -55,14 +66,23 @@ def refusal(plan: KernelPlan) -> str | None:
         return f"head_dim {plan.head_dim}: instantiated for {', '.join(map(str, HEAD_DIMS))}"
     if plan.score != "softmax":
         return f"score {plan.score}: the example's epilogue is softmax's"
-    if plan.iteration != "range":
-        return "a block-table plan: only closed-form KV ranges are spelled in C++"
-    if not plan.split_full:
-        return "a union or a strided (congruence) term: only a single window term is spelled"
+    if plan.iteration == "range" and not plan.split_full:
+        return "a union of window terms or a strided (congruence) term: C++ spells one window term or a table"
     if plan.block_m != BLOCK_M or plan.block_n not in BLOCK_NS:
         takes = f"{BLOCK_M}x{'/'.join(map(str, BLOCK_NS))}"
         return f"tiles of {plan.block_m}x{plan.block_n} tokens: the kernel takes {takes}"
     return None
+
+
+@dataclass(frozen=True)
+class TileList:
+    """A table plan's tiles and rule for the source (Note [Baked tables])."""
+
+    starts: tuple[int, ...]  # Q tile t's KV tiles are tiles[starts[t]:starts[t + 1]]
+    fulls: tuple[int, ...]  # how many of them, first in the list, are full
+    tiles: tuple[int, ...]  # KV tile indices (row-major over the KV tiles)
+    values: tuple[int, ...]  # the rule's lookup tables (RULE_TABLE)
+    rule: str  # keep as a C++ bool of qf, kf, qc0..2, kc0..2
 
 
 @dataclass(frozen=True)
@@ -71,10 +91,11 @@ class CutlassPlan:
 
     plan: KernelPlan
     element: str
-    first: tuple[str, str, str]
-    last: tuple[str, str, str]
+    first: tuple[str, ...]  # range plans: the window term per axis; empty for table plans
+    last: tuple[str, ...]
     q_tiles: tuple[int, int, int]
     kv_tiles: tuple[int, int, int]
+    table: TileList | None = None  # table plans
 
     @property
     def rows_q(self) -> int:
@@ -93,19 +114,35 @@ class CutlassPlan:
         )
 
 
-def cutlass_plan(plan: KernelPlan) -> CutlassPlan:
-    """``plan`` for the CUTLASS backend; a PatternError naming the reason when it is refused."""
+def cutlass_plan(plan: KernelPlan, pattern: Pattern, grid: Grid) -> CutlassPlan:
+    """``plan`` (lowered from ``pattern`` on ``grid``) for the CUTLASS backend; a PatternError
+    naming the reason when it is refused. The pattern gives a table plan its tables."""
     reason = refusal(plan)
     if reason is not None:
         raise field_error(PatternError, "backend", "cutlass", "triton for this plan", reason)
+    common = dict(plan=plan, element=ELEMENTS[plan.dtype], q_tiles=plan.q_tiles(), kv_tiles=plan.kv_tiles())
+    if plan.iteration == "table":
+        return CutlassPlan(first=(), last=(), table=_tile_list(plan, pattern, grid), **common)
     (term,) = plan.terms
-    return CutlassPlan(
-        plan=plan,
-        element=ELEMENTS[plan.dtype],
-        first=tuple(to_cxx(axis.first) for axis in term),  # type: ignore[arg-type]
-        last=tuple(to_cxx(axis.last) for axis in term),  # type: ignore[arg-type]
-        q_tiles=plan.q_tiles(),
-        kv_tiles=plan.kv_tiles(),
+    first = tuple(to_cxx(axis.first) for axis in term)
+    return CutlassPlan(first=first, last=tuple(to_cxx(axis.last) for axis in term), **common)
+
+
+def _tile_list(plan: KernelPlan, pattern: Pattern, grid: Grid) -> TileList:
+    offsets, entries = tile_table(pattern, grid, plan)
+    values = table_values(pattern, grid)
+    if len(entries) + len(values) > MAX_TABLE:
+        why = f"{len(entries) + len(values)} table entries to bake into the source"
+        raise field_error(PatternError, "backend", "cutlass", f"tables of at most {MAX_TABLE} entries", why)
+    q_of = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    order = np.lexsort((entries % 2 == 0, q_of))  # per Q tile (CSR order kept), full tiles first
+    fulls = np.bincount(q_of, weights=entries % 2, minlength=len(offsets) - 1).astype(int)
+    return TileList(
+        starts=tuple(offsets.tolist()),
+        fulls=tuple(fulls.tolist()),
+        tiles=tuple((entries[order] // 2).tolist()),
+        values=tuple(values.tolist()),
+        rule=rule_to_cxx(plan.mask_expr),
     )
 
 

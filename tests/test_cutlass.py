@@ -27,8 +27,21 @@ from attncc.autotune.cost import device_spec
 from attncc.autotune.space import search_space
 from attncc.cutlass_kernel import build
 from attncc.errors import PatternError
-from attncc.ir import Grid, band, block_sparse, causal, dense, neighborhood, sliding_window, strided
+from attncc.ir import (
+    Grid,
+    band,
+    block_sparse,
+    canonicalize,
+    causal,
+    dense,
+    document,
+    global_tokens,
+    neighborhood,
+    sliding_window,
+    strided,
+)
 from attncc.ir.mask import mask
+from attncc.lower import cutlass as cutlass_module
 from attncc.lower.cutlass import BLOCK_NS as CUTLASS_BLOCK_NS
 from attncc.lower.cutlass import cutlass_plan, kv_order, q_order, refusal, render_example, render_plan_header
 from attncc.lower.lowering import LaunchConfig, lower
@@ -49,12 +62,18 @@ CASES = [
     (band(0, 3, 70), Grid((260,)), 64),  # keys past the diagonal: the last rows see no key
     (dense(), Grid((200,)), 64),
     (neighborhood(255, dilation=2), Grid((513,)), 128),  # groups of 257 and 256: group 1 has a Q tile of pads
+    # Table plans (Note [Baked tables]): tiles from the exact analysis, the rule with lookups.
+    (block_sparse([[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1]], 70), Grid((270,)), 64),
+    (sliding_window(30) | global_tokens([0, 5, 99]), Grid((250,)), 128),
+    (document([0] * 90 + [1] * 7 + [2] * 140), Grid((237,)), 64),
+    (neighborhood(5) | global_tokens([0, 77, 300]), Grid((20, 22)), 64),  # a 2-D table plan
 ]
 
 
 def _plan(pattern, grid, kv_block, dtype="float16", head_dim=64):
+    pattern = canonicalize(pattern, grid)
     plan = lower(pattern, grid, head_dim, dtype, config=LaunchConfig(128, kv_block))
-    return cutlass_plan(plan)
+    return cutlass_plan(plan, pattern, grid)
 
 
 def _expected_keep(cplan, pattern, grid) -> np.ndarray:
@@ -140,7 +159,6 @@ def test_token_order_is_a_permutation_with_pads():
         (dict(head_dim=96), "head_dim 96"),
         (dict(pattern=sliding_window(15, 0) | (strided(16, 3) & causal()), grid=Grid((150,))), "union"),
         (dict(pattern=strided(16, 3), grid=Grid((150,))), "strided"),
-        (dict(pattern=block_sparse([[1, 0, 0], [1, 1, 0], [0, 1, 1]], 8), grid=Grid((24,))), "block-table"),
         (dict(score="sigmoid"), "sigmoid"),
         (dict(kv_block=32), "128x64/128"),
     ],
@@ -159,18 +177,34 @@ def test_refusals_say_why(kwargs, reason):
     )
     assert reason in refusal(plan)
     with pytest.raises(PatternError, match="backend"):
-        cutlass_plan(plan)
+        cutlass_plan(plan, args["pattern"], args["grid"])
+
+
+def test_a_table_too_large_to_bake_is_refused(monkeypatch):
+    monkeypatch.setattr(cutlass_module, "MAX_TABLE", 10)
+    grid = Grid((250,))
+    pattern = canonicalize(sliding_window(30) | global_tokens([0]), grid)
+    plan = lower(pattern, grid, 64, "float16", config=LaunchConfig(128, 64))
+    with pytest.raises(PatternError, match=r"backend = 'cutlass'.*table entries"):
+        cutlass_plan(plan, pattern, grid)
 
 
 # Kernels compiled with nvcc in CI (about a minute of one core each, built side by side): the
-# bf16 D=128 128x128 path on a 2-D neighborhood and the fp16 D=64 128x64 path on a dilated one
-# with a causal axis, and the dense example the benchmark measures against.
+# bf16 D=128 128x128 path on a 2-D neighborhood, the fp16 D=64 128x64 path on a dilated one
+# with a causal axis, a table plan, and the dense example the benchmark measures against.
 BUILDS = {
     "na2d bf16 d128": (neighborhood(7), Grid((20, 22)), "bfloat16", 128, 128),
     "dilated causal fp16 d64": (
         neighborhood((3, 5), dilation=(1, 3), causal=(True, False)),
         Grid((17, 25)),
         "float16",
+        64,
+        64,
+    ),
+    "band+global table bf16 d64": (
+        sliding_window(30) | global_tokens([0, 5, 99]),
+        Grid((250,)),
+        "bfloat16",
         64,
         64,
     ),
@@ -183,12 +217,9 @@ needs_nvcc = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def built():
-    plans = {
-        name: lower(p, g, d, dtype, config=LaunchConfig(128, kv))
-        for name, (p, g, dtype, d, kv) in BUILDS.items()
-    }
+    plans = {name: _plan(p, g, kv, dtype, d) for name, (p, g, dtype, d, kv) in BUILDS.items()}
     with ThreadPoolExecutor(2) as pool:
-        kernels = {name: pool.submit(build, plan) for name, plan in plans.items()}
+        kernels = {name: pool.submit(build, cplan) for name, cplan in plans.items()}
         example = pool.submit(
             nvcc.build, render_example("bfloat16", 128, False), "example", {"example": "test"}
         )
@@ -198,9 +229,8 @@ def built():
 @needs_nvcc
 @pytest.mark.parametrize("name", list(BUILDS))
 def test_kernel_compiles_for_sm90a_with_its_abi(built, name):
-    plan, path = built[0][name]
+    cplan, path = built[0][name]
     library = nvcc.load(path)
-    cplan = cutlass_plan(plan)
     # The host side of the built plan agrees with the Python plan it was rendered from.
     assert (library.attncc_rows_q(), library.attncc_rows_k()) == (cplan.rows_q, cplan.rows_k)
     for symbol in ("attncc_fwd", "attncc_error"):
@@ -251,6 +281,9 @@ def test_search_space_offers_cutlass_where_the_templates_take_the_plan():
     assert [c.kv_block for c, _ in picked] == list(CUTLASS_BLOCK_NS)
     assert all(refusal(p) is None and (c.q_box, c.kv_box) == (p.q_tile, p.kv_tile) for c, p in picked)
     assert not any(c.backend == "cutlass" for c, _ in search_space(neighborhood(7), *args))
-    blocks = block_sparse([[1, 0], [1, 1]], 880)  # a table plan: the CUTLASS templates refuse it
+    blocks = block_sparse([[1, 0], [1, 1]], 880)  # a table plan: CUTLASS takes it too
     tabled = search_space(blocks, Grid((1760,)), 128, "bfloat16", target, backends=("triton", "cutlass"))
-    assert not any(c.backend == "cutlass" for c, _ in tabled)
+    assert any(c.backend == "cutlass" for c, _ in tabled)
+    union = sliding_window(15, 0) | (strided(16, 3) & causal())  # two range terms: refused
+    refused = search_space(union, Grid((1500,)), 128, "bfloat16", target, backends=("triton", "cutlass"))
+    assert not any(c.backend == "cutlass" for c, _ in refused)

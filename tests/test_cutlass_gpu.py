@@ -13,8 +13,19 @@ import torch
 
 from attncc import cutlass_kernel
 from attncc.autotune.tuner import tune
-from attncc.ir import Grid, band, canonicalize, causal, dense, neighborhood, sliding_window
+from attncc.ir import (
+    Grid,
+    band,
+    block_sparse,
+    canonicalize,
+    causal,
+    dense,
+    global_tokens,
+    neighborhood,
+    sliding_window,
+)
 from attncc.library import attention, forget_kernels
+from attncc.lower.cutlass import cutlass_plan
 from attncc.lower.lowering import lower
 from attncc.ops import cutlass_config
 from attncc.reference import attention as reference
@@ -28,6 +39,7 @@ pytestmark = [
 ]
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+_LAYOUT = [[int(i == j or (i + 2 * j) % 3 == 0) for j in range(8)] for i in range(8)]
 CASES = [
     ("dense-4096", dense(), Grid((4096,))),
     ("causal-4099", causal(), Grid((4099,))),
@@ -36,18 +48,23 @@ CASES = [
     ("na2d-w7-d4-61x67", neighborhood(7, dilation=4), Grid((61, 67))),
     ("na3d-3x7x7-8x24x24", neighborhood((3, 7, 7)), Grid((8, 24, 24))),
     ("na3d-causal-t-8x24x24", neighborhood((3, 7, 7), causal=(True, False, False)), Grid((8, 24, 24))),
+    # Table plans (tiles and rule baked into the source)
+    ("band-global-4097", sliding_window(511) | global_tokens([0, 1, 2, 3, 2048]), Grid((4097,))),
+    ("block-sparse-4000", block_sparse(_LAYOUT, 500), Grid((4000,))),
+    ("na2d-global-61x67", neighborhood(13) | global_tokens([0, 2000]), Grid((61, 67))),
 ]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _prebuilt():
     """Every case's kernels, built in parallel first (one nvcc run takes a core for a minute)."""
-    plans = [
-        lower(canonicalize(p, g), g, d, dtype, config=cutlass_config(d))
-        for _, p, g in CASES
-        for dtype in ("float16", "bfloat16")
-        for d in (64, 128)
-    ]
+    plans = []
+    for _, p, g in CASES:
+        pattern = canonicalize(p, g)
+        for dtype in ("float16", "bfloat16"):
+            for d in (64, 128):
+                plan = lower(pattern, g, d, dtype, config=cutlass_config(d))
+                plans.append(cutlass_plan(plan, pattern, g))
     cutlass_kernel.prebuild(plans)
 
 

@@ -198,7 +198,6 @@ class AttnccCutlass(Peer):
 
     def decline(self, case: Case, device: torch.device) -> str | None:
         from attncc import cutlass_kernel
-        from attncc.lower.cutlass import refusal
         from attncc.lower.lowering import lower
         from attncc.ops import cutlass_config
 
@@ -208,8 +207,10 @@ class AttnccCutlass(Peer):
         heads = {canonicalize(p, case.grid) for p in resolve_heads(case.pattern, case.heads)}
         if len(heads) != 1:
             return "per-head patterns run on Triton"
-        config = cutlass_config(case.head_dim)
-        return refusal(lower(heads.pop(), case.grid, case.head_dim, case.dtype, config=config))
+        pattern = heads.pop()
+        plan = lower(pattern, case.grid, case.head_dim, case.dtype, config=cutlass_config(case.head_dim))
+        cplan = cutlass_kernel.plan_for(pattern, case.grid, plan)
+        return cplan if isinstance(cplan, str) else None
 
     @contextlib.contextmanager
     def session(self, case: Case, device: torch.device) -> Iterator[None]:
