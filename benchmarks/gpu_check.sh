@@ -5,7 +5,8 @@
 # machine, copied to $OUT so they come back to be committed. A device command may run 10
 # minutes at most, so each part runs on its own; in order of priority:
 #   bash benchmarks/gpu_check.sh tests | tests-bwd | bench-issue3 | bench-bwd | cutlass | bench-cutlass |
-#        bench-grids | bench-flat | bench-models | extras | tune   (all = every part, bench = every bench-*)
+#        bench-grids | bench-flat | bench-models | extras | examples | tune
+#   (all = every part, bench = every bench-*)
 # The CUTLASS parts need the nvidia-cutlass wheel (headers), which the GPU machine lacks and cannot
 # download: carry it in .whl/ (pip download nvidia-cutlass==4.2.0.0 --no-deps -d .whl).
 set -uo pipefail
@@ -66,6 +67,15 @@ bench_part cutlass issue3 --fwd --peers sdpa,flex,attncc-cutlass,cutlass-example
   { (cd "$out" && timeout 270 python3 "$repo/benchmarks/op_overhead.py" --markdown "$repo/benchmarks/RESULTS.md" &&
     timeout 270 python3 "$repo/benchmarks/dropin_timm.py" --markdown "$repo/benchmarks/RESULTS.md") 2>&1 |
     tee "$out/extras.txt" || status=1; }
+# Every example at its real (model) size, as a user runs it; from $out, so ./attncc does not shadow.
+[[ $part == all || $part == examples ]] &&
+  { (failed=0
+    for script in "$repo"/examples/[!_]*.py "$repo"/examples/*.sh; do
+      echo "== ${script#"$repo"/} (real size)"
+      if [[ $script == *.sh ]]; then (cd "$out" && timeout 110 bash "$script") || failed=1
+      else (cd "$out" && timeout 110 python3 "$script" --size real) || failed=1; fi
+    done
+    exit $failed) 2>&1 | tee "$out/examples.txt" || status=1; }
 [[ $part == all || $part == tune ]] &&
   { timeout 540 python3 benchmarks/tune_check.py --markdown benchmarks/RESULTS.md --json "$out/tune_check.json" \
     --seconds 420 2>&1 | tee "$out/tune_check.txt" || status=1; }
