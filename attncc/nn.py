@@ -59,13 +59,57 @@ class SparseAttention(nn.Module):
         module = cls(
             dim, heads, pattern, grid, qkv_bias=qkv.bias is not None, proj_bias=proj.bias is not None
         )
-        module = module.to(qkv.weight.device, qkv.weight.dtype)
+        bias = (None, None) if qkv.bias is None else (qkv.bias[:dim], qkv.bias[dim:])
+        return module._load((qkv.weight[:dim], bias[0]), (qkv.weight[dim:], bias[1]), proj)
+
+    @classmethod
+    def from_projections(
+        cls,
+        q: nn.Linear,
+        k: nn.Linear,
+        v: nn.Linear,
+        proj: nn.Linear,
+        heads: int,
+        pattern: Pattern,
+        grid: tuple[int, ...] | Grid,
+    ) -> SparseAttention:
+        """A module with the weights of separate ``q``, ``k``, ``v`` projections and an output
+        ``proj`` (Hugging Face's q_proj/k_proj/v_proj/o_proj); k and v with fewer heads give GQA."""
+        dim = q.in_features
+        for name, layer in (("q", q), ("proj", proj)):
+            if tuple(layer.weight.shape) != (dim, dim):
+                raise field_error(AttnccError, name, tuple(layer.weight.shape), f"a Linear({dim}, {dim})")
+        if heads < 1 or dim % heads:
+            raise field_error(AttnccError, "heads", heads, f"a divisor of dim = {dim}")
+        head_dim = dim // heads
+        kv_shape = (k.out_features, dim)  # kv_heads x head_dim rows, for k and v alike
+        for name, layer in (("k", k), ("v", v)):
+            if tuple(layer.weight.shape) != kv_shape or not kv_shape[0] or kv_shape[0] % head_dim:
+                allowed = f"k and v both a Linear({dim}, kv_heads x {head_dim})"
+                raise field_error(AttnccError, name, tuple(layer.weight.shape), allowed)
+        biased = {layer.bias is not None for layer in (q, k, v)}
+        if len(biased) != 1:
+            raise field_error(AttnccError, "q/k/v bias", "mixed", "a bias on all three or on none")
+        module = cls(
+            dim, heads, pattern, grid, kv_heads=k.out_features // head_dim, qkv_bias=biased.pop(),
+            proj_bias=proj.bias is not None,
+        )  # fmt: skip
+        kv_bias = None if k.bias is None else torch.cat([k.bias, v.bias])
+        return module._load((q.weight, q.bias), (torch.cat([k.weight, v.weight]), kv_bias), proj)
+
+    def _load(
+        self,
+        q: tuple[torch.Tensor, torch.Tensor | None],
+        kv: tuple[torch.Tensor, torch.Tensor | None],
+        proj: nn.Linear,
+    ) -> SparseAttention:
+        """Copy (weight, bias) of the q and kv projections and ``proj`` in; on their device and dtype."""
+        module = self.to(proj.weight.device, proj.weight.dtype)
         with torch.no_grad():
-            module.q.weight.copy_(qkv.weight[:dim])
-            module.kv.weight.copy_(qkv.weight[dim:])
-            if qkv.bias is not None:
-                module.q.bias.copy_(qkv.bias[:dim])
-                module.kv.bias.copy_(qkv.bias[dim:])
+            for layer, (weight, bias) in ((module.q, q), (module.kv, kv)):
+                layer.weight.copy_(weight)
+                if bias is not None:
+                    layer.bias.copy_(bias)
             module.proj.load_state_dict(proj.state_dict())
         return module
 
