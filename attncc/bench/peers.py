@@ -11,6 +11,7 @@ baseline, checked against our kernel on the dense pattern).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import importlib
 from collections.abc import Callable, Iterator
@@ -32,7 +33,7 @@ _NAIVE_BYTES_PER_PAIR = 48
 _CPU_NAIVE_LIMIT = 4 << 30
 
 
-class Peer:
+class Peer(abc.ABC):
     """One implementation to time against attncc (see the module docstring for the contract)."""
 
     name: str = ""
@@ -42,8 +43,9 @@ class Peer:
         """Why this peer cannot run ``case`` on ``device``, or None when it can."""
         return None
 
+    @abc.abstractmethod
     def prepare(self, case: Case, device: torch.device) -> Call:
-        raise NotImplementedError
+        """The peer's callable on q, k, v for ``case`` (its set-up is done here, timed apart)."""
 
     def adapt(self, case: Case, tensors: Tensors) -> Tensors:
         """q, k, v (and the output gradient) in this peer's layout; default ``[B, H, N, D]``."""
