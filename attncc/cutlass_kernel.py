@@ -87,8 +87,11 @@ def prebuild(cplans: Iterable[CutlassPlan], workers: int | None = None) -> None:
             future.result()
 
 
+@cache
 def plan_for(pattern: Pattern, grid: Grid, plan: KernelPlan) -> CutlassPlan | str:
-    """The CUTLASS plan of ``plan`` (lowered from ``pattern`` on ``grid``), or why there is none."""
+    """The CUTLASS plan of ``plan`` (lowered from ``pattern`` on ``grid``), or why there is none.
+    Kept per process: a table plan's tiles come from the exact analysis, which the tuner would
+    otherwise run twice per candidate (to prebuild, then to time)."""
     reason = refusal(plan)
     if reason is not None:
         return reason

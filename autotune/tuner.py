@@ -23,12 +23,11 @@ from attncc.autotune.constants import DTYPE_BYTES, DeviceSpec
 from attncc.autotune.cost import device_spec
 from attncc.autotune.records import TuningKey, TuningRecord, save_record
 from attncc.autotune.space import Ranked, describe, rank
-from attncc.errors import BuildError, TuneError, field_error
+from attncc.errors import BuildError, PatternError, TuneError, field_error
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.ir.validate import required_heads
-from attncc.lower.cutlass import cutlass_plan
 from attncc.lower.lowering import LaunchConfig, kernel_tables
 from attncc.lower.render import load
 from attncc.ops import backend_setting
@@ -117,10 +116,11 @@ def tune(
         chosen = ranked[:top] + [r for r in ranked[top:] if r.config.backend == "cutlass"]
         # nvcc takes a core for a minute per CUTLASS candidate: build them side by side first
         # (a build that fails is reported again, as that candidate's error, when it is timed).
+        # A plan CUTLASS refuses (a table too large to bake in) is that candidate's error too.
+        picked = [r.plan for r in chosen if r.config.backend == "cutlass"]
+        cplans = [cutlass_kernel.plan_for(pattern, grid, plan) for plan in picked]
         with contextlib.suppress(BuildError):
-            cutlass_kernel.prebuild(
-                cutlass_plan(r.plan, pattern, grid) for r in chosen if r.config.backend == "cutlass"
-            )
+            cutlass_kernel.prebuild(c for c in cplans if not isinstance(c, str))
         task = bar.add_task("tuning", total=len(chosen))
         for r in chosen:
             bar.update(task, description=describe(r.config))
@@ -186,7 +186,10 @@ def time_candidate(
     """Time one candidate's kernel over the rotated ``inputs`` (see :func:`input_sets`)."""
     try:
         if r.config.backend == "cutlass":
-            kernel = cutlass_kernel.load(cutlass_plan(r.plan, pattern, grid))
+            cplan = cutlass_kernel.plan_for(pattern, grid, r.plan)
+            if isinstance(cplan, str):
+                raise PatternError(cplan)
+            kernel = cutlass_kernel.load(cplan)
             scale = 1.0 / math.sqrt(r.plan.head_dim)
 
             def run(x: tuple) -> None:

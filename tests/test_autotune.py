@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 import attncc.library
 import attncc.ops
-from attncc import cache
+from attncc import cache, cutlass_kernel
 from attncc.autotune import records, tuner
 from attncc.autotune.constants import KERNEL
 from attncc.autotune.cost import TileCounts, device_spec, predict, registers, resident, shared_bytes
@@ -25,8 +25,9 @@ from attncc.autotune.records import TuningKey, TuningRecord, load_record, save_r
 from attncc.autotune.space import rank, search_space
 from attncc.cli import cli
 from attncc.errors import TuneError
-from attncc.ir import Grid, axial, causal, global_tokens, neighborhood, per_head, sliding_window
+from attncc.ir import Grid, axial, block_sparse, causal, global_tokens, neighborhood, per_head, sliding_window
 from attncc.ir.canonical import canonicalize
+from attncc.lower import cutlass as cutlass_lowering
 from attncc.lower.lowering import LaunchConfig, lower
 from attncc.reference import attention as reference
 
@@ -360,3 +361,18 @@ def test_tune_on_the_gpu_records_the_fastest_and_attention_uses_it(cache_dir):
         result.record.config.q_block,
     )
     torch.testing.assert_close(out.float(), reference(q, k, v, p, grid=grid).float(), atol=1.5e-2, rtol=0)
+
+
+def test_cutlass_candidate_with_a_table_too_large_is_an_error_not_a_crash(monkeypatch, cache_dir):
+    """Refused at plan time (here: any table), the CUTLASS candidates score as failed; Triton wins."""
+    monkeypatch.setattr(tuner, "_cutlass_here", lambda device: True)
+    monkeypatch.setattr(cutlass_lowering, "MAX_TABLE", 1)
+    cutlass_kernel.plan_for.cache_clear()
+    pattern = block_sparse([[1, 0], [1, 1]], 100)
+    result = tuner.tune(
+        pattern, Grid((200,)), 1, 1, 64, "float16", "cpu", top=1, runs=1, warmup=0, save=False, progress=False
+    )
+    cutlass_kernel.plan_for.cache_clear()
+    failed = [t for t in result.trials if t.ranked.config.backend == "cutlass"]
+    assert failed and all("table entries" in t.error for t in failed)
+    assert result.best.ranked.config.backend == "triton" and not result.best.error
