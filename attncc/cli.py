@@ -19,6 +19,7 @@ from attncc.ir.canonical import canonicalize, pattern_hash, resolve_heads
 from attncc.ir.spec import Spec, load_spec
 from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
+from attncc.machine.command import inspect_cmd
 
 _DEFAULT_TILES = {
     1: ["128", "64"],
@@ -114,7 +115,7 @@ def _kernel_plans(spec: Spec) -> str:
     heads = resolve_heads(spec.pattern, spec.heads)
     distinct = list(dict.fromkeys(canonicalize(h, spec.grid) for h in heads))
     lines = ["kernel plan (GPU tiles, one head):"]
-    config = LaunchConfig.default("cuda", spec.head_dim)
+    config = LaunchConfig.default("cuda", spec.head_dim, spec.dtype)
     for pattern in distinct[:4]:
         plan = lower(pattern, spec.grid, spec.head_dim, spec.dtype, config=config)
         entries = len(tile_table(pattern, spec.grid, plan)[1]) if plan.iteration == "table" else 0
@@ -209,6 +210,7 @@ def compile_cmd(spec_path: str, out_dir: str, device: str) -> None:
 cli.add_command(tune_cmd)
 cli.add_command(bench_cmd)
 cli.add_command(cache_cmd)
+cli.add_command(inspect_cmd)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ through torch.library ops so autograd and torch.compile see one op.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
+from attncc.lower.plan import KernelPlan
 from attncc.lower.render import load
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -42,14 +44,20 @@ def _output_like(t: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)  # one per compiled plan: hashed by identity
 class Kernel:
-    """A loaded kernel module of one head pattern and its int32 host tables.
+    """The loaded kernel modules of one head pattern and their int32 host tables.
 
-    ``tables`` = (values, offsets, entries, kv_offsets, kv_entries): the rule's
-    lookup values and, for table plans, the CSR of tiles by Q tile and by KV tile.
+    ``module`` runs the forward and dQ, ``dkdv`` the dK/dV kernel of its own plan (Note
+    [Backward tiles] in attncc.lower.lowering; the same module when the tiles agree).
+    ``tables`` = (values, offsets, entries, kv_offsets, kv_entries): the rule's lookup
+    values and, for table plans, the tile lists by Q tile and by KV tile (one set per plan).
     """
 
+    plan: KernelPlan
     module: ModuleType
     tables: tuple[np.ndarray, ...]
+    dkdv_plan: KernelPlan
+    dkdv: ModuleType
+    dkdv_tables: tuple[np.ndarray, ...]
     cutlass: cutlass_kernel.CutlassKernel | None = None  # runs the forward when set (all heads)
 
 
@@ -69,16 +77,19 @@ def _cached_int32(values: tuple[int, ...], device: torch.device) -> torch.Tensor
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
-def _tables(kernel: Kernel, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The kernel's host tables on ``like``'s device (cached as :func:`_int32`)."""
+def _tables(kernel: Kernel, like: torch.Tensor, dkdv: bool = False) -> tuple[torch.Tensor, ...]:
+    """The kernel's host tables (the dK/dV plan's with ``dkdv``) on ``like``'s device (cached as
+    :func:`_int32`)."""
     if type(like) is torch.Tensor:
-        return _cached_tables(kernel, like.device)
-    return tuple(torch.as_tensor(t, device=like.device) for t in kernel.tables)
+        return _cached_tables(kernel, like.device, dkdv)
+    return tuple(
+        torch.as_tensor(t, device=like.device) for t in (kernel.dkdv_tables if dkdv else kernel.tables)
+    )
 
 
 @cache
-def _cached_tables(kernel: Kernel, device: torch.device) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.as_tensor(t, device=device) for t in kernel.tables)
+def _cached_tables(kernel: Kernel, device: torch.device, dkdv: bool) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.as_tensor(t, device=device) for t in (kernel.dkdv_tables if dkdv else kernel.tables))
 
 
 BACKEND_SETTINGS = ("triton", "auto", "cutlass")
@@ -110,27 +121,50 @@ def compiled(
     """
     setting = backend_setting()
     tuned = tuned_config(pattern, grid, batch_heads, head_dim, dtype, score, device_type)
-    default = LaunchConfig.default(device_type, head_dim)
+    default = LaunchConfig.default(device_type, head_dim, dtype)
     config = tuned or default
     if setting == "cutlass":
         config = cutlass_config(head_dim)
     elif setting == "triton" and config.backend == "cutlass":
         config = default
-    plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
     if config.backend == "cutlass":
+        plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
         cplan = cutlass_kernel.plan_for(pattern, grid, plan)
         reason = cplan if isinstance(cplan, str) else cutlass_kernel.unavailable(device_type)
         if reason is None:
-            triton_plan = lower(pattern, grid, head_dim, dtype, score=score, config=default)
-            tables = kernel_tables(pattern, grid, triton_plan)
-            return Kernel(load(triton_plan), tables, cutlass_kernel.load(cplan))
+            triton = kernel_for(pattern, grid, head_dim, dtype, device_type, score, default)
+            return dataclasses.replace(triton, cutlass=cutlass_kernel.load(cplan))
         if setting == "cutlass":
             allowed = "triton here (ATTNCC_BACKEND=triton)"
             raise field_error(PatternError, "backend", "cutlass", allowed, reason)
         # "auto" with a tuning record that picked CUTLASS where it cannot run (say, no nvcc here).
         warnings.warn(f"attncc: the tuned CUTLASS kernel cannot run ({reason}); using Triton", stacklevel=2)
-        plan = lower(pattern, grid, head_dim, dtype, score=score, config=default)
-    return Kernel(load(plan), kernel_tables(pattern, grid, plan))
+        config = default
+    return kernel_for(pattern, grid, head_dim, dtype, device_type, score, config)
+
+
+def kernel_for(
+    pattern: Pattern,
+    grid: Grid,
+    head_dim: int,
+    dtype: str,
+    device_type: str,
+    score: str,
+    config: LaunchConfig,
+) -> Kernel:
+    """The Triton kernels of one head-independent pattern: forward and dQ in ``config``'s
+    tiles, dK/dV in its own (Note [Backward tiles] in attncc.lower.lowering)."""
+    plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
+    dkdv = lower(
+        pattern,
+        grid,
+        head_dim,
+        dtype,
+        score=score,
+        config=LaunchConfig.default_dkdv(device_type, head_dim, dtype),
+    )
+    tables, dkdv_tables = kernel_tables(pattern, grid, plan), kernel_tables(pattern, grid, dkdv)
+    return Kernel(plan, load(plan), tables, dkdv, load(dkdv), dkdv_tables)
 
 
 @dataclass(frozen=True)
@@ -153,13 +187,18 @@ def launches(
     score: str,
 ) -> tuple[Launch, ...]:
     """The launches of ``pattern`` over ``heads`` query heads: one per distinct head pattern."""
+    return tuple(
+        Launch(compiled(p, grid, head_dim, dtype, device_type, score, batch * len(ids)), ids)
+        for p, ids in head_groups(pattern, grid, heads)
+    )
+
+
+def head_groups(pattern: Pattern, grid: Grid, heads: int) -> list[tuple[Pattern, tuple[int, ...]]]:
+    """The distinct canonical head patterns of ``pattern`` and the query heads of each."""
     groups: dict[Pattern, list[int]] = {}
     for head, head_pattern in enumerate(resolve_heads(pattern, heads)):
         groups.setdefault(canonicalize(head_pattern, grid), []).append(head)
-    return tuple(
-        Launch(compiled(p, grid, head_dim, dtype, device_type, score, batch * len(ids)), tuple(ids))
-        for p, ids in groups.items()
-    )
+    return [(p, tuple(ids)) for p, ids in groups.items()]
 
 
 Wrap = Callable | None  # torch.library.wrap_triton under triton_op, else None
@@ -202,14 +241,31 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32) if accumulate else _output_like(k)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if accumulate else _output_like(v)
     for launch in plan_launches:
-        values, offsets, entries, kv_offsets, kv_entries = _tables(launch.kernel, q)
+        values, offsets, entries, _, _ = _tables(launch.kernel, q)
         head_map = _int32(launch.heads, q)
+        launch.kernel.module.launch_dq(
+            q, k, v, do, lse, delta, dq, values, offsets, entries, head_map, scale, bias, wrap=wrap
+        )
+        values, _, _, kv_offsets, kv_entries = _tables(launch.kernel, q, dkdv=True)
         slots = (_int32(t, q) for t in _slots(launch.heads, group, h_kv, accumulate))
-        launch.kernel.module.launch_bwd(
-            q, k, v, do, lse, delta, dq, dk, dv, values, offsets, entries, kv_offsets, kv_entries, head_map,
+        launch.kernel.dkdv.launch_dkdv(
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dk,
+            dv,
+            values,
+            kv_offsets,
+            kv_entries,
             *slots,
-            scale, accumulate, bias, wrap=wrap,
-        )  # fmt: skip
+            scale,
+            accumulate,
+            bias,
+            wrap=wrap,
+        )
     if accumulate:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     return dq, dk, dv

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,11 @@ from attncc.ir.nodes import Pattern
 from attncc.lower.lowering import tile_table
 from attncc.lower.plan import KernelPlan
 from attncc.lower.visits import tile_counts
+
+if TYPE_CHECKING:
+    from attncc.machine.counts import LoopInstructions
+
+SCHEDULERS = 4  # warp schedulers per SM (attncc.machine.model, Note [Issue model])
 
 
 def device_spec(name: str | None = None, sms: int | None = None) -> DeviceSpec:
@@ -64,11 +70,13 @@ class TileCounts:
 
 
 def shared_bytes(plan: KernelPlan) -> int:
-    """Shared memory of one program: the Q tile and one K and one V tile (the KV loops are
-    not software-pipelined, so ``num_stages`` adds nothing); fp32 also stages P for its dot.
-    Matches what Triton reports for sm_90 (tests/test_autotune.py checks it)."""
+    """Shared memory of one forward program: the Q tile and ``num_stages`` K and V tiles (the
+    KV loops are software-pipelined); fp32, whose dots run on the FMA pipes, keeps one K and
+    one V tile and stages P for its dot. Matches what Triton reports for sm_90
+    (tests/test_autotune.py checks it)."""
     size = DTYPE_BYTES[plan.dtype]
-    tiles = (plan.block_m + 2 * plan.block_n) * plan.head_dim_padded * size
+    stages = 1 if plan.dtype == "float32" else plan.num_stages
+    tiles = (plan.block_m + 2 * stages * plan.block_n) * plan.head_dim_padded * size
     return tiles + (plan.block_m * plan.block_n * 4 if plan.dtype == "float32" else 0)
 
 
@@ -117,22 +125,46 @@ def _mask_ops(plan: KernelPlan) -> int:
     return KERNEL.mask_ops_base + KERNEL.mask_ops_per_term_axis * axes
 
 
-def predict(plan: KernelPlan, counts: TileCounts, batch_heads: int, device: DeviceSpec) -> Prediction:
-    """Predicted time of ``plan`` launched over ``batch_heads`` (batch x heads) heads."""
+def predict(
+    plan: KernelPlan,
+    counts: TileCounts,
+    batch_heads: int,
+    device: DeviceSpec,
+    instructions: LoopInstructions | None = None,
+) -> Prediction:
+    """Predicted time of ``plan`` launched over ``batch_heads`` (batch x heads) heads.
+
+    With ``instructions`` (the forward's sm_90 machine code, :mod:`attncc.machine.counts`) a
+    tile's compute is the larger of its dots and the issue of its loop's instructions (Note
+    [Issue model] in attncc.machine.model) and a program's set-up is the issue of its
+    instructions outside the loops; without them, the estimates of :data:`KERNEL`.
+    """
     m, n, d = plan.block_m, plan.block_n, plan.head_dim_padded
     size = DTYPE_BYTES[plan.dtype]
     cycles_per_us = device.clock_ghz * 1e3
     dot_tflops = device.fp32_tflops if plan.dtype == "float32" else device.tensor_tflops
     dot_rate = dot_tflops * 1e6 / device.sms * KERNEL.tensor_efficiency  # FLOP per us per SM
     elements = m * n
-    exps = 1 if plan.score == "softmax" else 2  # sigmoid: an exponential and a reciprocal
-    compute = (
-        KERNEL.tile_overhead_cycles / cycles_per_us
-        + 4 * elements * d / dot_rate
-        + elements * KERNEL.softmax_ops / (device.fp32_per_clock * cycles_per_us)
-        + elements * exps / (device.mufu_per_clock * cycles_per_us)
-    )
-    mask = elements * _mask_ops(plan) / (device.int_per_clock * cycles_per_us)
+    dots = 4 * elements * d / dot_rate
+    if instructions is None:
+        exps = 1 if plan.score == "softmax" else 2  # sigmoid: an exponential and a reciprocal
+        compute = (
+            KERNEL.tile_overhead_cycles / cycles_per_us
+            + dots
+            + elements * KERNEL.softmax_ops / (device.fp32_per_clock * cycles_per_us)
+            + elements * exps / (device.mufu_per_clock * cycles_per_us)
+        )
+        mask = elements * _mask_ops(plan) / (device.int_per_clock * cycles_per_us)
+        full_compute, partial_compute, setup = compute, compute + mask, KERNEL.program_overhead_us
+    else:
+
+        def issue(count: float) -> float:
+            return count * instructions.warps / SCHEDULERS / cycles_per_us
+
+        partials = instructions.partial or ((instructions.full or 0),)
+        full_compute = max(dots, issue(instructions.full or max(partials)))
+        partial_compute = max(dots, issue(sum(partials) / len(partials)))
+        setup = issue(instructions.setup)
     load = 2 * n * d * size / (device.l2_tbps * 1e6 / device.sms)  # bytes / (bytes per us per SM)
     per_sm_resident = resident(plan, device)
 
@@ -140,7 +172,7 @@ def predict(plan: KernelPlan, counts: TileCounts, batch_heads: int, device: Devi
         return max(c, load) + min(c, load) / per_sm_resident
 
     full, partial = counts.full, counts.visited - counts.full
-    work = KERNEL.program_overhead_us + full * tile(compute) + partial * tile(compute + mask)
+    work = setup + full * tile(full_compute) + partial * tile(partial_compute)
     launched = math.prod(plan.q_tiles()) * plan.group_count  # per head; extra ones exit at once
     idle = launched - len(work)
     mean = (work.sum() + idle * KERNEL.empty_program_us) / launched

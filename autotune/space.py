@@ -29,7 +29,7 @@ from attncc.ir.nodes import Pattern
 from attncc.lower.cutlass import BLOCK_M as CUTLASS_BLOCK_M
 from attncc.lower.cutlass import BLOCK_NS as CUTLASS_BLOCK_NS
 from attncc.lower.cutlass import refusal
-from attncc.lower.lowering import LaunchConfig, boxes, lower
+from attncc.lower.lowering import LaunchConfig, boxes, lower, with_full_loops
 from attncc.lower.plan import KernelPlan
 
 Q_BLOCKS = (32, 64, 128, 256)
@@ -74,7 +74,7 @@ def search_space(
 ) -> list[tuple[LaunchConfig, KernelPlan]]:
     """Every candidate for a head-independent ``pattern``: the default config first (lowering's
     GPU default unless given), then the space in a fixed order (CUTLASS last)."""
-    default = default or LaunchConfig.default("cuda", head_dim)
+    default = default or LaunchConfig.default("cuda", head_dim, dtype)
     base = lower(pattern, grid, head_dim, dtype, score=score, config=default)
     out = [(_config(base), base)]
     group0 = base.group_lengths((0, 0, 0))
@@ -88,7 +88,9 @@ def search_space(
             pairs = [(plan.q_tile, plan.kv_tile)] if whole else []
         for (q_box, kv_box), warps, stages in itertools.product(pairs, _warps(block_m), STAGES):
             key = (q_box, kv_box, warps, stages)
-            plan = dataclasses.replace(base, q_tile=q_box, kv_tile=kv_box, num_warps=warps, num_stages=stages)
+            plan = with_full_loops(
+                dataclasses.replace(base, q_tile=q_box, kv_tile=kv_box, num_warps=warps, num_stages=stages)
+            )
             if key in seen or not fits(plan, device):
                 continue
             seen.add(key)
@@ -123,8 +125,15 @@ def rank(
     score: str = "softmax",
     default: LaunchConfig | None = None,
     backends: tuple[str, ...] = ("triton",),
+    static: bool = False,
 ) -> list[Ranked]:
-    """The search space sorted by predicted time; ties keep the space's order (deterministic)."""
+    """The search space sorted by predicted time; ties keep the space's order (deterministic).
+
+    With ``static`` each candidate's forward is compiled for sm_90 and the model reads its
+    instructions per tile loop (:func:`attncc.machine.counts.forward_instructions`, kept
+    in the cache): the ranking needs no GPU, but the first ranking of a spec compiles
+    every candidate (a second or two each).
+    """
     if isinstance(batch_heads, bool) or not isinstance(batch_heads, int) or batch_heads < 1:
         raise field_error(TuneError, "batch_heads", batch_heads, "an integer >= 1 (batch x heads)")
     counts: dict[tuple, TileCounts] = {}  # the counts depend on the boxes only
@@ -134,7 +143,12 @@ def rank(
         key = (plan.q_tile, plan.kv_tile)
         if key not in counts:
             counts[key] = TileCounts.of(plan, pattern, grid)
-        scored.append((predict(plan, counts[key], batch_heads, device), i, config, plan))
+        instructions = None
+        if static and config.backend == "triton":
+            from attncc.machine.counts import forward_instructions
+
+            instructions = forward_instructions(pattern, grid, plan)
+        scored.append((predict(plan, counts[key], batch_heads, device, instructions), i, config, plan))
     scored.sort(key=lambda s: (s[0].us, s[1]))
     return [
         Ranked(r + 1, config, plan, prediction, i == 0)

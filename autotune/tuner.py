@@ -106,9 +106,11 @@ def tune(
     start = time.perf_counter()
     pattern = canonicalize(pattern, grid)
     target = target_device(device)
-    default = LaunchConfig.default(device.type, head_dim)
+    default = LaunchConfig.default(device.type, head_dim, dtype)
     backends = ("triton", "cutlass") if _cutlass_here(device) else ("triton",)
-    ranked = rank(pattern, grid, batch * heads, head_dim, dtype, target, score, default, backends)
+    # Note [Static ranking]: on Hopper the model reads each candidate's sm_90 machine code.
+    static = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+    ranked = rank(pattern, grid, batch * heads, head_dim, dtype, target, score, default, backends, static)
     rank_seconds = time.perf_counter() - start
     inputs = input_sets(batch, heads, grid.size, head_dim, dtype, device)
     timed = []

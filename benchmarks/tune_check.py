@@ -50,7 +50,7 @@ def _subset(ranked: list, top: int, spread: int) -> list:
 
 def _case(name, pattern, grid, device, top: int, spread: int, budget: float, warmup: int, runs: int) -> dict:
     start = time.perf_counter()
-    default = LaunchConfig.default(device.type, D)
+    default = LaunchConfig.default(device.type, D, DTYPE)
     ranked = rank(pattern, grid, H, D, DTYPE, target_device(device), default=default)
     rank_seconds = time.perf_counter() - start
     inputs = input_sets(1, H, grid.size, D, DTYPE, device)

@@ -44,18 +44,22 @@ def write_package(spec: Spec, out_dir: str | Path, device_type: str = "cuda") ->
     groups: dict = {}
     for head, pattern in enumerate(resolve_heads(spec.pattern, 1 if shared else spec.heads)):
         groups.setdefault(canonicalize(pattern, spec.grid), []).append(head)
-    kernels, tables = [], []
-    config = LaunchConfig.default(device_type, spec.head_dim)
+    kernels, tables, dkdv_tables = [], [], []
+    config = LaunchConfig.default(device_type, spec.head_dim, spec.dtype)
+    dkdv_config = LaunchConfig.default_dkdv(device_type, spec.head_dim, spec.dtype)
     for i, (pattern, heads) in enumerate(groups.items()):
         plan = lower(pattern, spec.grid, spec.head_dim, spec.dtype, config=config)
+        dkdv = lower(pattern, spec.grid, spec.head_dim, spec.dtype, config=dkdv_config)
         _write(out / f"_kernel{i}.py", render(plan))
-        arrays = kernel_tables(pattern, spec.grid, plan)
-        tables.append(tuple(a.astype(np.int32).tolist() for a in arrays))
+        _write(out / f"_kernel{i}_dkdv.py", render(dkdv))  # Note [Backward tiles]
+        for into, p in ((tables, plan), (dkdv_tables, dkdv)):
+            into.append(tuple(a.astype(np.int32).tolist() for a in kernel_tables(pattern, spec.grid, p)))
         kernels.append({"module": f"_kernel{i}", "heads": None if shared else heads})
     _write(
         out / "_tables.py",
-        '"""int32 tables of the kernels (values, offsets, entries, kv_offsets, kv_entries)."""\n\n'
-        f"TABLES = {tables!r}\n",
+        '"""int32 tables of the kernels (values, offsets, entries, kv_offsets, kv_entries): TABLES for\n'
+        'the forward and dQ kernels, DKDV_TABLES for the dK/dV kernels (their own tiles)."""\n\n'
+        f"TABLES = {tables!r}\nDKDV_TABLES = {dkdv_tables!r}\n",
     )
     init = ENV.get_template("package_init.py.j2").render(
         name=out.name,

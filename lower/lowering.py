@@ -86,7 +86,7 @@ def lower(
         dtype=dtype,
         score=score,
         num_warps=config.num_warps,
-        num_stages=config.num_stages,
+        num_stages=config.num_stages or DEEP_PIPELINE,
     )
     if ranged:
         terms = ranged[1]
@@ -103,8 +103,12 @@ def lower(
         )
         if q_tile is None and kv_tile is None and config.q_box is None and config.kv_box is None:
             plan = _fewest_visits(plan, group0)
+        plan = with_full_loops(plan)
+        if config.num_stages is None:
+            plan = dataclasses.replace(plan, num_stages=_pipeline_depth(plan))
         return plan
     mask_expr, lookups = spell_rule(rules(canon, grid), grid)
+    common["num_stages"] = config.num_stages or DEEP_PIPELINE
     return KernelPlan(
         dilation=(1, 1, 1),
         iteration="table",
@@ -132,7 +136,7 @@ class LaunchConfig:
     q_block: int = 64
     kv_block: int = 64
     num_warps: int = 4
-    num_stages: int = 2
+    num_stages: int | None = 2  # None: lowering picks (Note [Pipeline depth])
     q_box: tuple[int, int, int] | None = None
     kv_box: tuple[int, int, int] | None = None
     backend: str = "triton"
@@ -142,12 +146,12 @@ class LaunchConfig:
             _check_pow2(name, getattr(self, name), _MIN_BLOCK, 1024)
         if self.num_warps not in (1, 2, 4, 8, 16):
             raise field_error(PatternError, "num_warps", self.num_warps, "1, 2, 4, 8, 16")
-        if (
+        if self.num_stages is not None and (
             isinstance(self.num_stages, bool)
             or not isinstance(self.num_stages, int)
             or not 1 <= self.num_stages <= 8
         ):
-            raise field_error(PatternError, "num_stages", self.num_stages, "1..8")
+            raise field_error(PatternError, "num_stages", self.num_stages, "1..8 (or None: lowering picks)")
         for name, block in (("q_box", self.q_block), ("kv_box", self.kv_block)):
             box = getattr(self, name)
             if box is None:
@@ -162,11 +166,38 @@ class LaunchConfig:
             raise field_error(PatternError, "backend", self.backend, ", ".join(BACKENDS))
 
     @staticmethod
-    def default(device_type: str, head_dim: int) -> LaunchConfig:
-        """A sound starting point: large tiles on a GPU, small ones for the interpreter."""
+    def default(device_type: str, head_dim: int, dtype: str = "bfloat16") -> LaunchConfig:
+        """A sound starting point: large tiles on a GPU, small ones for the interpreter.
+
+        fp32 dots run in IEEE fp32 on the FMA pipes, each thread holding its share of both
+        operands: 64 x 32 tiles on 8 warps, which fit up to D = 64 (128 x 64 spills at every
+        head dim; at D = 128 every fp32 config spills: fp32 is the exact path, not a fast one).
+        """
         if device_type != "cuda":
             return LaunchConfig()
-        return LaunchConfig(128, 64, 8 if head_dim >= 128 else 4, 3 if head_dim <= 128 else 2)
+        if dtype == "float32":
+            return LaunchConfig(64, 32, 8, 2)
+        return LaunchConfig(128, 64, 8 if head_dim >= 128 else 4, None if head_dim <= 128 else 2)
+
+    @staticmethod
+    def default_dkdv(device_type: str, head_dim: int, dtype: str = "bfloat16") -> LaunchConfig:
+        """The tiles of the dK/dV kernel, which holds a KV tile and walks Q tiles.
+
+        Note [Backward tiles]: dK/dV keeps two fp32 accumulators of ``kv_block x D`` and
+        the transposed scores of ``kv_block x q_block``. With the forward's tiles (64 keys
+        on 8 warps) Triton gives both warpgroups the same 64 rows (twice the work) and the
+        kernel spills; 128 keys fill both warpgroups. With D = 128, 32 queries still spill
+        (255 registers) and 16 fit; with D = 64 the accumulators are half as large and 32
+        queries fit (the sm_90 static profile: benchmarks/STATIC.md). The interpreter takes
+        small tiles that differ from the forward's, so the CPU tests walk a second tiling.
+        """
+        if device_type != "cuda":
+            return LaunchConfig(32, 64)
+        if dtype == "float32":
+            return LaunchConfig(16, 64, 4, 2)
+        if head_dim > 128:
+            return LaunchConfig(16, 64, 4, 2)
+        return LaunchConfig(32 if head_dim <= 64 else 16, 128, 8, 2)
 
 
 def _check_pow2(name: str, value: object, lo: int, hi: int) -> None:
@@ -207,6 +238,35 @@ def _fewest_visits(plan: KernelPlan, group0: tuple) -> KernelPlan:
     return best
 
 
+# Note [Pipeline depth]: a software-pipelined loop of S stages loads S - 1 tiles ahead,
+# so each walk starts with a prologue of S - 1 tiles' loads and runs S - 1 iterations
+# whose loads are predicated off; with few tiles per program that is per-program work
+# the tiles cannot hide, and the deeper pipeline's smem (a KV stage is 2 x BLOCK_N x D)
+# keeps a second program off the SM. A default config (num_stages None) gets the deep
+# pipeline when the walk averages at least SHORT_WALK tiles per program, else two
+# stages; table plans, whose walks are known only from their tables, get the deep one.
+DEEP_PIPELINE, SHORT_WALK = 3, 8
+
+
+def _pipeline_depth(plan: KernelPlan) -> int:
+    from attncc.lower.visits import tile_counts
+
+    visited = tile_counts(plan)[0]
+    return DEEP_PIPELINE if visited.mean() >= SHORT_WALK else 2
+
+
+def with_full_loops(plan: KernelPlan) -> KernelPlan:
+    """``plan`` with a full-tile loop only in the walks that have full tiles (the dilated
+    neighborhoods of a small window, say, have none: the loop's set-up would be wasted)."""
+    from attncc.lower.visits import inverse_walk, walk
+
+    if 0 not in plan.full_terms:
+        return plan
+    probe = dataclasses.replace(plan, full_walk=True, full_inverse=True)
+    forward, inverse = walk(probe)[0], inverse_walk(probe)[0]
+    return dataclasses.replace(plan, full_walk=forward.total > 0, full_inverse=inverse.total > 0)
+
+
 # --- explicit or default tiles -----------------------------------------------------
 
 
@@ -240,7 +300,7 @@ def _config_box(box: tuple[int, int, int], grid: Grid, name: str) -> tuple[int, 
 # --- range plans ----------------------------------------------------------------------
 
 
-_MAX_TERMS = 4  # a union of more range terms uses a table
+_MAX_TERMS = 2  # a union of more range terms uses a table (Note [Loops]: walks skip one box)
 
 
 def _range_terms(p: Pattern, grid: Grid) -> tuple[tuple[int, int, int], tuple] | None:
@@ -268,8 +328,10 @@ def _range_terms(p: Pattern, grid: Grid) -> tuple[tuple[int, int, int], tuple] |
         if len(ds) > 1 and ds != {1}:
             return None
         dilation.append(ds.pop())
-    terms = tuple(tuple(axis[1] for axis in t) for t in per_term)  # type: ignore[union-attr]
-    return tuple(dilation), terms  # type: ignore[return-value]
+    terms = [tuple(axis[1] for axis in t) for t in per_term]  # type: ignore[union-attr]
+    # Congruence-free terms first: the first term's full tiles get the unmasked loop.
+    terms.sort(key=lambda term: any(axis.congruences for axis in term))
+    return tuple(dilation), tuple(terms)  # type: ignore[return-value]
 
 
 def _product(p: Pattern, grid: Grid) -> list[tuple[int, AxisForm]] | None:
@@ -321,11 +383,39 @@ def _product(p: Pattern, grid: Grid) -> list[tuple[int, AxisForm]] | None:
         first = sympy.Max(*firsts[a]) if firsts[a] else sympy.Integer(0)
         last = sympy.Min(*lasts[a]) if lasts[a] else _lg - 1
         d = dilations[a].pop() if dilations[a] else 1
-        guarded = _guard_empty_rows(first, last, {(sizes[a] - g + d - 1) // d for g in range(d)})
+        lengths = {(sizes[a] - g + d - 1) // d for g in range(d)}
+        guarded = _guard_empty_rows(first, last, lengths)
         if guarded is None:
             return None
-        out.append((d, AxisForm(to_triton(guarded[0]), to_triton(guarded[1]), tuple(congruences[a]))))
+        bounds = _bounded(*guarded, lengths)
+        if bounds is None:
+            return None
+        form = AxisForm(to_triton(guarded[0]), to_triton(guarded[1]), tuple(congruences[a]), *bounds)
+        out.append((d, form))
     return out
+
+
+def _bounded(first: sympy.Expr, last: sympy.Expr, lengths: set[int]) -> tuple[bool, bool] | None:
+    """Whether some row's keys start after 0 (``low``) and end before ``Lg - 1`` (``high``);
+    None when a kept row's keys leave ``[0, Lg)``.
+
+    Note [Masks imply validity]: a partial tile tests a key against its row's
+    ``first`` where ``low`` and ``last`` where ``high``; a bound that holds for
+    every row needs no test. Kept keys lie in ``[0, Lg)``, so the ``last`` test
+    alone keeps the padding keys of a ragged tile out: only an axis without it
+    tests validity (and only in the forward: padding keys load as zeros, which
+    add nothing to the gradients).
+    """
+    low = high = False
+    for length in lengths:
+        i = np.arange(length, dtype=np.int64)
+        f, l_ = (symbolic.to_numpy(e.subs({_lg: length, _i: symbolic.q}))(i) for e in (first, last))
+        kept = f <= l_
+        if np.any(f[kept] < 0) or np.any(l_[kept] > length - 1):
+            return None
+        low |= bool(np.any(f != 0))
+        high |= bool(np.any(l_ != length - 1))
+    return low, high
 
 
 # Note [Empty rows]: the kernel visits KV tiles ``first(i0) // TK .. last(i1) // TK``
@@ -493,11 +583,40 @@ def tile_table_by_kv(
     return kv_offsets, (q_idx[order] * 2 + full[order]).astype(np.int32)
 
 
+def split_table(offsets: np.ndarray, entries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A CSR of ``tile * 2 + full`` entries as the kernels walk it: per row, the full tiles,
+    then the partial ones, and ``2 * rows + 1`` offsets (row r's full tiles are
+    ``[off[2r], off[2r + 1])``, its partial ones ``[off[2r + 1], off[2r + 2])``)."""
+    rows = len(offsets) - 1
+    row_of = np.repeat(np.arange(rows), np.diff(offsets))
+    order = np.lexsort((entries % 2 == 0, row_of))  # per row (CSR order kept), full tiles first
+    fulls = np.bincount(row_of, weights=entries % 2, minlength=rows).astype(np.int64)
+    split = np.empty(2 * rows + 1, np.int64)
+    split[0::2] = offsets
+    split[1::2] = offsets[:-1] + fulls
+    return split.astype(np.int32), (entries[order] // 2).astype(np.int32)
+
+
 def kernel_tables(pattern: Pattern, grid: Grid, plan: KernelPlan) -> tuple[np.ndarray, ...]:
-    """The five int32 buffers a plan's kernels take: rule tables, then the tile CSR by Q tile
-    (offsets, entries) and by KV tile (placeholders for range plans, which read none)."""
+    """The five int32 buffers a plan's kernels take: rule tables, then the tile lists by Q
+    tile and by KV tile (:func:`split_table`; placeholders for range plans, which read none).
+
+    A tile pair is walked unmasked only when both tiles are whole: the forward loads a
+    full KV tile, and dK/dV a full Q tile, without bounds checks.
+    """
     if plan.iteration != "table":
         return (np.zeros(1, np.int32),) * 5
     offsets, entries = tile_table(pattern, grid, plan)
+    q_idx = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    q_whole = _whole_tiles(plan, grid, plan.q_tile)
+    entries = entries - (entries % 2) * ~q_whole[q_idx]  # a ragged Q tile's pairs are partial
     by_kv = tile_table_by_kv(offsets, entries, math.prod(plan.kv_tiles()))
-    return table_values(pattern, grid), offsets, entries, *by_kv
+    return table_values(pattern, grid), *split_table(offsets, entries), *split_table(*by_kv)
+
+
+def _whole_tiles(plan: KernelPlan, grid: Grid, tile: tuple[int, int, int]) -> np.ndarray:
+    """Per tile (row-major over group 0's tiles) of box ``tile``: whether it holds no padding."""
+    per_axis = [
+        (np.arange(math.ceil(lg / t)) + 1) * t <= lg for lg, t in zip(plan.group_lengths((0, 0, 0)), tile)
+    ]
+    return np.logical_and.outer(np.logical_and.outer(per_axis[0], per_axis[1]), per_axis[2]).ravel()

@@ -1,4 +1,4 @@
-"""KernelPlan: everything a template needs to spell one forward kernel, as plain data.
+"""KernelPlan: everything a template needs to spell the kernels of one head pattern, as plain data.
 
 Lowering decides here; the template only spells what the plan says.
 
@@ -9,35 +9,48 @@ tokens at coordinates ``g_a + d_a * i``; a kernel program works on a box of
 group coordinates ``i``. A neighborhood is then dilation-free inside the
 group, so its closed forms are those of dilation 1 on an axis of length ``Lg``.
 
-Note [KV iteration]: a ``range`` plan is a union of terms; a term gives, per
-axis, closed forms ``first(i, Lg)``/``last(i, Lg)`` of the group coordinates a
+Note [KV iteration]: a ``range`` plan is a union of at most two terms; a term gives,
+per axis, closed forms ``first(i, Lg)``/``last(i, Lg)`` of the group coordinates a
 query ``i`` sees, both non-decreasing in ``i``, and optional congruences
-``(k - anchor(i)) % step == 0`` (strided patterns). The keys of a Q tile
-spanning ``[i0, i1]`` under a term lie in ``[first(i0), last(i1)]`` per axis;
-the kernel walks each term's box of KV tiles, skipping tiles an earlier term's
-box already held. A KV tile ``[k0, k1]`` is full under a term with no
-congruence when ``first(i1) <= k0`` and ``last(i0) >= k1`` on every axis, and
-full when it is full under any term. With a single congruence-free term the
-full tiles form a sub-box of the term's box, so the kernel walks it first in
-a loop with no masking and no branch, then the rest of the box masked.
-``table`` plans carry, per Q tile, the
-list of non-empty KV tiles and whether each is full, computed by the exact
-analysis; partial tiles evaluate the rule per element.
+``(k - anchor(i)) % step == 0`` (strided patterns). The keys of a Q tile spanning
+``[i0, i1]`` under a term lie in ``[first(i0), last(i1)]`` per axis: a box of KV
+tiles. A KV tile ``[k0, k1]`` is full under a congruence-free term when ``first(i1)
+<= k0`` and ``last(i0) >= k1`` on every axis (and the tile is whole), and those full
+tiles form a sub-box of the first term's box. ``table`` plans carry, per Q tile, the
+lists of its full and of its partial KV tiles, computed by the exact analysis;
+partial tiles evaluate the rule per element.
 
-Note [Inverse iteration]: the dK/dV kernel walks, per KV tile, the Q tiles
-that see it. For a range plan the queries of a term that see a key in
+Note [Loops]: every walk is a loop over the full tiles, which it runs unmasked, then
+loops over the partial ones, and no loop has a branch in its body, so Triton
+software-pipelines them all (a loop body under a data-dependent branch is not
+pipelined: its loads come out synchronous). A range walk steps to the next tile by
+counting (no division): the full loop walks the full sub-box in row-major order; the
+partial loop walks the first term's box and steps over the full sub-box's run on each
+of its rows, which is why, on a box of more than one row, the sub-box is kept off the
+row's first tile (a row never starts inside the run: the border tiles this moves to
+the partial loop are under 2% of the full ones in the benchmark cases); the second
+term's loop walks its own box less the first term's box (``_outside`` in the
+template), masking by the union of both terms. A table walk reads its two lists.
+Partial tiles test each key against per-row bounds hoisted out of the loop
+(Note [Row tests] at KernelPlan.mask, Note [Masks imply validity] in attncc.lower.lowering).
+
+Note [Inverse iteration]: the dK/dV kernel walks, per KV tile, the Q tiles that see
+it. For a range plan the queries of a term that see a key in
 ``[k0, k1]`` on an axis are, since first/last are non-decreasing, the
 interval ``[lo, hi)`` with ``lo`` the first ``i`` where ``last(i) >= k0`` and
 ``hi`` the first where ``first(i) > k1``. The kernel finds both by bisection
-over ``[0, Lg)`` on the same closed forms (``search_steps`` scalar steps per
-axis and term, once per program: no table, no set-up pass). A KV tile lies in
-a Q tile's box exactly when that Q tile lies in the KV tile's inverse box, so
-both directions visit the same tile pairs. Table plans use the CSR table
+over ``[0, Lg)`` on the same closed forms (``search_steps(axis)`` scalar steps per
+axis and term, once per program: no table, no set-up pass), and in the same way the
+queries that see every key of the tile (full Q tiles) and, per key row, the queries
+that see that key (its partial tiles' mask). A KV tile lies in a Q tile's box exactly
+when that Q tile lies in the KV tile's inverse box, so both directions visit the same
+tile pairs; the walk is that of Note [Loops] over Q tiles. Table plans use the lists
 transposed (``tile_table_by_kv``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -66,6 +79,9 @@ class AxisForm:
     first: str
     last: str
     congruences: tuple[Congruence, ...] = ()
+    # Note [Masks imply validity]: some row's keys start after 0 / end before Lg - 1.
+    low: bool = True
+    high: bool = True
 
 
 @dataclass(frozen=True)
@@ -75,6 +91,17 @@ class Lookup:
     name: str
     offset: int
     row: int  # row length for 2-D tables (0 for 1-D)
+
+
+@dataclass(frozen=True)
+class Mask:
+    """One term's mask in a partial tile (:meth:`KernelPlan.mask`): tests ``(axis, kind)``
+    evaluated per row, the element test whose per-row bound absorbs them (None: they
+    mask the row directly), and the tests evaluated per element."""
+
+    row: tuple[tuple[int, str], ...]
+    fold: tuple[int, str] | None
+    element: tuple[tuple[int, str], ...]
 
 
 @dataclass(frozen=True)
@@ -97,6 +124,21 @@ class KernelPlan:
     score: str = "softmax"  # or "sigmoid"
     num_warps: int = 4
     num_stages: int = 2
+    # Range plans whose first term can mark tiles full: whether some Q tile's walk (forward,
+    # dQ) and some KV tile's (dK/dV) has one. A walk with none has no full-tile loop.
+    full_walk: bool = True
+    full_inverse: bool = True
+
+    def full_loop(self, inverse: bool) -> bool:
+        """Whether the walk (dK/dV's with ``inverse``) has a full-tile loop (Note [Loops])."""
+        return 0 in self.full_terms and (self.full_inverse if inverse else self.full_walk)
+
+    @property
+    def dq_warps(self) -> int:
+        """Warps of the dQ kernel: it holds three fp32 tiles of a Q tile's rows (scores, their
+        gradients, dQ) where the forward holds two, so with 128 or more rows it takes 8 warps
+        (with 4, D = 64 spills: benchmarks/STATIC.md)."""
+        return max(self.num_warps, 8) if self.block_m >= 128 else self.num_warps
 
     @property
     def block_m(self) -> int:
@@ -106,10 +148,9 @@ class KernelPlan:
     def block_n(self) -> int:
         return math.prod(self.kv_tile)
 
-    @property
-    def search_steps(self) -> int:
-        """Bisection steps that cover any axis of a group (Note [Inverse iteration])."""
-        return max(self.grid).bit_length() + 1
+    def search_steps(self, axis: int) -> int:
+        """Bisection steps that cover axis ``axis`` of every group (Note [Inverse iteration])."""
+        return ((self.grid[axis] + self.dilation[axis] - 1) // self.dilation[axis]).bit_length()
 
     @property
     def group_count(self) -> int:
@@ -124,6 +165,84 @@ class KernelPlan:
 
     def kv_tiles(self) -> tuple[int, int, int]:
         return tuple(math.ceil(lg / t) for lg, t in zip(self.group_lengths((0, 0, 0)), self.kv_tile))  # type: ignore[return-value]
+
+    def _ragged(self, tile: tuple[int, int, int]) -> tuple[bool, bool, bool]:
+        groups = list(itertools.product(*(range(d) for d in self.dilation)))
+        return tuple(any(self.group_lengths(g)[a] % tile[a] for g in groups) for a in range(RANK))  # type: ignore[return-value]
+
+    @property
+    def ragged_kv(self) -> tuple[bool, bool, bool]:
+        """Per axis: whether some group's last KV tile holds padding."""
+        return self._ragged(self.kv_tile)
+
+    @property
+    def ragged_kv_any(self) -> bool:
+        return any(self.ragged_kv)
+
+    @property
+    def ragged_q_any(self) -> bool:
+        return any(self._ragged(self.q_tile))
+
+    def walk_order(self, inverse: bool) -> tuple[int, int, int]:
+        """The axes a walk steps, outermost first (the dK/dV walk's, over Q tiles, with
+        ``inverse``): axes with one tile in every group first (never stepped), then the rest
+        in grid order; the last, innermost, holds each row's run of full tiles (Note [Loops])."""
+        tiles = self.q_tiles() if inverse else self.kv_tiles()
+        live = [a for a in range(RANK) if tiles[a] > 1]
+        return (*(a for a in range(RANK) if tiles[a] == 1), *live) if live else (0, 1, 2)  # type: ignore[return-value]
+
+    def walk_live(self, inverse: bool) -> tuple[bool, bool]:
+        """Whether the walk's two outer axes are stepped."""
+        tiles = self.q_tiles() if inverse else self.kv_tiles()
+        order = self.walk_order(inverse)
+        return tiles[order[0]] > 1, tiles[order[1]] > 1
+
+    def walk_rows(self, inverse: bool) -> bool:
+        """Whether the walk's boxes may have more than one row (then a row's full run is kept off
+        its first tile: Note [Loops])."""
+        return any(self.walk_live(inverse))
+
+    def ragged_kv_checks(self, name: str, bound: str) -> list[str]:
+        """``name_a < bound_a`` on the axes with ragged KV tiles: a partial tile's valid keys."""
+        return [f"({name}{a} < {bound}{a})" for a in range(RANK) if self.ragged_kv[a]]
+
+    def tests(self, term: int, backward: bool) -> tuple[tuple[str, ...], ...]:
+        """Per axis, what a partial tile tests of term ``term`` (Note [Masks imply validity] in
+        attncc.lower.lowering): ``"low"`` (the key against its row's first), ``"high"``
+        (against its last), and, in the forward on an axis with ragged tiles and no ``high``
+        test, ``"valid"`` (the key inside the axis)."""
+        out = []
+        for a, axis in enumerate(self.terms[term]):
+            tests = ("low",) * axis.low + ("high",) * axis.high
+            if not (backward or axis.high) and self.ragged_kv[a]:
+                tests += ("valid",)
+            out.append(tests)
+        return tuple(out)
+
+    def mask(self, term: int, kind: str) -> Mask:
+        """How a partial tile of kernel ``kind`` ("fwd", "dq" or "dkdv") spells term ``term``.
+
+        Note [Row tests]: the columns of a tile are keys (queries in dK/dV); on an axis where
+        the tile holds one coordinate (a box size of 1) every test compares that one
+        coordinate with a per-row bound, so it is a per-row condition. Such tests are
+        folded into the per-row bound of another tested axis (a row that fails them gets
+        an empty range there), which leaves fewer per-element predicates: on sm_90 three
+        kinds of them (per row, per column group, per column) made ptxas spill predicates.
+        """
+        box = self.q_tile if kind == "dkdv" else self.kv_tile
+        axes = self.tests(term, kind != "fwd")
+        row, element = [], []
+        for a, tests in enumerate(axes):
+            parts = [(a, t) for t in tests] + [
+                (a, f"congruence{c}") for c in range(len(self.terms[term][a].congruences))
+            ]
+            (row if box[a] == 1 else element).extend(parts)
+        fold = None
+        if row:
+            fold = next((t for t in element if t[1] == "high"), None) or next(
+                (t for t in element if t[1] == "low"), None
+            )
+        return Mask(tuple(row), fold, tuple(element))
 
     @property
     def grid_obj(self) -> Grid:

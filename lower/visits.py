@@ -1,13 +1,17 @@
-"""How many KV tiles a plan's kernel visits: the denominator of its tile-level bound.
+"""The tiles each loop of a plan's kernels walks, computed on the host.
 
-These mirror the kernel's range arithmetic on the host (see Note [KV iteration]
-in :mod:`attncc.lower.plan`), for the bound the benchmarks report and for tests.
+These mirror the kernels' range arithmetic (Note [KV iteration], Note [Inverse
+iteration] and Note [Loops] in :mod:`attncc.lower.plan`) with the same integer
+rules (Triton's ``//`` truncates toward zero), so the counts are the kernels' own:
+the denominator of a plan's tile-level bound, what the autotuner's cost model reads,
+and the tile mix of the static estimate (:mod:`attncc.machine.model`).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from functools import cache
 from types import CodeType, SimpleNamespace
 
@@ -28,68 +32,181 @@ def _form(expr: str, i: np.ndarray, lg: int) -> np.ndarray:
     return eval(_code(expr), _HOST, {"i": i, "Lg": lg}) + i * 0
 
 
-def _per_group(plan: KernelPlan, term: tuple[AxisForm, ...]) -> list[list[tuple[dict, int, int]]]:
-    """Per dilation group, per axis: ``(bounds, kv_tile, group_length)``.
+def _tdiv(a: np.ndarray, b: int) -> np.ndarray:
+    """Integer division truncating toward zero, as Triton's ``//`` on signed integers."""
+    return np.where(a < 0, -((-a) // b), a // b)
 
-    ``bounds`` holds the forms at every Q tile's first and last row, shaped to
-    broadcast over the three axes: ``first_lo``/``last_hi`` (the tile's key
-    range) and ``first_hi``/``last_lo`` (the keys every row sees).
-    """
+
+@dataclass(frozen=True)
+class LoopTiles:
+    """One loop of a walk: its name (the template's ``# loop:`` comment) and, per program
+    of the walk (every group's tiles, flattened), how many tiles it runs."""
+
+    name: str
+    per_program: np.ndarray
+
+    @property
+    def total(self) -> int:
+        return int(self.per_program.sum())
+
+
+def _groups(plan: KernelPlan):
+    return list(itertools.product(*(range(d) for d in plan.dilation)))
+
+
+def _count(lo: list, hi: list) -> np.ndarray:
+    out = 1
+    for a in range(3):
+        out = out * np.maximum(hi[a] - lo[a] + 1, 0)
+    return out
+
+
+def _grid_of(counts: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return np.broadcast_to(counts, shape).ravel().astype(np.int64)
+
+
+def _loops(plan: KernelPlan, boxes: list, full: tuple | None, shape: tuple) -> list[np.ndarray]:
+    """Per loop of a range walk, tiles per program: the full sub-box, term 0's box less it, and
+    term 1's box less term 0's (Note [Loops])."""
     out = []
-    for group in itertools.product(*(range(d) for d in plan.dilation)):
+    n0 = _count(*boxes[0])
+    if full is not None:
+        nf = _count(*full)
+        out += [_grid_of(nf, shape), _grid_of(n0 - nf, shape)]
+    else:
+        out.append(_grid_of(n0, shape))
+    for lo, hi in boxes[1:]:
+        lo0, hi0 = boxes[0]
+        overlap = _count(
+            [np.maximum(a, b) for a, b in zip(lo, lo0)], [np.minimum(a, b) for a, b in zip(hi, hi0)]
+        )
+        out.append(_grid_of(_count(lo, hi) - overlap, shape))
+    return out
+
+
+def _names(plan: KernelPlan, inverse: bool) -> list[str]:
+    if plan.iteration == "table":
+        return ["full", "partial"]
+    return (["full"] if plan.full_loop(inverse) else []) + ["partial"] * len(plan.terms)
+
+
+def walk(plan: KernelPlan, tables: tuple[np.ndarray, ...] | None = None) -> list[LoopTiles]:
+    """The forward and dQ kernels' loops, per Q tile (table plans read their ``offsets``)."""
+    if plan.iteration == "table":
+        return _table_loops(tables[1] if tables is not None else None)
+    per_loop: list[list[np.ndarray]] = []
+    for group in _groups(plan):
+        lgs = plan.group_lengths(group)
+        shape = tuple(math.ceil(lg / t) for lg, t in zip(lgs, plan.q_tile))
         axes = []
-        for a, (axis, lg, t_q) in enumerate(zip(term, plan.group_lengths(group), plan.q_tile)):  # type: ignore[arg-type]
-            lo = np.arange(math.ceil(lg / t_q)) * t_q
-            hi = np.minimum(lo + t_q - 1, lg - 1)
-            shape = [1, 1, 1]
-            shape[a] = len(lo)
-            bounds = {
-                "first_lo": _form(axis.first, lo, lg),
-                "last_hi": _form(axis.last, hi, lg),
-                "first_hi": _form(axis.first, hi, lg),
-                "last_lo": _form(axis.last, lo, lg),
-            }
-            axes.append(({k: v.reshape(shape) for k, v in bounds.items()}, plan.kv_tile[a], lg))
-        out.append(axes)
-    return out
+        for a in range(3):
+            qlo = np.arange(shape[a]) * plan.q_tile[a]
+            qhi = np.minimum(qlo + plan.q_tile[a] - 1, lgs[a] - 1)
+            axes.append((qlo.reshape(_axis_shape(a, shape[a])), qhi.reshape(_axis_shape(a, shape[a]))))
+        boxes, full = [], None
+        for t, term in enumerate(plan.terms):
+            lo, hi = [], []
+            for a, (axis, (qlo, qhi)) in enumerate(zip(term, axes)):
+                lo.append(_tdiv(_form(axis.first, qlo, lgs[a]), plan.kv_tile[a]))
+                hi.append(_tdiv(_form(axis.last, qhi, lgs[a]), plan.kv_tile[a]))
+            boxes.append((lo, hi))
+            if t == 0 and plan.full_loop(False):
+                run = plan.walk_order(False)[2] if plan.walk_rows(False) else None
+                full = _full_box(plan, term, axes, lgs, lo, hi, plan.kv_tile, run)
+        per_loop.append(_loops(plan, boxes, full, shape))
+    return [
+        LoopTiles(name, np.concatenate(parts)) for name, parts in zip(_names(plan, False), zip(*per_loop))
+    ]
 
 
-def _union_count(boxes: list[list[tuple[np.ndarray, np.ndarray]]]) -> np.ndarray | int:
-    """Per Q tile, the tiles in the union of boxes (per box, per axis ``(lo, hi)`` tile indices)."""
-    total: np.ndarray | int = 0
-    for size in range(1, len(boxes) + 1):  # inclusion-exclusion over the boxes
-        for subset in itertools.combinations(boxes, size):
-            count: np.ndarray | int = 1
-            for a in range(3):
-                lo = np.maximum.reduce([box[a][0] for box in subset])
-                hi = np.minimum.reduce([box[a][1] for box in subset])
-                count = count * np.maximum(hi - lo + 1, 0)
-            total = total + (-1) ** (size + 1) * count
-    return total
+def _axis_shape(a: int, n: int) -> list[int]:
+    shape = [1, 1, 1]
+    shape[a] = n
+    return shape
 
 
-def _full_box(axes: list[tuple[dict, int, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The whole KV tiles every row of the Q tile sees under one congruence-free term."""
-    out = []
-    for b, t_k, lg in axes:
-        f_lo = np.maximum(b["first_lo"] // t_k, -(-b["first_hi"] // t_k))
-        f_hi = np.minimum(np.minimum(b["last_hi"] // t_k, (b["last_lo"] + 1) // t_k - 1), lg // t_k - 1)
-        out.append((f_lo, f_hi))
-    return out
+def _full_box(
+    plan, term: tuple[AxisForm, ...], axes, lgs, lo, hi, tile, run: int | None
+) -> tuple[list, list]:
+    """The whole KV tiles inside [first(last row), last(first row)] on every axis, kept off a
+    row's first tile on the ``run`` axis when the walk has more than one row (Note [Loops])."""
+    fl, fh = [], []
+    for a, (axis, (qlo, qhi)) in enumerate(zip(term, axes)):
+        t = tile[a]
+        fl.append(np.maximum(lo[a], _tdiv(_form(axis.first, qhi, lgs[a]) + t - 1, t)))
+        fh.append(
+            np.minimum(np.minimum(hi[a], _tdiv(_form(axis.last, qlo, lgs[a]) + 1, t) - 1), lgs[a] // t - 1)
+        )
+    if run is not None:
+        fl[run] = _off_row_start(plan.walk_order(False), lo, hi, fl[run], run)
+    return fl, fh
+
+
+def _off_row_start(
+    order: tuple[int, int, int], lo: list, hi: list, fl_run: np.ndarray, run: int
+) -> np.ndarray:
+    """Note [Loops]: on a box of more than one row the full run starts after the row's first tile."""
+    rows = (hi[order[0]] - lo[order[0]] + 1) * (hi[order[1]] - lo[order[1]] + 1)
+    return np.where(rows > 1, np.maximum(fl_run, lo[run] + 1), fl_run)
+
+
+def _table_loops(offsets: np.ndarray | None) -> list[LoopTiles]:
+    if offsets is None:
+        raise ValueError("a table plan's walk needs its tables (attncc.lower.lowering.kernel_tables)")
+    offsets = np.asarray(offsets, np.int64)
+    return [
+        LoopTiles("full", offsets[1::2] - offsets[0:-1:2]),
+        LoopTiles("partial", offsets[2::2] - offsets[1::2]),
+    ]
+
+
+def inverse_walk(plan: KernelPlan, tables: tuple[np.ndarray, ...] | None = None) -> list[LoopTiles]:
+    """The dK/dV kernel's loops, per KV tile, for one query head (Note [Inverse iteration])."""
+    if plan.iteration == "table":
+        return _table_loops(tables[3] if tables is not None else None)
+    per_loop: list[list[np.ndarray]] = []
+    for group in _groups(plan):
+        lgs = plan.group_lengths(group)
+        shape = tuple(math.ceil(lg / t) for lg, t in zip(lgs, plan.kv_tile))
+        boxes, full = [], None
+        for t_idx, term in enumerate(plan.terms):
+            lo, hi, flo_fhi = [], [], []
+            for a, axis in enumerate(term):
+                i = np.arange(lgs[a])
+                first, last = _form(axis.first, i, lgs[a]), _form(axis.last, i, lgs[a])
+                k0 = (np.arange(shape[a]) * plan.kv_tile[a]).reshape(_axis_shape(a, shape[a]))
+                k1 = k0 + plan.kv_tile[a] - 1
+                ilo = np.searchsorted(last, k0, "left")  # first i with last(i) >= k0
+                ihi = np.searchsorted(first, k1, "right")  # first i with first(i) > k1
+                tq = plan.q_tile[a]
+                lo.append(ilo // tq)
+                hi.append(np.where(ihi > ilo, (ihi - 1) // tq, ilo // tq - 1))
+                flo_fhi.append((np.searchsorted(last, k1, "left"), np.searchsorted(first, k0, "right")))
+            boxes.append((lo, hi))
+            if t_idx == 0 and plan.full_loop(True):
+                fl = [
+                    np.maximum(lo[a], (flo + plan.q_tile[a] - 1) // plan.q_tile[a])
+                    for a, (flo, _) in enumerate(flo_fhi)
+                ]
+                fh = [
+                    np.minimum(np.minimum(hi[a], fhi // plan.q_tile[a] - 1), lgs[a] // plan.q_tile[a] - 1)
+                    for a, (_, fhi) in enumerate(flo_fhi)
+                ]
+                if plan.walk_rows(True):
+                    run = plan.walk_order(True)[2]
+                    fl[run] = _off_row_start(plan.walk_order(True), lo, hi, fl[run], run)
+                full = (fl, fh)
+        per_loop.append(_loops(plan, boxes, full, shape))
+    return [LoopTiles(name, np.concatenate(parts)) for name, parts in zip(_names(plan, True), zip(*per_loop))]
 
 
 def tile_counts(plan: KernelPlan) -> tuple[np.ndarray, np.ndarray]:
     """Per Q tile of a range plan (every group's, flattened): KV tiles the kernel visits, and
     how many of them it runs unmasked (full); what the autotuner's cost model reads."""
-    terms = [_per_group(plan, term) for term in plan.terms]
-    visited, full = [], []
-    for g, group in enumerate(itertools.product(*(range(d) for d in plan.dilation))):
-        shape = tuple(math.ceil(lg / t) for lg, t in zip(plan.group_lengths(group), plan.q_tile))
-        boxes = [[(b["first_lo"] // t_k, b["last_hi"] // t_k) for b, t_k, _ in term[g]] for term in terms]
-        whole = [_full_box(terms[t][g]) for t in plan.full_terms]
-        visited.append(np.broadcast_to(_union_count(boxes), shape).ravel())
-        full.append(np.broadcast_to(_union_count(whole), shape).ravel())
-    return np.concatenate(visited).astype(np.int64), np.concatenate(full).astype(np.int64)
+    loops = walk(plan)
+    visited = np.sum([loop.per_program for loop in loops], axis=0)
+    full = loops[0].per_program if loops[0].name == "full" else np.zeros_like(visited)
+    return visited.astype(np.int64), full.astype(np.int64)
 
 
 def visited_tiles(plan: KernelPlan, table_entries: int = 0) -> tuple[int, int]:

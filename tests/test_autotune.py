@@ -47,7 +47,7 @@ SPACES = [
 def test_every_candidate_lowers_to_its_plan_and_fits(name, pattern, grid, head_dim, dtype):
     space = search_space(pattern, grid, head_dim, dtype, H100)
     assert len(space) > 1
-    assert space[0][1] == lower(pattern, grid, head_dim, dtype, config=LaunchConfig.default("cuda", head_dim))
+    assert space[0][1] == lower(pattern, grid, head_dim, dtype, config=LaunchConfig.default("cuda", head_dim, dtype))
     keys = set()
     for i, (config, plan) in enumerate(space):
         for box, block in ((config.q_box, config.q_block), (config.kv_box, config.kv_block)):
@@ -75,8 +75,8 @@ def test_space_respects_head_dim_and_register_limits():
 SM90_CODE = """
 from attncc.autotune.cost import shared_bytes
 from attncc.ir import Grid, neighborhood
-from attncc.lower.aot import compile_plan
 from attncc.lower.lowering import LaunchConfig, lower
+from attncc.machine import profile
 
 for dtype, d, config in [
     ("bfloat16", 128, LaunchConfig(128, 64, 8, 3)),
@@ -84,7 +84,7 @@ for dtype, d, config in [
     ("float32", 64, LaunchConfig(64, 32, 4, 2)),
 ]:
     plan = lower(neighborhood(15), Grid((64, 64)), d, dtype, config=config)
-    fwd = compile_plan(plan, kernels=('attention_fwd_kernel',))['attention_fwd_kernel']
+    fwd = profile(neighborhood(15), Grid((64, 64)), 1, 4, d, dtype, backward=False, config=config).kernels[0]
     print(dtype, shared_bytes(plan), fwd.shared_bytes)
 """
 

@@ -22,7 +22,7 @@ CASES = [
     (neighborhood((2, 3, 5), causal=(True, False, False)), Grid((5, 9, 11)), (2, 4, 4)),
     (causal(), Grid((301,)), (32,)),
     (sliding_window(40, 7), Grid((250,)), (16,)),
-    (axial() | neighborhood(3), Grid((13, 17)), (4, 4)),
+    (axial(0) | neighborhood(3), Grid((13, 17)), (4, 4)),
     (sliding_window(15, 0) | (strided(16, 3) & causal()), Grid((150,)), (16,)),
 ]
 

@@ -24,7 +24,7 @@ from attncc.ir import (
     union,
 )
 from attncc.lower.lowering import LaunchConfig, lower, tile_table
-from attncc.lower.visits import full_tiles, visited_tiles
+from attncc.lower.visits import tile_counts, visited_tiles
 
 
 @pytest.mark.parametrize(
@@ -145,9 +145,10 @@ def test_range_plans_of_bands_visit_exactly_the_non_empty_tiles(data):
     rank = grid.rank
     a = analyze(pattern, grid, plan.q_tile[3 - rank :], plan.kv_tile[3 - rank :])
     assert visited_tiles(plan)[0] == a.partial_tiles + a.full_tiles
-    if plan.split_full:
+    if plan.split_full:  # Note [Loops]: the unmasked loop runs full whole tiles, not always all of them
         whole = a.kv_tiling.sizes(grid) == np.prod(plan.kv_tile)
-        assert full_tiles(plan) == int(((a.tile_classes[0] == 2) & whole[None, :]).sum())
+        per_q_tile = ((a.tile_classes[0] == 2) & whole[None, :]).sum(1)
+        assert np.all(tile_counts(plan)[1] <= per_q_tile)
 
 
 def test_dense_visits_every_tile_and_table_counts_entries():
@@ -202,13 +203,18 @@ def test_bad_plans_are_refused(kwargs, match):
     ],
     ids=["na2d", "na3d-causal-t", "band", "dense"],
 )
-def test_unmasked_loop_walks_exactly_the_whole_full_tiles(pattern, grid):
+def test_unmasked_loop_walks_only_whole_full_tiles(pattern, grid):
+    # Note [Loops]: on a box of more than one row a row's full run starts after its first
+    # tile, so the unmasked loop leaves that tile to the masked one: on these small grids up
+    # to a third of the full tiles (under 2% in the benchmark cases, benchmarks/STATIC.md).
     plan = lower(pattern, grid, 64, "float16", config=LaunchConfig(64, 32))
     assert plan.split_full
     rank = grid.rank
     a = analyze(pattern, grid, plan.q_tile[3 - rank :], plan.kv_tile[3 - rank :])
     whole = a.kv_tiling.sizes(grid) == np.prod(plan.kv_tile)
-    assert full_tiles(plan) == int(((a.tile_classes[0] == 2) & whole[None, :]).sum())
+    exact = ((a.tile_classes[0] == 2) & whole[None, :]).sum(1)
+    full = tile_counts(plan)[1]
+    assert np.all(full <= exact) and full.sum() >= 0.6 * exact.sum()
 
 
 def test_default_boxes_visit_fewest_tiles():

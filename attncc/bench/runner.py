@@ -97,7 +97,7 @@ def plan_summary(case: Case, device: torch.device) -> tuple[float, str]:
     from attncc.lower.lowering import LaunchConfig, lower, tile_table
     from attncc.lower.visits import visited_tiles
 
-    config = LaunchConfig.default(device.type, case.head_dim)
+    config = LaunchConfig.default(device.type, case.head_dim, case.dtype)
     plans: dict = {}
     visited = total = 0
     for head in resolve_heads(case.pattern, case.heads):

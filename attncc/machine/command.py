@@ -1,0 +1,65 @@
+"""``attncc inspect``: the sm_90 machine code of a spec's kernels, read with no GPU."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+from rich.console import Console
+
+from attncc.autotune.command import parse_shape
+from attncc.errors import AttnccError
+from attncc.ir.spec import DTYPES, load_spec
+from attncc.ir.validate import validate
+
+
+@click.command("inspect")
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option(
+    "--shape", help="B,H,N... : batch, heads and grid sizes [default: 1, the spec's heads and grid]"
+)
+@click.option("--dtype", type=click.Choice(DTYPES), help="[default: the spec's]")
+@click.option("--head-dim", type=click.IntRange(1, 256), help="[default: the spec's]")
+@click.option("--kv-heads", type=click.IntRange(1), help="KV heads (GQA/MQA) [default: the query heads]")
+@click.option("--forward-only", is_flag=True, help="Leave out the backward kernels.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the profile as JSON.")
+def inspect_cmd(
+    spec_path: str,
+    shape: str | None,
+    dtype: str | None,
+    head_dim: int | None,
+    kv_heads: int | None,
+    forward_only: bool,
+    json_path: str | None,
+) -> None:
+    """Compile SPEC's kernels for sm_90 (H100/H200) as a launch would, with no GPU, and print per
+    kernel and per tile loop: registers, spills, shared memory, SASS instructions per tile,
+    HGMMA, how tiles are loaded, and the static efficiency estimate (Note [Issue model] in
+    attncc.machine.model: tensor-core cycles over modelled cycles, 1 = tensor-bound on every
+    tile the plan visits)."""
+    if os.environ.get("TRITON_INTERPRET"):
+        raise AttnccError(
+            "TRITON_INTERPRET = 1 is set; allowed: unset (the interpreter's kernels cannot be compiled)"
+        )
+    from attncc.machine import profile
+    from attncc.machine.report import problems, table, write_json
+
+    spec = load_spec(spec_path)
+    batch, heads, grid = parse_shape(shape) if shape else (1, spec.heads, spec.grid)
+    validate(spec.pattern, grid, heads)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    with console.status("compiling for sm_90 ..."):
+        result = profile(
+            spec.pattern, grid, batch, heads, head_dim or spec.head_dim, dtype or spec.dtype,
+            kv_heads=kv_heads, backward=not forward_only, name=spec.name,
+        )  # fmt: skip
+    console.print(table(result))
+    for k in result.kernels:
+        for problem in problems(k):
+            console.print(f"[yellow]{k.kernel}: {problem}[/yellow]")
+        if k.unmatched:
+            console.print(f"[yellow]{k.kernel}: no estimate: {k.unmatched}[/yellow]")
+    if json_path:
+        write_json([result], json_path)
+        console.print(f"wrote {json_path}")
