@@ -175,6 +175,8 @@ def attention(
     _, h, n, d = qs.shape
     validate(pattern, grid, h)
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):  # Note [Scale] in the Triton template
+        raise field_error(AttnccError, "scale", scale, "a finite number > 0 (or None: 1 / sqrt(head dim))")
     bias = -math.log(n) if sigmoid_bias is None else float(sigmoid_bias)
     visible = q.device.type == "cuda" and _backend_setting() == "triton"
     op = torch.ops.attncc.fwd if visible else torch.ops.attncc.fwd_opaque

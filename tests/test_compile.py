@@ -33,6 +33,12 @@ out.backward(do)
 grads = {"dq": q.grad, "dk": k.grad, "dv": v.grad}
 torch.save({"q": q.detach(), "k": k.detach(), "v": v.detach(), "out": out.detach(), "lse": lse, "do": do, **grads},
            sys.argv[1])
+try:  # the kernels fold a positive scale into the exponent: anything else is refused
+    na_small.forward(q, k, v, scale=0.0)
+except ValueError as e:
+    assert str(e).startswith("scale = 0.0; allowed: a finite number > 0"), e
+else:
+    raise AssertionError("scale = 0.0 was accepted")
 """
 
 

@@ -160,6 +160,14 @@ def test_non_finite_value_is_never_hidden(value, score):
     torch.testing.assert_close(o[finite], r[finite], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.5, math.inf, math.nan], ids=["zero", "negative", "inf", "nan"])
+def test_a_scale_that_is_not_positive_is_refused(scale):
+    # Note [Scale]: the kernels fold a positive scale into the exponent.
+    q, k, v = _inputs(1, 1, 1, 16, 16, torch.float32)
+    with pytest.raises(AttnccError, match=r"scale = .*a finite number > 0"):
+        attention(q, k, v, causal(), scale=scale)
+
+
 def test_bad_dtype_is_refused():
     q, k, v = _inputs(1, 1, 1, 16, 16, torch.float32)
     with pytest.raises(AttnccError, match="dtype"):
