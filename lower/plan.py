@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from attncc.ir.grid import Grid
 
 RANK = 3
+SHARED_PER_BLOCK = 227 * 1024  # sm_90 (H100, H200): the most shared memory one block may use
 
 
 def pad3(values: tuple, fill) -> tuple:
@@ -139,6 +140,15 @@ class KernelPlan:
         gradients, dQ) where the forward holds two, so with 128 or more rows it takes 8 warps
         (with 4, D = 64 spills: benchmarks/STATIC.md)."""
         return max(self.num_warps, 8) if self.block_m >= 128 else self.num_warps
+
+    @property
+    def dq_stages(self) -> int:
+        """Pipeline stages of the dQ kernel: the forward's, fewer where its Q and dO tiles and
+        its stages of K and V tiles would pass the 227 KiB of shared memory an sm_90 block may
+        use (at D = 256: one stage)."""
+        tile = self.head_dim_padded * (4 if self.dtype == "float32" else 2)
+        fit = (SHARED_PER_BLOCK // tile - 2 * self.block_m) // (2 * self.block_n)
+        return max(1, min(self.num_stages, fit))
 
     @property
     def block_m(self) -> int:

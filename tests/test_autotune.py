@@ -47,7 +47,9 @@ SPACES = [
 def test_every_candidate_lowers_to_its_plan_and_fits(name, pattern, grid, head_dim, dtype):
     space = search_space(pattern, grid, head_dim, dtype, H100)
     assert len(space) > 1
-    assert space[0][1] == lower(pattern, grid, head_dim, dtype, config=LaunchConfig.default("cuda", head_dim, dtype))
+    assert space[0][1] == lower(
+        pattern, grid, head_dim, dtype, config=LaunchConfig.default("cuda", head_dim, dtype)
+    )
     keys = set()
     for i, (config, plan) in enumerate(space):
         for box, block in ((config.q_box, config.q_block), (config.kv_box, config.kv_block)):

@@ -254,3 +254,14 @@ def test_bad_launch_configs_are_refused(kwargs, match):
 def test_config_box_must_fit_the_grid_rank():
     with pytest.raises(PatternError, match=r"q_box = \(2, 1, 32\).*1 on the first 2 axes"):
         lower(causal(), Grid((100,)), 64, "float16", config=LaunchConfig(64, 64, q_box=(2, 1, 32)))
+
+
+@pytest.mark.parametrize("head_dim,dtype,stages", [(64, "bfloat16", 3), (128, "bfloat16", 3), (256, "bfloat16", 1),
+                                                   (128, "float32", 1)])  # fmt: skip
+def test_dq_stages_fit_the_shared_memory_of_a_block(head_dim, dtype, stages):
+    # The dQ kernel keeps Q and dO tiles beside its stages of K and V tiles: at D = 256 (and fp32
+    # D = 128) three stages would pass sm_90's 227 KiB, so it runs with one.
+    plan = lower(dense(), Grid((1024,)), head_dim, dtype, config=LaunchConfig(128, 64, 8, 3))
+    width = plan.head_dim_padded * (4 if dtype == "float32" else 2)
+    assert plan.dq_stages == stages
+    assert (2 * plan.block_m + 2 * plan.block_n * plan.dq_stages) * width <= 227 * 1024
