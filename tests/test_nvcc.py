@@ -82,3 +82,13 @@ def test_missing_headers_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(nvcc, "cutlass_root", lambda: None)
     with pytest.raises(BuildError, match=r'pip install "attncc\[cutlass\]"'):
         nvcc.include_dirs()
+
+
+def test_machine_code_of_a_build_is_read_per_kernel_function(cache_dir):
+    # attncc.machine.cutlass reads the CUTLASS forward this way (attncc inspect --cutlass).
+    from attncc.machine.cutlass import read
+
+    (function,) = read(nvcc.build(SOURCE, "answer", {"test": "machine code"}))
+    assert function.name == "_Z6unusedPf"
+    assert function.registers > 0 and function.local_bytes == function.stack_bytes == 0
+    assert function.instructions > 0 and function.hgmma == function.tma == 0

@@ -23,6 +23,9 @@ from attncc.ir.validate import validate
 @click.option("--head-dim", type=click.IntRange(1, 256), help="[default: the spec's]")
 @click.option("--kv-heads", type=click.IntRange(1), help="KV heads (GQA/MQA) [default: the query heads]")
 @click.option("--forward-only", is_flag=True, help="Leave out the backward kernels.")
+@click.option(
+    "--cutlass", is_flag=True, help="Also build the CUTLASS forward (nvcc, a minute or more) and read it."
+)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the profile as JSON.")
 def inspect_cmd(
     spec_path: str,
@@ -31,6 +34,7 @@ def inspect_cmd(
     head_dim: int | None,
     kv_heads: int | None,
     forward_only: bool,
+    cutlass: bool,
     json_path: str | None,
 ) -> None:
     """Compile SPEC's kernels for sm_90 (H100/H200) as a launch would, with no GPU, and print per
@@ -60,6 +64,20 @@ def inspect_cmd(
             console.print(f"[yellow]{k.kernel}: {problem}[/yellow]")
         if k.unmatched:
             console.print(f"[yellow]{k.kernel}: no estimate: {k.unmatched}[/yellow]")
+    if cutlass:
+        from attncc.machine.cutlass import profile_cutlass
+
+        with console.status("building the CUTLASS forward for sm_90a ..."):
+            functions = profile_cutlass(spec.pattern, grid, head_dim or spec.head_dim, dtype or spec.dtype)
+        if isinstance(functions, str):
+            console.print(f"CUTLASS: none ({functions})", highlight=False)
+        for f in functions if not isinstance(functions, str) else ():
+            console.print(
+                f"CUTLASS forward: {f.registers} registers, {f.local_bytes} B local (spills), "
+                f"{f.stack_bytes} B stack, {f.instructions} instructions, {f.hgmma} HGMMA, "
+                f"{f.tma} TMA copies",
+                highlight=False,
+            )
     if json_path:
         write_json([result], json_path)
         console.print(f"wrote {json_path}")
