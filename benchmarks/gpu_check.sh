@@ -4,9 +4,12 @@
 # into the repository (benchmarks/RESULTS.md, plots in benchmarks/plots/) and, on the lent
 # machine, copied to $OUT so they come back to be committed. A device command may run 10
 # minutes at most, so each part runs on its own; in order of priority:
-#   bash benchmarks/gpu_check.sh tests | tests-bwd | bench-issue3 | bench-bwd | cutlass | bench-cutlass |
-#        bench-grids | bench-flat | bench-models | extras | examples | tune
-#   (all = every part, bench = every bench-*)
+#   bash benchmarks/gpu_check.sh smoke | tests | tests-bwd | bench-issue3 | bench-bwd | cutlass |
+#        bench-cutlass | bench-grids | bench-flat | bench-models | extras | examples | tune
+#   (all = every part but smoke, bench = every bench-*)
+# A session that gets a GPU runs `smoke` first: one call under 8 minutes, every kernel family
+# forward and backward at bf16/fp16/fp32, the issue3 forward against SDPA and FlexAttention,
+# and the measured efficiency beside the static estimate (benchmarks/smoke.py).
 # The CUTLASS parts need the nvidia-cutlass wheel (headers), which the GPU machine lacks and cannot
 # download: carry it in .whl/ (pip download nvidia-cutlass==4.2.0.0 --no-deps -d .whl).
 set -uo pipefail
@@ -29,6 +32,9 @@ python3 -c "import cutlass_library" 2>/dev/null ||
 part="${1:-all}"
 # python3 -P: the repository root is not put on sys.path, so its ./attncc does not shadow the install.
 status=0
+[[ $part == smoke ]] &&
+  { (cd "$out" && timeout 460 python3 -P "$repo/benchmarks/smoke.py" --out "$out" \
+    --markdown "$repo/benchmarks/RESULTS.md" --budget 420) 2>&1 | tee "$out/smoke.txt" || status=1; }
 [[ $part == all || $part == tests ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests --ignore=tests/test_triton_bwd_gpu.py \
     --ignore=tests/test_cutlass_gpu.py 2>&1 |

@@ -139,3 +139,32 @@ def test_inspect_refuses_the_interpreter(specs_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert "TRITON_INTERPRET = 1 is set; allowed: unset" in proc.stderr
+
+
+def test_measured_efficiency_is_written_beside_the_estimate(tmp_path):
+    # The last step of `gpu_check.sh smoke` (benchmarks/static_vs_measured.py), on a bench JSON
+    # shaped as attncc.bench.report writes it: ideal time = the visited tiles' tensor time at the
+    # H100's dense peak, measured efficiency = ideal / median.
+    bench = {
+        "environment": {"device": "NVIDIA H100 80GB HBM3", "date": "2026-12-01T00:00:00+00:00"},
+        "results": [{
+            "case": {"name": "na2d-w7", "pattern": "neighborhood(window=7)", "grid": [32, 32], "heads": 2,
+                     "head_dim": 64, "dtype": "bfloat16", "batch": 1},
+            "entries": [{"peer": "attncc", "status": "ok", "median_ms": 0.0123}],
+        }],
+    }  # fmt: skip
+    (tmp_path / "bench.json").write_text(json.dumps(bench))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "static_vs_measured.py")
+    proc = subprocess.run(
+        [sys.executable, script, "bench.json", "--markdown", "RESULTS.md"],
+        cwd=tmp_path, env={**env, "TRITON_DEFAULT_FP_FUSION": "1"}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    row = next(line for line in (tmp_path / "RESULTS.md").read_text().splitlines() if "na2d-w7" in line)
+    _, _, tiles, ms, ideal, measured, estimate, ratio, _ = (cell.strip() for cell in row.split("|"))
+    assert ms == "0.0123" and tiles == "q 4x32 kv 2x32"
+    assert float(measured) == pytest.approx(float(ideal) / 0.0123, rel=1e-3, abs=0.005)
+    assert 0 < float(estimate) <= 1 and float(ratio) == pytest.approx(
+        float(measured) / float(estimate), abs=0.02
+    )
