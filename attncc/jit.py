@@ -96,18 +96,24 @@ class JitAttention:
         return canon
 
     def __call__(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Any = None, **kwargs: Any
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        grid: Any = None,
+        layout: str | None = None,
+        **kwargs: Any,
     ) -> Any:
         """``attncc.attention(q, k, v, pattern, ...)``: spatial ``[B, *grid, H, D]`` (the
         grid sizes come from the shape) or SDPA ``[B, H, N, D]`` with ``grid=`` sizes."""
-        found, _, _ = to_sdpa_layout(q, k, v, grid)
+        found, _, _ = to_sdpa_layout(q, k, v, grid, layout)
         if found.rank != len(self.names):
             allowed = (
                 f"{len(self.names)} axes ({', '.join(self.names)}): [B, *grid, heads, D] tensors, "
                 "or [B, heads, N, D] with grid=(sizes)"
             )
             raise field_error(TraceError, "grid", found.shape, allowed)
-        return attention(q, k, v, self.pattern(found), grid=found, **kwargs)
+        return attention(q, k, v, self.pattern(found), grid=found, layout=layout, **kwargs)
 
     def __repr__(self) -> str:
         return f"<attncc.jit {self.fn.__name__} over ({', '.join(self.names)})>"

@@ -151,6 +151,7 @@ def attention(
     out: torch.Tensor | None = None,
     score: str = "softmax",
     sigmoid_bias: float | None = None,
+    layout: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of ``pattern`` with fused, pattern-specialised kernels (differentiable).
 
@@ -161,10 +162,11 @@ def attention(
     natural-log log-sum-exp in float32 (differentiable too). ``out`` (same
     shape and dtype as ``q``) receives a copy of the result when given.
     ``score="sigmoid"`` computes sigmoid attention (bias default ``-ln(N)``,
-    no log-sum-exp). Gradients flow to q, k and v.
+    no log-sum-exp). Gradients flow to q, k and v. ``layout`` ('sdpa' or 'spatial') says how
+    a 4-D q reads where its shape does not (Note [Ambiguous layouts] in attncc.layouts).
     """
     check_score(score, return_lse)
-    grid, (qs, ks, vs), layout = to_sdpa_layout(q, k, v, grid)
+    grid, (qs, ks, vs), found = to_sdpa_layout(q, k, v, grid, layout)
     if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         allowed = "float16, bfloat16 or float32, the same for q, k and v"
         raise field_error(AttnccError, "dtype", (q.dtype, k.dtype, v.dtype), allowed)
@@ -180,13 +182,19 @@ def attention(
     bias = -math.log(n) if sigmoid_bias is None else float(sigmoid_bias)
     visible = q.device.type == "cuda" and _backend_setting() == "triton"
     op = torch.ops.attncc.fwd if visible else torch.ops.attncc.fwd_opaque
+    # Note [bf16 on the CPU]: Triton's interpreter computes bf16 dots wrongly (off by orders of
+    # magnitude, ../shared/TOOLCHAIN.md), so on the CPU a bf16 call runs the float32 kernels on
+    # widened inputs and rounds the output to bf16: more exact than a GPU's bf16, never garbage.
+    wide = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    if wide:
+        qs, ks, vs = qs.float(), ks.float(), vs.float()
     o, lse = op(qs, ks, vs, _text(pattern), list(grid.shape), scale, score, bias)
-    result = layout.output(o)
+    result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)
     if not return_lse:
         return result
-    return result, layout.lse(lse)
+    return result, found.lse(lse)
 
 
 @torch.compiler.assume_constant_result  # read once per trace, like the pattern's text

@@ -125,9 +125,6 @@ class SparseAttention(nn.Module):
         tokens = x.reshape(shape[0], *self.grid.shape, shape[-1])
         q = self.q(tokens).unflatten(-1, (self.heads, self.head_dim))
         k, v = self.kv(tokens).unflatten(-1, (2, self.kv_heads, self.head_dim)).unbind(-3)
-        if self.grid.rank == 1:  # [B, L, H, D] could read as [B, H, N, D] when L == H: be explicit
-            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-            out = attention(q, k, v, self.pattern, grid=self.grid).transpose(1, 2)
-        else:
-            out = attention(q, k, v, self.pattern, grid=self.grid)
+        # [B, *grid, H, D]; a 1-D one could read as [B, H, N, D]: say which (Note [Ambiguous layouts])
+        out = attention(q, k, v, self.pattern, grid=self.grid, layout="spatial")
         return self.proj(out.flatten(-2)).reshape(shape)

@@ -31,13 +31,15 @@ def attention(
     grid: Grid | tuple[int, ...] | None = None,
     score: str = "softmax",
     sigmoid_bias: float | None = None,
+    layout: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax (or sigmoid) attention, computed naively.
 
     Layouts: SDPA ``[B, H, N, D]`` (the grid defaults to ``(N,)``; pass
     ``grid`` for an image or video flattened row-major), or spatial
     ``[B, *grid, H, D]`` (the grid is read from the shape; pass ``grid`` to
-    say which layout is meant when the rank is ambiguous). ``k``/``v`` may
+    say which layout is meant when the rank is ambiguous, or ``layout``: 'sdpa' or
+    'spatial', Note [Ambiguous layouts] in attncc.layouts). ``k``/``v`` may
     have fewer heads than ``q`` (GQA/MQA): query head ``h`` reads KV head
     ``h // (H // H_kv)``. The math runs in float64 for float64 inputs and
     float32 otherwise; the output has ``q``'s dtype and layout, the
@@ -47,7 +49,7 @@ def attention(
     the bias defaults to ``-ln(N)``); it has no log-sum-exp.
     """
     check_score(score, return_lse)
-    grid, (q, k, v), layout = to_sdpa_layout(q, k, v, grid)
+    grid, (q, k, v), found = to_sdpa_layout(q, k, v, grid, layout)
     d = q.shape[-1]
     h, h_kv = q.shape[1], k.shape[1]
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -59,9 +61,9 @@ def attention(
     scores = scores.masked_fill(~keep[None], -math.inf)
     if score == "sigmoid":
         bias = -math.log(scores.shape[-1]) if sigmoid_bias is None else sigmoid_bias
-        return layout.output((torch.sigmoid(scores + bias) @ vc).to(q.dtype))  # sigmoid(-inf) = 0
+        return found.output((torch.sigmoid(scores + bias) @ vc).to(q.dtype))  # sigmoid(-inf) = 0
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row keeps nothing
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
     out = (probs @ vc).to(q.dtype)
-    out, lse = layout.output(out), layout.lse(lse)
+    out, lse = found.output(out), found.lse(lse)
     return (out, lse) if return_lse else out

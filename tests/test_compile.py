@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -22,6 +23,7 @@ dtype: float32
 RUN = """\
 import sys
 sys.modules["attncc"] = None  # the package must not need attncc
+import pytest
 import torch
 import na_small
 torch.manual_seed(0)
@@ -65,3 +67,20 @@ def test_compiled_package_runs_without_attncc(tmp_path):
     out.backward(got["do"])  # the package's backward (two head patterns share a KV head)
     for name, t in zip("qkv", (q, k, v)):
         torch.testing.assert_close(got[f"d{name}"], t.grad, atol=1e-4, rtol=0)
+
+
+def test_bf16_package_refuses_the_cpu(tmp_path, monkeypatch):
+    # Triton's interpreter computes bf16 dots wrongly (shared/TOOLCHAIN.md): a bf16 package
+    # run on CPU tensors refuses rather than return garbage.
+    spec = tmp_path / "bf16.yaml"
+    spec.write_text(SPEC.replace("dtype: float32", "dtype: bfloat16"))
+    result = CliRunner().invoke(
+        cli, ["compile", str(spec), "-o", str(tmp_path / "na_bf16"), "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import na_bf16
+
+    q = torch.randn(1, 7, 9, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"torch.bfloat16 on the CPU; allowed: a CUDA device"):
+        na_bf16.forward(q, q[..., :1, :], q[..., :1, :])

@@ -118,6 +118,41 @@ def test_spatial_and_non_contiguous_layouts():
     torch.testing.assert_close(o, r, atol=1e-5, rtol=0)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's bf16 (a GPU runs bf16 kernels)")
+def test_bf16_on_the_cpu_is_right_forward_and_backward():
+    # Note [bf16 on the CPU]: the interpreter's bf16 dot is wrong by orders of magnitude, so a
+    # bf16 call there computes in float32 and rounds to bf16. Against the float32 reference on
+    # the same bf16 values, only that rounding differs: 2^-9 relative on values below ~4.
+    q, k, v = (t.requires_grad_() for t in _inputs(1, 2, 1, 40, 16, torch.bfloat16))
+    out, lse = attention(q, k, v, neighborhood(7), return_lse=True)
+    wide = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    ref, ref_lse = reference(*wide, neighborhood(7), return_lse=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=0)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-5, rtol=0)
+    do = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    (out * do).sum().backward()
+    (ref * do.float()).sum().backward()
+    for got, want in zip((q, k, v), wide):
+        assert got.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(got.grad.float(), want.grad, atol=2e-2, rtol=0)
+
+
+def test_ambiguous_4d_layout_is_refused_until_named():
+    # Note [Ambiguous layouts]: NATTEN's [B, L, H, D] = [1, 40, 2, 16] would read as SDPA's
+    # 40 heads of 2 tokens; attncc refuses to guess, and layout= (or grid=) says which.
+    q, k, v = (t.transpose(1, 2) for t in _inputs(1, 2, 2, 40, 16, torch.float32))  # [1, 40, 2, 16]
+    with pytest.raises(AttnccError, match=r"q.shape = \(1, 40, 2, 16\) is ambiguous.*layout='spatial'"):
+        attention(q, k, v, neighborhood(7))
+    o = attention(q, k, v, neighborhood(7), layout="spatial")
+    torch.testing.assert_close(o, attention(q, k, v, neighborhood(7), grid=(40,)), atol=0, rtol=0)
+    torch.testing.assert_close(o, reference(q, k, v, neighborhood(7), layout="spatial"), atol=1e-5, rtol=0)
+    sdpa = attention(q, k, v, dense(), layout="sdpa")  # 40 heads of 2 tokens, as stated
+    assert sdpa.shape == q.shape
+    with pytest.raises(AttnccError, match=r"layout = 'bhnd' is out of range; allowed: 'sdpa'"):
+        attention(q, k, v, dense(), layout="bhnd")
+
+
 def test_query_with_no_keys():
     q, k, v = _inputs(1, 2, 2, 9, 16, torch.float32)
     o, lse = attention(q, k, v, strided(2, 1) & sliding_window(1, 0), return_lse=True)
