@@ -47,6 +47,7 @@ from pathlib import Path
 
 import filelock
 
+from attncc import settings
 from attncc.errors import CacheError, field_error
 
 MANIFEST = "manifest.json"
@@ -61,9 +62,9 @@ _STALE_TEMP_S = 3600.0  # a hidden build or trash folder this old was left by a 
 
 def root() -> Path:
     """``ATTNCC_CACHE_DIR``, else the platform cache directory (read on every call, so tests can move it)."""
-    env = os.environ.get("ATTNCC_CACHE_DIR")
-    if env:
-        return Path(env)
+    chosen = settings.cache_dir()
+    if chosen is not None:
+        return chosen
     import platformdirs  # only when needed: the lent GPU machines lack it
 
     return Path(platformdirs.user_cache_dir("attncc"))

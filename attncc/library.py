@@ -9,7 +9,7 @@ and torch.compile see one operator with a registered backward:
   ``register_fake``: torch.compile treats them as opaque calls. They serve the
   Triton CPU interpreter, which inductor cannot compile, and CUTLASS kernels
   (a C call torch.compile cannot see into): on a GPU they are used whenever
-  ``ATTNCC_BACKEND`` lets CUTLASS run (:func:`attncc.ops.backend_setting`).
+  ``ATTNCC_BACKEND`` lets CUTLASS run (:func:`attncc.settings.backend`).
 
 The pattern travels as its text (``attncc.ir.text``) and the grid as a list of
 ints, so an op's arguments are tensors and constants only: the graph holds no
@@ -24,7 +24,7 @@ from functools import cache
 import torch
 from torch.library import custom_op, register_autograd, register_fake, triton_op, wrap_triton
 
-from attncc import cutlass_kernel, ops
+from attncc import cutlass_kernel, ops, settings
 from attncc.errors import AttnccError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
@@ -172,6 +172,9 @@ def attention(
         raise field_error(AttnccError, "dtype", (q.dtype, k.dtype, v.dtype), allowed)
     if not (q.device == k.device == v.device):
         raise field_error(AttnccError, "device", (q.device, k.device, v.device), "one device for q, k, v")
+    if q.device.type == "cpu" and not settings.interpreter():
+        allowed = "cuda, or cpu with TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter)"
+        raise field_error(AttnccError, "device", "cpu", allowed)
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
     _, h, n, d = qs.shape
@@ -199,7 +202,7 @@ def attention(
 
 @torch.compiler.assume_constant_result  # read once per trace, like the pattern's text
 def _backend_setting() -> str:
-    return ops.backend_setting()
+    return settings.backend()
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once and keeps the text

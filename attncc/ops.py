@@ -11,7 +11,6 @@ through torch.library ops so autograd and torch.compile see one op.
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from attncc import cutlass_kernel
+from attncc import cutlass_kernel, settings
 from attncc.autotune.records import tuned_config
 from attncc.errors import PatternError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
@@ -37,7 +36,7 @@ DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "
 def _output_like(t: torch.Tensor) -> torch.Tensor:
     """An output buffer; NaN-filled when ``ATTNCC_POISON=1`` (tests), so an element no kernel
     writes fails the comparison instead of passing on leftover memory."""
-    if os.environ.get("ATTNCC_POISON") == "1":
+    if settings.poison():
         return torch.full_like(t, float("nan"))
     return torch.empty_like(t)
 
@@ -92,18 +91,6 @@ def _cached_tables(kernel: Kernel, device: torch.device, dkdv: bool) -> tuple[to
     return tuple(torch.as_tensor(t, device=device) for t in (kernel.dkdv_tables if dkdv else kernel.tables))
 
 
-BACKEND_SETTINGS = ("triton", "auto", "cutlass")
-
-
-def backend_setting() -> str:
-    """``ATTNCC_BACKEND``: ``triton`` (the default until CUTLASS has GPU figures), ``auto`` (a
-    tuning record may pick CUTLASS) or ``cutlass`` (every plan it takes; others refused)."""
-    value = os.environ.get("ATTNCC_BACKEND", "triton")
-    if value not in BACKEND_SETTINGS:
-        raise field_error(PatternError, "ATTNCC_BACKEND", value, ", ".join(BACKEND_SETTINGS))
-    return value
-
-
 def cutlass_config(head_dim: int) -> LaunchConfig:
     """The CUTLASS tiles of the example's cooperative kernels: 128 x 128 (or x 64 for D = 64)."""
     return LaunchConfig(128, 128 if head_dim >= 128 else 64, 8, 2, backend="cutlass")
@@ -119,7 +106,7 @@ def compiled(
     A CUTLASS config runs the forward in CUTLASS and keeps a Triton module of the
     default config for the backward (it needs only the output and the log-sum-exp).
     """
-    setting = backend_setting()
+    setting = settings.backend()
     tuned = tuned_config(pattern, grid, batch_heads, head_dim, dtype, score, device_type)
     default = LaunchConfig.default(device_type, head_dim, dtype)
     config = tuned or default

@@ -8,6 +8,7 @@ import sys
 import click
 from rich.console import Console
 
+from attncc import settings
 from attncc.autotune.space import describe
 from attncc.errors import TuneError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
@@ -98,6 +99,6 @@ def _default_device() -> str:
 
 def _interpret() -> None:
     """Kernels on CPU tensors run in Triton's interpreter, which must be on before triton loads."""
-    if "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+    if "triton" in sys.modules and not settings.interpreter():
         raise field_error(TuneError, "--device", "cpu", "cuda, or cpu with TRITON_INTERPRET=1 set")
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attncc import nvcc, ops
+from attncc import nvcc, ops, settings
 from attncc.autotune.cost import device_spec
 from attncc.autotune.space import search_space
 from attncc.cutlass_kernel import build
@@ -248,7 +248,7 @@ def test_example_compiles(built):
 def test_backend_setting_is_checked(monkeypatch):
     monkeypatch.setenv("ATTNCC_BACKEND", "cudnn")
     with pytest.raises(PatternError, match=r"ATTNCC_BACKEND = 'cudnn'.*triton, auto, cutlass"):
-        ops.backend_setting()
+        settings.backend()
 
 
 def test_cutlass_setting_where_it_cannot_run_is_refused(monkeypatch):

@@ -138,6 +138,17 @@ def test_bf16_on_the_cpu_is_right_forward_and_backward():
         torch.testing.assert_close(got.grad.float(), want.grad, atol=2e-2, rtol=0)
 
 
+@pytest.mark.skipif(DEVICE != "cpu", reason="CPU tensors")
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
+    # Without TRITON_INTERPRET a launch on CPU tensors dies in Triton ("0 active drivers").
+    monkeypatch.delenv("TRITON_INTERPRET")
+    q, k, v = _inputs(1, 2, 2, 16, 16, torch.float32)
+    with pytest.raises(
+        AttnccError, match=r"device = 'cpu' is out of range; allowed: cuda, or cpu with TRITON_INTERPRET=1"
+    ):
+        attention(q, k, v, causal())
+
+
 def test_ambiguous_4d_layout_is_refused_until_named():
     # Note [Ambiguous layouts]: NATTEN's [B, L, H, D] = [1, 40, 2, 16] would read as SDPA's
     # 40 heads of 2 tokens; attncc refuses to guess, and layout= (or grid=) says which.

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 import torch
 from rich.console import Console
 
+from attncc import settings
 from attncc.errors import AttnccError, field_error
 
 
@@ -16,7 +16,7 @@ def _device(name: str | None) -> torch.device:
     name = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise field_error(AttnccError, "--device", name, "cpu (no CUDA GPU is visible)")
-    if name == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if name == "cpu" and not settings.interpreter():
         raise field_error(
             AttnccError, "--device", name, "cuda, or cpu with TRITON_INTERPRET=1 set (Triton's interpreter)"
         )

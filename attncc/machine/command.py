@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 from rich.console import Console
 
+from attncc import settings
 from attncc.autotune.command import parse_shape
 from attncc.errors import AttnccError
 from attncc.ir.spec import DTYPES, load_spec
@@ -42,7 +42,7 @@ def inspect_cmd(
     HGMMA, how tiles are loaded, and the static efficiency estimate (Note [Issue model] in
     attncc.machine.model: tensor-core cycles over modelled cycles, 1 = tensor-bound on every
     tile the plan visits)."""
-    if os.environ.get("TRITON_INTERPRET"):
+    if settings.interpreter():
         raise AttnccError(
             "TRITON_INTERPRET = 1 is set; allowed: unset (the interpreter's kernels cannot be compiled)"
         )
