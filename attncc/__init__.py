@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from attncc.errors import AttnccError, ParseError, PatternError, SpecError, TraceError
 from attncc.jit import jit
-from attncc.library import attention
+from attncc.runtime.library import attention
 
 __all__ = [
     "AttnccError",

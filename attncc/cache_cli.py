@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from attncc import cache
-from attncc.cache_bundle import export_bundle, import_bundle
+from attncc.runtime import cache
+from attncc.runtime.cache_bundle import export_bundle, import_bundle
 
 
 def _console() -> Console:

@@ -51,8 +51,8 @@ from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import MAX_RANK, Grid
 from attncc.ir.nodes import Band, Pattern, dense
 from attncc.layouts import to_sdpa_layout
-from attncc.library import attention
 from attncc.predicate import Matcher
+from attncc.runtime.library import attention
 from attncc.trace import trace
 
 __all__ = ["JitAttention", "jit"]

@@ -14,7 +14,7 @@ from torch import nn
 from attncc.errors import AttnccError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
-from attncc.library import attention
+from attncc.runtime.library import attention
 
 
 class SparseAttention(nn.Module):

@@ -4,7 +4,7 @@ A record is keyed by everything that can change which config is fastest: the
 canonical pattern (its hash), the grid, batch x heads of the launch, head dim,
 dtype, score, the device name and the attncc, torch and triton versions. A
 record from another version has another key, so it is never used. Records are
-``attncc.cache`` records of kind ``tuning`` (atomic, checksummed, and carried by
+``attncc.runtime.cache`` records of kind ``tuning`` (atomic, checksummed, and carried by
 ``attncc cache export``/``import`` to machines with no tuning budget).
 """
 
@@ -17,11 +17,11 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from attncc import cache
 from attncc.ir.canonical import pattern_hash
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.lower.lowering import LaunchConfig
+from attncc.runtime import cache
 
 
 @dataclass(frozen=True)

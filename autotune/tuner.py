@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from attncc import cutlass_kernel, settings
+from attncc import settings
 from attncc.autotune.constants import DTYPE_BYTES, DeviceSpec
 from attncc.autotune.cost import device_spec
 from attncc.autotune.records import TuningKey, TuningRecord, save_record
@@ -30,6 +30,7 @@ from attncc.ir.nodes import Pattern
 from attncc.ir.validate import required_heads
 from attncc.lower.lowering import LaunchConfig, kernel_tables
 from attncc.lower.render import load
+from attncc.runtime import cutlass_kernel
 from attncc.timing import Timing, measure
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -22,10 +22,10 @@ import os
 import tempfile
 from pathlib import Path
 
-from attncc import cache
 from attncc.ir import Grid, dense
 from attncc.lower.lowering import LaunchConfig, lower
 from attncc.lower.render import MODULE, render
+from attncc.runtime import cache
 from attncc.timing import measure
 
 

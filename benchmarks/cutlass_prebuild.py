@@ -14,11 +14,11 @@ import argparse
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from attncc import cutlass_kernel
 from attncc.bench.suite import load_cases
 from attncc.ir import Causal, Dense, canonicalize, resolve_heads
 from attncc.lower.lowering import lower
-from attncc.ops import cutlass_config
+from attncc.runtime import cutlass_kernel
+from attncc.runtime.ops import cutlass_config
 
 
 def main() -> None:

@@ -26,7 +26,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 # setuptools cannot build it, build a wheel here (pip wheel --no-deps -w .whl .) and carry .whl.
 python3 -m pip install -q --no-deps --no-build-isolation --no-index . 2>&1 | tail -2
 python3 -c "import attncc.ir" 2>/dev/null || python3 -m pip install -q --no-deps --no-index .whl/attncc-*.whl
-python3 -c "import attncc.ir, attncc.ops" || { echo "attncc is not importable"; exit 1; }
+python3 -c "import attncc.ir, attncc.runtime.ops" || { echo "attncc is not importable"; exit 1; }
 python3 -c "import cutlass_library" 2>/dev/null ||
   python3 -m pip install -q --no-deps --no-index .whl/nvidia_cutlass-*.whl 2>&1 | tail -2
 part="${1:-all}"

@@ -20,9 +20,9 @@ import time
 import torch
 
 import attncc
-from attncc import ops
 from attncc.bench.report import prepend
 from attncc.ir import Grid, neighborhood
+from attncc.runtime import ops
 
 CALLS, REPEATS = 2000, 7
 
@@ -63,7 +63,7 @@ def main(markdown: str | None) -> None:
         f"## Op overhead, {datetime.date.today().isoformat()}, {props.name}\n\n"
         f"torch {torch.__version__}; median over {REPEATS} x {CALLS} calls, 1x1x128x64 bf16.\n\n"
         "| path | us per call | over direct |\n|---|---|---|\n"
-        f"| direct launch (attncc.ops.forward) | {t_direct:.1f} | - |\n"
+        f"| direct launch (attncc.runtime.ops.forward) | {t_direct:.1f} | - |\n"
         f"| attncc.attention (torch.library op) | {t_op:.1f} | {t_op - t_direct:+.1f} |\n"
         f"| attncc.attention, q requires grad | {t_grad:.1f} | {t_grad - t_direct:+.1f} |\n\n"
         f"Target: under 20 us over the direct launch: {'met' if t_grad - t_direct < 20 else 'missed'}.\n"

@@ -122,9 +122,9 @@ def section(profiles: list, misses: list[str]) -> str:
 
 def cutlass_section() -> str:
     """The CUTLASS forward of each issue3 case it takes (bf16, D=128), read from its machine code."""
-    from attncc import cutlass_kernel, ops
     from attncc.lower.lowering import lower
     from attncc.machine.cutlass import profile_cutlass, unavailable
+    from attncc.runtime import cutlass_kernel, ops
 
     cases = load_cases("issue3")
     if unavailable():

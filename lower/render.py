@@ -1,6 +1,6 @@
 """Render a KernelPlan into Triton source and load it as a module.
 
-A rendered module is a kernel entry of :mod:`attncc.cache` (its one file
+A rendered module is a kernel entry of :mod:`attncc.runtime.cache` (its one file
 ``kernel.py``, imported from there: Triton's JIT needs a real source file),
 keyed by the plan, the source's hash, the backend and the device.
 """
@@ -16,8 +16,8 @@ from types import ModuleType
 
 import jinja2
 
-from attncc import cache as kernel_cache
 from attncc.lower.plan import KernelPlan
+from attncc.runtime import cache as kernel_cache
 
 KERNELS = "kernels"  # the cache kind of rendered modules
 MODULE = "kernel.py"
@@ -50,7 +50,7 @@ def load(plan: KernelPlan) -> ModuleType:
     data = render(plan).encode()
     parts = {
         "plan": dataclasses.asdict(plan),
-        "sha256": {MODULE: hashlib.sha256(data).hexdigest()},  # binds the file: see attncc.cache
+        "sha256": {MODULE: hashlib.sha256(data).hexdigest()},  # binds the file: see attncc.runtime.cache
         "backend": "triton",
         "device": kernel_cache.device_capability(),
     }

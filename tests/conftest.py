@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 # Rendered kernels go to a fresh directory, not the user's cache (removed at the end).
 _OWN_CACHE = "ATTNCC_CACHE_DIR" not in os.environ
 os.environ.setdefault("ATTNCC_CACHE_DIR", tempfile.mkdtemp(prefix="attncc-test-cache-"))
-os.environ["ATTNCC_POISON"] = "1"  # outputs start as NaN: an unwritten element fails (attncc.ops)
+os.environ["ATTNCC_POISON"] = "1"  # outputs start as NaN: an unwritten element fails (attncc.runtime.ops)
 
 
 def pytest_sessionfinish(session, exitstatus):

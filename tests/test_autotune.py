@@ -15,9 +15,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import attncc.library
-import attncc.ops
-from attncc import cache, cutlass_kernel
+import attncc.runtime.library
+import attncc.runtime.ops
 from attncc.autotune import records, tuner
 from attncc.autotune.constants import KERNEL
 from attncc.autotune.cost import TileCounts, device_spec, predict, registers, resident, shared_bytes
@@ -30,6 +29,7 @@ from attncc.ir.canonical import canonicalize
 from attncc.lower import cutlass as cutlass_lowering
 from attncc.lower.lowering import LaunchConfig, lower
 from attncc.reference import attention as reference
+from attncc.runtime import cache, cutlass_kernel
 
 H100 = device_spec("NVIDIA H100 80GB HBM3")
 
@@ -202,7 +202,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def _clear():
-    attncc.library.forget_kernels()
+    attncc.runtime.library.forget_kernels()
     cache.forget()
 
 
@@ -260,7 +260,7 @@ def test_attention_uses_a_stored_record(cache_dir):
     q, k, v = (torch.randn(1, 2, 64, 16, generator=g) for _ in range(3))
     out = attncc.attention(q, k, v, neighborhood(3), grid=grid)
     torch.testing.assert_close(out, reference(q, k, v, neighborhood(3), grid=grid), atol=1e-5, rtol=0)
-    module = attncc.ops.compiled(
+    module = attncc.runtime.ops.compiled(
         canonicalize(neighborhood(3), grid), grid, 16, "float32", "cpu", "softmax", 2
     ).module
     assert (module.TQ1.value, module.TQ2.value, module.TK1.value, module.TK2.value) == (4, 8, 8, 4)
@@ -357,7 +357,9 @@ def test_tune_on_the_gpu_records_the_fastest_and_attention_uses_it(cache_dir):
     assert load_record(result.key) == result.record
     q, k, v = (torch.randn(1, 2, grid.size, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = attncc.attention(q, k, v, p, grid=grid)
-    module = attncc.ops.compiled(canonicalize(p, grid), grid, 64, "bfloat16", "cuda", "softmax", 2).module
+    module = attncc.runtime.ops.compiled(
+        canonicalize(p, grid), grid, 64, "bfloat16", "cuda", "softmax", 2
+    ).module
     assert (module.NUM_WARPS, module.BLOCK_M.value) == (
         result.record.config.num_warps,
         result.record.config.q_block,

@@ -1,4 +1,4 @@
-"""attncc.cache: keys, concurrency, corruption, versions, the in-process memo, and kernels through it."""
+"""attncc.runtime.cache: keys, concurrency, corruption, versions, the in-process memo, and kernels through it."""
 
 import builtins
 import hashlib
@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import attncc
-from attncc import cache
 from attncc.errors import CacheError
 from attncc.ir import Grid, dense
-from attncc.library import forget_kernels
 from attncc.lower.render import KERNELS, MODULE
 from attncc.reference import attention as reference
+from attncc.runtime import cache
+from attncc.runtime.library import forget_kernels
 
 
 @pytest.fixture(autouse=True)
@@ -247,7 +247,7 @@ def test_find_and_clear(own_cache):
 
 _RACE = """
 import os, pathlib, sys, time
-from attncc import cache
+from attncc.runtime import cache
 
 ready, go, log = (pathlib.Path(p) for p in sys.argv[1:4])
 (ready / str(os.getpid())).touch()

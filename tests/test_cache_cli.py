@@ -10,10 +10,10 @@ import tarfile
 import pytest
 from click.testing import CliRunner
 
-from attncc import cache
-from attncc.cache_bundle import BUNDLE, export_bundle, import_bundle
 from attncc.cli import cli
 from attncc.errors import CacheError
+from attncc.runtime import cache
+from attncc.runtime.cache_bundle import BUNDLE, export_bundle, import_bundle
 
 CODE = b"KERNEL = 'tuned'\n"
 

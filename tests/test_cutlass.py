@@ -22,10 +22,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from attncc import nvcc, ops, settings
+from attncc import settings
 from attncc.autotune.cost import device_spec
 from attncc.autotune.space import search_space
-from attncc.cutlass_kernel import build
 from attncc.errors import PatternError
 from attncc.ir import (
     Grid,
@@ -46,6 +45,8 @@ from attncc.lower.cutlass import BLOCK_NS as CUTLASS_BLOCK_NS
 from attncc.lower.cutlass import cutlass_plan, kv_order, q_order, refusal, render_example, render_plan_header
 from attncc.lower.lowering import LaunchConfig, lower
 from attncc.lower.render import load
+from attncc.runtime import nvcc, ops
+from attncc.runtime.cutlass_kernel import build
 
 HARNESS = Path(__file__).parent / "cutlass" / "walk_check.cpp"
 CXX = shutil.which("c++") or shutil.which("g++")

@@ -11,7 +11,6 @@ are checked too, since it reads the CUTLASS output and log-sum-exp.
 import pytest
 import torch
 
-from attncc import cutlass_kernel
 from attncc.autotune.tuner import tune
 from attncc.ir import (
     Grid,
@@ -24,11 +23,12 @@ from attncc.ir import (
     neighborhood,
     sliding_window,
 )
-from attncc.library import attention, forget_kernels
 from attncc.lower.cutlass import cutlass_plan
 from attncc.lower.lowering import lower
-from attncc.ops import cutlass_config
 from attncc.reference import attention as reference
+from attncc.runtime import cutlass_kernel
+from attncc.runtime.library import attention, forget_kernels
+from attncc.runtime.ops import cutlass_config
 
 pytestmark = [
     pytest.mark.gpu,

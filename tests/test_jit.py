@@ -33,10 +33,10 @@ from attncc.ir import (
     sliding_window,
 )
 from attncc.ir.mask import mask
-from attncc.library import _launches, attention
 from attncc.lower.lowering import LaunchConfig, lower
 from attncc.lower.visits import visited_tiles
 from attncc.reference import attention as reference
+from attncc.runtime.library import _launches, attention
 
 AXES = ("T", "H", "W")
 

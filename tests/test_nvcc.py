@@ -1,4 +1,4 @@
-"""attncc.nvcc: building a CUDA source into a cached shared object, on a machine with nvcc and no GPU.
+"""attncc.runtime.nvcc: building a CUDA source into a cached shared object, on a machine with nvcc and no GPU.
 
 A tiny source with one host function is enough to check the build, the load,
 the cache (a second build runs no nvcc) and the error on a source that does
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from attncc import nvcc
 from attncc.errors import BuildError
+from attncc.runtime import nvcc
 
 pytestmark = pytest.mark.skipif(nvcc.nvcc_path() is None, reason="nvcc is not installed")
 

@@ -14,8 +14,8 @@ from test_triton_bwd_gpu import _check as check_backward
 from test_triton_fwd_gpu import TOL, _inputs
 
 from attncc.ir import Grid, axial, causal, global_tokens, neighborhood, sliding_window, strided
-from attncc.library import attention
 from attncc.reference import attention as reference
+from attncc.runtime.library import attention
 
 pytestmark = [
     pytest.mark.gpu,

@@ -30,8 +30,8 @@ from attncc.ir import (
     sliding_window,
     strided,
 )
-from attncc.library import attention
 from attncc.reference import attention as reference
+from attncc.runtime.library import attention
 
 _LAYOUT = [[int(i == j or (3 * i + j) % 4 == 0) for j in range(5)] for i in range(5)]
 TWINS = {

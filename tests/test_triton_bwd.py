@@ -26,8 +26,8 @@ from attncc.ir import (
     sliding_window,
     strided,
 )
-from attncc.library import attention
 from attncc.reference import attention as reference
+from attncc.runtime.library import attention
 
 
 def _grads(fn, q, k, v, do, dlse=None):

@@ -30,8 +30,8 @@ from attncc.ir import (
     sliding_window,
     strided,
 )
-from attncc.library import attention
 from attncc.reference import attention as reference
+from attncc.runtime.library import attention
 
 CASES = [
     ("dense-37", dense(), Grid((37,))),

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from attncc.ir import Grid, block_sparse, causal, dense, global_tokens, neighborhood, sliding_window
-from attncc.library import attention
 from attncc.reference import attention as reference
+from attncc.runtime.library import attention
 
 pytestmark = [
     pytest.mark.gpu,

@@ -69,7 +69,7 @@ class Attncc(Peer):
     name = "attncc"
 
     def prepare(self, case: Case, device: torch.device) -> Call:
-        from attncc.library import attention
+        from attncc.runtime.library import attention
 
         return lambda a: attention(a[0], a[1], a[2], case.pattern, grid=case.grid)
 
@@ -199,9 +199,9 @@ class AttnccCutlass(Peer):
     name = "attncc-cutlass"
 
     def decline(self, case: Case, device: torch.device) -> str | None:
-        from attncc import cutlass_kernel
         from attncc.lower.lowering import lower
-        from attncc.ops import cutlass_config
+        from attncc.runtime import cutlass_kernel
+        from attncc.runtime.ops import cutlass_config
 
         reason = cutlass_kernel.unavailable(device)
         if reason is not None:
@@ -216,7 +216,7 @@ class AttnccCutlass(Peer):
 
     @contextlib.contextmanager
     def session(self, case: Case, device: torch.device) -> Iterator[None]:
-        from attncc.library import forget_kernels
+        from attncc.runtime.library import forget_kernels
 
         with _environment("ATTNCC_BACKEND", "cutlass"):
             forget_kernels()
@@ -247,8 +247,8 @@ class CutlassExample(Peer):
         return None
 
     def decline(self, case: Case, device: torch.device) -> str | None:
-        from attncc import cutlass_kernel
         from attncc.lower.cutlass import ELEMENTS, HEAD_DIMS
+        from attncc.runtime import cutlass_kernel
 
         reason = cutlass_kernel.unavailable(device)
         if reason is not None:
@@ -260,7 +260,7 @@ class CutlassExample(Peer):
         return None
 
     def prepare(self, case: Case, device: torch.device) -> Call:
-        from attncc import cutlass_kernel
+        from attncc.runtime import cutlass_kernel
 
         run = cutlass_kernel.example(case.dtype, case.head_dim, self._which(case) == "causal")
         return lambda a: run(a[0], a[1], a[2])

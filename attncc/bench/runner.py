@@ -234,7 +234,7 @@ def _is_dense(case: Case) -> bool:
 
 def _forward(pattern, case: Case, sets: Sequence[Tensors], mode: str):
     """Our kernel's output (and gradients, when it has a backward) on the first input set."""
-    from attncc.library import attention
+    from attncc.runtime.library import attention
 
     q, k, v, *grad = sets[0]
     if mode == "fwd":

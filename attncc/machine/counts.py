@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from attncc import cache, ops
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.lower.lowering import kernel_tables
@@ -21,6 +20,7 @@ from attncc.lower.plan import KernelPlan
 from attncc.lower.render import load
 from attncc.machine import sass
 from attncc.machine.launch import HOPPER, capture, compile_call
+from attncc.runtime import cache, ops
 
 KIND = "sass"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}

@@ -1,6 +1,6 @@
 """The CUTLASS forward's sm_90a machine code, where the CUTLASS templates take the plan.
 
-The kernel is built as the backend builds it (:func:`attncc.cutlass_kernel.build`, nvcc into
+The kernel is built as the backend builds it (:func:`attncc.runtime.cutlass_kernel.build`, nvcc into
 the kernel cache: a minute or more the first time), its cubin is taken out of the shared
 object with ``cuobjdump -xelf`` and read as the Triton kernels are (:mod:`attncc.machine.sass`):
 registers, stack and local memory (spills) per kernel function from ``cuobjdump -res-usage``,
@@ -19,11 +19,11 @@ from pathlib import Path
 
 from triton import knobs
 
-from attncc import cutlass_kernel, nvcc, ops
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.lower.lowering import lower
 from attncc.machine import sass
+from attncc.runtime import cutlass_kernel, nvcc, ops
 
 _USAGE = re.compile(r"Function (\S+):\s*\n\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 

@@ -5,7 +5,7 @@ launched: a stride equal to 1 becomes a constant, and pointers and integers divi
 by 16 carry that hint. A kernel compiled from a hand-written signature is a different
 kernel (for the dense forward: 255 registers and spills instead of 159 and none). So
 nothing here spells a signature: :func:`capture` runs attncc's own launch path
-(:func:`attncc.ops.forward` and :func:`attncc.ops.backward`, through the template's
+(:func:`attncc.runtime.ops.forward` and :func:`attncc.runtime.ops.backward`, through the template's
 ``launch`` functions) with a ``wrap`` that records each ``kernel[grid](*args, **kwargs)``
 call instead of running it, and :func:`compile_call` binds those arguments with
 Triton's own binder for the target's backend, as ``JITFunction.run`` does, and
@@ -28,8 +28,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from attncc import ops
 from attncc.errors import AttnccError
+from attncc.runtime import ops
 
 HOPPER = GPUTarget("cuda", 90, 32)
 

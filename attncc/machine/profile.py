@@ -9,7 +9,6 @@ import torch
 import triton
 from triton.runtime.jit import JITFunction
 
-from attncc import ops
 from attncc.errors import AttnccError
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
@@ -19,6 +18,7 @@ from attncc.lower.plan import KernelPlan
 from attncc.lower.visits import LoopTiles, inverse_walk, walk
 from attncc.machine import model, sass
 from attncc.machine.launch import HOPPER, capture, compile_call
+from attncc.runtime import ops
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -24,7 +24,7 @@ from functools import cache
 import torch
 from torch.library import custom_op, register_autograd, register_fake, triton_op, wrap_triton
 
-from attncc import cutlass_kernel, ops, settings
+from attncc import settings
 from attncc.errors import AttnccError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
@@ -32,6 +32,7 @@ from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
 from attncc.layouts import check_score, to_sdpa_layout
 from attncc.lower.render import load
+from attncc.runtime import cutlass_kernel, ops
 
 
 @cache

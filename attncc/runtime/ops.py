@@ -4,7 +4,7 @@ The first call with a given (pattern, grid, head dim, dtype) lowers and renders
 the kernel module; later calls reuse the loaded module and its tile tables.
 Heads that share a pattern share one launch (see ``HEAD_MAP`` in the
 template); per-head patterns launch once per distinct pattern. The public
-entry point is :func:`attncc.attention` (``attncc.library``), which routes
+entry point is :func:`attncc.attention` (``attncc.runtime.library``), which routes
 through torch.library ops so autograd and torch.compile see one op.
 """
 
@@ -20,7 +20,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from attncc import cutlass_kernel, settings
+from attncc import settings
 from attncc.autotune.records import tuned_config
 from attncc.errors import PatternError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
@@ -29,6 +29,7 @@ from attncc.ir.nodes import Pattern
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.plan import KernelPlan
 from attncc.lower.render import load
+from attncc.runtime import cutlass_kernel
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 

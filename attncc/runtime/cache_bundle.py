@@ -5,7 +5,7 @@ toolchain, the entries) and each entry as ``<kind>/<digest>/<file>`` with its
 manifest, so a machine with no tuning budget or no network can use kernels and
 tuning records made elsewhere. Import reads members into memory rather than
 extracting, so no name in a bundle can reach outside the cache; it checks each
-entry as a lookup would (:func:`attncc.cache.check_entry`: manifest in place,
+entry as a lookup would (:func:`attncc.runtime.cache.check_entry`: manifest in place,
 key recomputed from its parts and versions, file checksums, bound contents),
 refuses entries of another toolchain (they would never be used), and installs
 nothing unless every entry passes. Checks catch damage and careless edits; a
@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from attncc import cache
 from attncc.errors import CacheError, field_error
+from attncc.runtime import cache
 
 BUNDLE = "bundle.json"
 FORMAT = 1

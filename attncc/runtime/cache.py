@@ -1,4 +1,4 @@
-"""attncc.cache: a content-addressed, process-safe store for kernels and records.
+"""attncc.runtime.cache: a content-addressed, process-safe store for kernels and records.
 
 Layout: ``<root>/<kind>/<digest>/`` holds an entry's files and ``manifest.json``
 (kind, key parts, versions, each file's size and sha256, a label, the time it

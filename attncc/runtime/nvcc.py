@@ -3,7 +3,7 @@
 A CUTLASS kernel is C++ that nvcc compiles for sm_90a against the headers of
 the ``nvidia-cutlass`` wheel (``pip install "attncc[cutlass]"``). One build
 takes about a minute of one core, so every shared object is a kernel entry of
-:mod:`attncc.cache` (files ``kernel.cu`` and ``kernel.so``), keyed by the
+:mod:`attncc.runtime.cache` (files ``kernel.cu`` and ``kernel.so``), keyed by the
 source's hash, the nvcc version, the flags and the caller's parts: a second
 process loads it without running nvcc. A source that does not compile is kept
 at ``<cache root>/failed/<digest>.cu`` and named in the :class:`BuildError`,
@@ -22,8 +22,8 @@ from functools import cache
 from importlib.util import find_spec
 from pathlib import Path
 
-from attncc import cache as kernel_cache
 from attncc.errors import BuildError
+from attncc.runtime import cache as kernel_cache
 
 KERNELS = "kernels"  # the same cache kind as the Triton modules
 SOURCE = "kernel.cu"

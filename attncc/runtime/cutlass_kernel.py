@@ -22,12 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from attncc import nvcc
 from attncc.errors import AttnccError, PatternError
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.lower.cutlass import CutlassPlan, cutlass_plan, kv_order, q_order, refusal, render, render_example
 from attncc.lower.plan import KernelPlan
+from attncc.runtime import nvcc
 
 CAPABILITY = (9, 0)  # sm_90a: wgmma and TMA as the Hopper FMHA uses them
 
