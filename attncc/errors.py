@@ -46,3 +46,12 @@ def field_error(
     """Build an error that names the field, the value and the allowed range."""
     reason = f" ({why})" if why else ""
     return cls(f"{field} = {value!r} is out of range{reason}; allowed: {allowed}")
+
+
+def form_error(
+    cls: type[AttnccError], field: str, value: object, expected: str, why: str = ""
+) -> AttnccError:
+    """Build an error for a value of the wrong kind, where no range applies (a tensor where lists
+    are taken, a name that is not a key): names the field, the value and what it must be."""
+    reason = f" ({why})" if why else ""
+    return cls(f"{field} = {value!r} is not {expected}{reason}")

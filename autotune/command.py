@@ -14,7 +14,7 @@ from attncc.errors import TuneError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.spec import load_spec
-from attncc.ir.validate import validate
+from attncc.ir.validate import required_heads, validate
 
 
 def parse_shape(text: str) -> tuple[int, int, Grid]:
@@ -64,10 +64,13 @@ def tune_cmd(
     from attncc.autotune.report import ranked_table
     from attncc.autotune.tuner import tune
 
-    groups: dict = {}
-    for h in resolve_heads(spec.pattern, heads):
-        p = canonicalize(h, grid)
-        groups[p] = groups.get(p, 0) + 1
+    if required_heads(spec.pattern) is None:  # every head has the pattern: no walk over the H heads
+        groups = {canonicalize(spec.pattern, grid): heads}
+    else:  # per-head entries, as many as the pattern lists
+        groups = {}
+        for h in resolve_heads(spec.pattern, heads):
+            p = canonicalize(h, grid)
+            groups[p] = groups.get(p, 0) + 1
     console = Console(width=None if sys.stdout.isatty() else 150)
     for i, (pattern, n_heads) in enumerate(groups.items()):
         result = tune(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -107,6 +108,7 @@ def tune(
     pattern = canonicalize(pattern, grid)
     target = target_device(device)
     default = LaunchConfig.default(device.type, head_dim, dtype)
+    check_inputs_fit(batch, heads, grid.size, head_dim, dtype, device)  # before the ranking's work
     backends = ("triton", "cutlass") if _cutlass_here(device) else ("triton",)
     # Note [Static ranking]: on Hopper the model reads each candidate's sm_90 machine code.
     static = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
@@ -165,9 +167,9 @@ def _progress(enabled: bool) -> Progress:
 def input_sets(
     batch: int, heads: int, n: int, head_dim: int, dtype: str, device: torch.device
 ) -> list[tuple]:
-    """Input sets (q, k, v, o, lse) to rotate through: together over twice L2, at most 8 sets."""
-    per_set = 4 * batch * heads * n * head_dim * DTYPE_BYTES[dtype]
-    sets = 2 if device.type != "cuda" else min(_MAX_SETS, max(2, math.ceil(2 * _L2_BYTES / per_set)))
+    """Input sets (q, k, v, o, lse) to rotate through: together over twice L2, at most 8 sets
+    (refused if they do not fit: :func:`check_inputs_fit`)."""
+    sets = check_inputs_fit(batch, heads, n, head_dim, dtype, device)
     generator = torch.Generator(device=device).manual_seed(0)
     out = []
     for _ in range(sets):
@@ -180,6 +182,33 @@ def input_sets(
         lse = torch.empty(batch, heads, n, device=device, dtype=torch.float32)
         out.append((q, k, v, torch.empty_like(q), lse))
     return out
+
+
+def check_inputs_fit(batch: int, heads: int, n: int, head_dim: int, dtype: str, device: torch.device) -> int:
+    """How many sets :func:`input_sets` makes; a :class:`TuneError` if they would take more than
+    half the device's memory (a head count of 10^8 asks for terabytes)."""
+    per_set = 4 * batch * heads * n * head_dim * DTYPE_BYTES[dtype]
+    sets = 2 if device.type != "cuda" else min(_MAX_SETS, max(2, math.ceil(2 * _L2_BYTES / per_set)))
+    # Each set's lse too, and the float32 tensor each of q, k, v is drawn as before its cast.
+    need = sets * (per_set + 4 * batch * heads * n) + 4 * batch * heads * n * head_dim
+    budget = _memory_bytes(device) // 2
+    if need > budget:
+        shape = f"B x H x N x D = {batch} x {heads} x {n} x {head_dim}"
+        raise field_error(
+            TuneError,
+            "tuning inputs",
+            f"{need / 2**30:,.1f} GiB",
+            f"at most {budget / 2**30:,.1f} GiB (half the memory of {device})",
+            f"{sets} sets of q, k, v, out and lse for {shape} in {dtype}",
+        )
+    return sets
+
+
+def _memory_bytes(device: torch.device) -> int:
+    """The memory of ``device``: the GPU's, or the machine's for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def time_candidate(

@@ -33,6 +33,26 @@ DTYPES = ("float16", "bfloat16", "float32")
 _FIELDS = ("pattern", "grid", "heads", "head_dim", "dtype", "name", "description")
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses anchors and aliases.
+
+    Note [No YAML aliases]: an alias repeats a node without copying it, so a few lines
+    of ``&a [*b, *b, ...]`` stand for a value of billions of elements, which every
+    later step (validation, ``str`` of a name, the pattern tree) would walk in full.
+    A spec never needs one: the value can be written out.
+    """
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            what = f"*{event.anchor}" if isinstance(event, yaml.AliasEvent) else f"&{event.anchor}"
+            raise SpecError(
+                f"line {event.start_mark.line + 1}: YAML anchors and aliases ({what}) are not allowed "
+                "in a spec file (an alias can stand for an enormous value); write the value out"
+            )
+        return super().compose_node(parent, index)
+
+
 @dataclass(frozen=True)
 class Spec:
     """A pattern on a grid, with the shapes a kernel would be built for."""
@@ -52,9 +72,13 @@ def load_spec(path: str | Path) -> Spec:
         text = path.read_text()
     except OSError as e:
         raise SpecError(f"spec file {str(path)!r} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise SpecError(f"spec file {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason})") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        data = json.loads(text) if path.suffix == ".json" else yaml.load(text, Loader=_SpecLoader)
+    except SpecError as e:
+        raise SpecError(f"spec file {str(path)!r}, {e}") from None
+    except (ValueError, yaml.YAMLError) as e:  # ValueError: a JSON error, or an int of > 4300 digits
         raise SpecError(
             f"spec file {str(path)!r} is not valid {path.suffix.lstrip('.') or 'YAML'}: {e}"
         ) from None
@@ -76,6 +100,8 @@ def spec_from_data(data: Any, default_name: str = "") -> Spec:
         if key not in data:
             raise SpecError(f"spec field {key!r} is missing; it is required")
     grid_value = data["grid"]
+    if isinstance(grid_value, bool) or not isinstance(grid_value, (int, list)):
+        raise field_error(SpecError, "grid", grid_value, "a list of 1 to 3 integers >= 1")
     grid = Grid(tuple(grid_value) if isinstance(grid_value, list) else grid_value)
     pattern = pattern_from_data(data["pattern"])
     heads = validate(pattern, grid, data.get("heads"))

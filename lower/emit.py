@@ -8,9 +8,10 @@ needs only torch and triton.
 
 from __future__ import annotations
 
+import importlib.util
 import keyword
-import os
-import tempfile
+import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -23,22 +24,67 @@ from attncc.ir.text import format_pattern
 from attncc.ir.validate import required_heads
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.render import ENV, render
+from attncc.runtime.cache import write_atomic
+
+# Note [Package names]: a package is imported by its directory's name, so a name that is
+# importable already (torch, triton, attncc, numpy, a stdlib module, ...) would shadow that
+# module wherever the package lies on the path, or be shadowed by it; and Python NFKC-normalises
+# identifiers, so a non-ASCII name can import as another ("ﬁle" is "file"). Only ASCII
+# identifiers that name nothing importable are taken. A package never overwrites files
+# unasked: a directory that holds anything needs ``force`` (``attncc compile --force``).
+_NEEDED = ("attncc", "math", "torch", "triton")  # what a compiled package and attncc import
 
 
 def _write(path: Path, text: str) -> None:
-    """Write atomically, and not at all when unchanged (nothing rebuilds for no reason)."""
+    """Write atomically (Note [File modes] in attncc.runtime.cache), and not at all when
+    unchanged (nothing rebuilds for no reason)."""
     if path.exists() and path.read_text() == text:
         return
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        f.write(text)
-    os.replace(f.name, path)
+    write_atomic(path, text.encode())
 
 
-def write_package(spec: Spec, out_dir: str | Path, device_type: str = "cuda") -> Path:
-    """Write ``out_dir`` as a package named after its last path component."""
+def _check_package_dir(out: Path, force: bool = False) -> None:
+    """Raise a :class:`SpecError` naming ``out`` unless a package may be written there
+    (Note [Package names])."""
+    name = out.name
+    allowed = "a directory named as an ASCII Python identifier that no importable module has"
+    if not (name.isascii() and name.isidentifier()) or keyword.iskeyword(name):
+        nfkc = unicodedata.normalize("NFKC", name)
+        why = f"Python would import it as {nfkc!r}" if nfkc != name else ""
+        raise field_error(SpecError, "-o", str(out), allowed, why)
+    if name in _NEEDED or name in sys.stdlib_module_names:
+        raise field_error(SpecError, "-o", str(out), allowed, f"it would shadow the module {name}")
+    where = _importable_elsewhere(name, out)
+    if where is not None:
+        raise field_error(SpecError, "-o", str(out), allowed, f"{name} is importable already, from {where}")
+    if out.is_file():
+        raise field_error(SpecError, "-o", str(out), "a directory", "it is a file")
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if names and not force:
+        held = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        allowed = "a new or empty directory, or --force to write over what it holds"
+        raise field_error(SpecError, "-o", str(out), allowed, f"it holds {held}")
+
+
+def _importable_elsewhere(name: str, out: Path) -> str | None:
+    """Where ``import name`` finds a module other than a package at ``out``, or None."""
+    try:
+        found = importlib.util.find_spec(name)
+    except ValueError:  # in sys.modules without a spec, as ``__main__`` may be
+        return "sys.modules"
+    if found is None:
+        return None
+    places = list(found.submodule_search_locations or [])
+    if places and all(Path(p).resolve() == out.resolve() for p in places):
+        return None  # the package written there before, which --force writes over
+    return found.origin or places[0]
+
+
+def write_package(spec: Spec, out_dir: str | Path, device_type: str = "cuda", force: bool = False) -> Path:
+    """Write ``out_dir`` as a package named after its last path component; a directory
+    that holds anything is written over only with ``force`` (Note [Package names])."""
     out = Path(out_dir)
-    if not out.name.isidentifier() or keyword.iskeyword(out.name):
-        raise field_error(SpecError, "-o", out.name, "a directory named as a Python identifier")
+    _check_package_dir(out, force)
     out.mkdir(parents=True, exist_ok=True)
     shared = required_heads(spec.pattern) is None
     groups: dict = {}

@@ -1,15 +1,26 @@
 """Render a KernelPlan into Triton source and load it as a module.
 
 A rendered module is a kernel entry of :mod:`attncc.runtime.cache` (its one file
-``kernel.py``, imported from there: Triton's JIT needs a real source file),
-keyed by the plan, the source's hash, the backend and the device.
+``kernel.py``), keyed by the plan, the source's hash, the backend and the device.
+
+Note [Verified code]: the module that runs is compiled from the bytes whose
+sha256 the key binds, which are the bytes the entry's lookup checked
+``kernel.py`` against; the file is not read again. Importing it instead would
+hash one read and run another (a file swapped in between runs unchecked), and
+would write ``__pycache__`` into the entry and prefer a ``.pyc`` found there to
+the checked source. Triton reads a ``@jit`` function's source through
+``inspect``, i.e. ``linecache``: the checked text is registered there under the
+entry's path with no modification time, as ``linecache`` records sources that
+came from a module loader, so ``linecache.checkcache`` keeps it and Triton
+compiles the same text that runs (only after ``linecache.clearcache()`` would it
+read the file, which the cache's owner alone can write).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
+import linecache
 from functools import cache
 from pathlib import Path
 from types import ModuleType
@@ -43,7 +54,8 @@ def render(plan: KernelPlan) -> str:
 
 @cache
 def load(plan: KernelPlan) -> ModuleType:
-    """Render ``plan``, take its module file from the kernel cache (built once) and import it.
+    """Render ``plan``, keep its module file in the kernel cache (built once) and run it
+    (Note [Verified code]).
 
     Memoised per process: a second call with an equal plan returns the same module.
     """
@@ -60,8 +72,18 @@ def load(plan: KernelPlan) -> ModuleType:
     )
     key = kernel_cache.make_key(KERNELS, parts)
     entry = kernel_cache.build_entry(key, lambda folder: (folder / MODULE).write_bytes(data), label)
-    spec = importlib.util.spec_from_file_location(f"attncc_kernel_{key.digest[:24]}", entry.file(MODULE))
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    return _module_from_source(f"attncc_kernel_{key.digest[:24]}", str(entry.file(MODULE)), data)
+
+
+def _module_from_source(name: str, filename: str, data: bytes) -> ModuleType:
+    """Run the Python source ``data`` as a new module ``name`` whose source is ``filename``.
+
+    ``inspect`` (and so Triton) finds the source in ``linecache``, not on disk; nothing
+    is written (Note [Verified code]).
+    """
+    text = data.decode()
+    linecache.cache[filename] = (len(text), None, text.splitlines(keepends=True), filename)
+    module = ModuleType(name)
+    module.__file__ = filename
+    exec(compile(data, filename, "exec", dont_inherit=True), module.__dict__)
     return module

@@ -2,11 +2,17 @@
 
 import builtins
 import hashlib
+import importlib.util
+import inspect
 import io
 import json
+import linecache
+import marshal
 import os
+import stat
 import subprocess
 import sys
+import threading
 import time
 import warnings
 
@@ -156,6 +162,20 @@ def test_corrupt_record_is_ignored_with_a_warning(monkeypatch):
     _forget(monkeypatch)
     with pytest.warns(UserWarning, match="is corrupt .*; ignoring it"):
         assert cache.get_record("tuning", {"n": 5}) is None
+
+
+def test_a_record_that_is_not_json_text_is_ignored_with_a_warning(monkeypatch):
+    """As a bundle can bring it: the manifest agrees with the bytes, which are not UTF-8."""
+    entry = cache.put_record("tuning", {"n": 16}, {"us": 1.0})
+    bad = b"\xff\xfe{}"
+    entry.file(cache.RECORD).write_bytes(bad)
+    manifest = json.loads(entry.file(cache.MANIFEST).read_text())
+    manifest["files"][cache.RECORD] = {"size": len(bad), "sha256": hashlib.sha256(bad).hexdigest()}
+    entry.file(cache.MANIFEST).write_text(json.dumps(manifest))
+    _forget(monkeypatch)
+    for _ in range(2):  # every call, not only the first
+        with pytest.warns(UserWarning, match=r"is corrupt \(record.json is not JSON text: 'utf-8' codec"):
+            assert cache.get_record("tuning", {"n": 16}) is None
 
 
 def test_entry_of_another_version_is_never_used(monkeypatch):
@@ -340,3 +360,160 @@ def test_kernel_entry_on_a_gpu_names_its_capability(fresh_kernels):
     major, minor = torch.cuda.get_device_capability()
     assert status.entry.parts["device"] == f"sm_{major}{minor}" == cache.device_capability()
     assert "bfloat16" in status.entry.label and status.problem == ""
+
+
+def _dense16_plan():
+    from attncc.lower.lowering import LaunchConfig, lower
+
+    return lower(dense(), Grid((16,)), 16, "float32", config=LaunchConfig.default("cpu", 16, "float32"))
+
+
+def test_kernel_runs_the_bytes_it_checked_not_a_file_swapped_after(fresh_kernels, monkeypatch):
+    real = cache.build_entry
+
+    def swap_after_the_check(key, build, label=""):
+        entry = real(key, build, label)
+        if key.kind == KERNELS:  # swapped between the checksum and the import
+            entry.file(MODULE).write_text("raise RuntimeError('unchecked code ran')\n")
+        return entry
+
+    monkeypatch.setattr(cache, "build_entry", swap_after_the_check)
+    _dense16()
+
+
+def test_triton_reads_the_checked_source_and_no_bytecode_is_written(fresh_kernels):
+    from attncc.lower.render import load, render
+
+    plan = _dense16_plan()
+    module = load(plan)
+    [status] = cache.scan()
+    assert sorted(p.name for p in status.path.iterdir()) == [MODULE, cache.MANIFEST]  # no __pycache__
+    assert module.__file__ == str(status.entry.file(MODULE))
+    status.entry.file(MODULE).write_text("# swapped\n")
+    linecache.checkcache()  # what inspect does before it reads a function's source
+    assert "".join(linecache.getlines(module.__file__)) == render(plan)
+    assert inspect.getsource(module.attention_fwd_kernel.fn) in render(plan)  # what Triton compiles
+
+
+def test_kernels_still_run_after_another_process_clears_the_cache(fresh_kernels, own_cache):
+    """The documented recipe: `attncc cache clear` (another process: this one's memo is stale)
+    then ``forget_kernels()``; the kernel runs from the bytes it checked, not from the file."""
+    _dense16()
+    result = subprocess.run(
+        [sys.executable, "-m", "attncc", "cache", "clear"],
+        env={**os.environ, "ATTNCC_CACHE_DIR": str(own_cache)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.startswith("removed 1 entry"), result.stderr
+    forget_kernels()
+    _dense16()
+
+
+def _plant_bytecode(source, text):
+    """A .pyc of ``text`` where Python's import looks for ``source``'s, stamped to match its file."""
+    stat = source.stat()
+    header = importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little")
+    header += (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + stat.st_size.to_bytes(4, "little")
+    pyc = source.parent / "__pycache__" / f"{source.stem}.{sys.implementation.cache_tag}.pyc"
+    pyc.parent.mkdir(exist_ok=True)
+    pyc.write_bytes(header + marshal.dumps(compile(text, str(source), "exec")))
+
+
+def test_bytecode_planted_in_a_kernel_entry_never_runs(fresh_kernels, monkeypatch):
+    _dense16()
+    [status] = cache.scan()
+    _plant_bytecode(status.entry.file(MODULE), "raise RuntimeError('planted bytecode ran')\n")
+    forget_kernels()
+    _forget(monkeypatch)
+    [status] = cache.scan()
+    assert status.problem == "corrupt: it holds __pycache__, which its manifest does not list"
+    with pytest.warns(UserWarning, match="holds __pycache__.*; rebuilding it"):
+        _dense16()
+    [status] = cache.scan()
+    assert status.problem == "" and not (status.path / "__pycache__").exists()
+
+
+def test_a_file_the_manifest_does_not_list_makes_the_entry_corrupt(monkeypatch):
+    calls = []
+    key = cache.make_key("test", {"n": 12})
+    entry = cache.build_entry(key, _builder(calls))
+    (entry.path / "extra.txt").write_text("planted")
+    _forget(monkeypatch)
+    assert cache.scan()[0].problem == "corrupt: it holds extra.txt, which its manifest does not list"
+    with pytest.warns(UserWarning, match=r"holds extra.txt, which its manifest does not list\); rebuilding"):
+        rebuilt = cache.build_entry(key, _builder(calls))
+    assert len(calls) == 2 and sorted(p.name for p in rebuilt.path.iterdir()) == ["data.txt", cache.MANIFEST]
+
+
+def test_a_manifest_that_is_a_folder_is_corrupt_and_clear_removes_it(own_cache, monkeypatch):
+    entry = cache.build_entry(cache.make_key("test", {"n": 15}), _builder([]))
+    entry.file(cache.MANIFEST).unlink()
+    entry.file(cache.MANIFEST).mkdir()
+    _forget(monkeypatch)
+    assert [s.problem for s in cache.scan()] == ["corrupt: it cannot be read (Is a directory)"]
+    assert cache.clear() == 1 and cache.scan() == [] and not entry.path.exists()
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_entries_follow_the_umask(umask_027):
+    entry = cache.build_entry(cache.make_key("test", {"n": 13}), _builder([]))
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in [entry.path, *entry.path.iterdir()]}
+    assert modes == {entry.path.name: 0o750, "data.txt": 0o640, cache.MANIFEST: 0o640}
+
+
+_STOPPED_HOLDER = """
+import os, signal
+from attncc.runtime import cache
+
+def build(folder):
+    os.kill(os.getpid(), signal.SIGSTOP)  # stopped while it holds the key's lock
+
+cache.build_entry(cache.make_key("test", {"n": "held"}), build)
+"""
+
+
+def test_a_stopped_lock_holder_makes_others_give_up_naming_it(own_cache, monkeypatch):
+    env = {**os.environ, "ATTNCC_CACHE_DIR": str(own_cache)}
+    holder = subprocess.Popen([sys.executable, "-c", _STOPPED_HOLDER], env=env, stderr=subprocess.PIPE)
+    try:
+        _, status = os.waitpid(holder.pid, os.WUNTRACED)  # returns once it is stopped
+        assert os.WIFSTOPPED(status), holder.stderr.read()
+        monkeypatch.setenv("ATTNCC_LOCK_TIMEOUT", "0.5")
+        key = cache.make_key("test", {"n": "held"})
+        outcome = []
+
+        def wait():
+            try:
+                cache.build_entry(key, _builder([]))
+            except CacheError as e:
+                outcome.append(e)
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        start = time.monotonic()
+        waiter.start()
+        waiter.join(60)
+        assert not waiter.is_alive(), "still waiting for the lock after 60 s"
+        assert time.monotonic() - start < 30
+        [error] = outcome
+        message = str(error)
+        lock = own_cache / "locks" / f"{key.digest}.lock"
+        assert message.startswith(f"cache lock {lock} is still held after waiting 0.5 s")
+        assert f"probably by process {holder.pid} on host " in message and "kill -CONT" in message
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "nan", "inf"])
+def test_a_bad_lock_timeout_names_the_setting(monkeypatch, value):
+    monkeypatch.setenv("ATTNCC_LOCK_TIMEOUT", value)
+    with pytest.raises(CacheError, match=rf"ATTNCC_LOCK_TIMEOUT = '{value}' is out of range; allowed: a fin"):
+        cache.build_entry(cache.make_key("test", {"n": 14}), _builder([]))

@@ -3,6 +3,8 @@
 import hashlib
 import io
 import json
+import os
+import stat
 import subprocess
 import sys
 import tarfile
@@ -65,6 +67,10 @@ def test_ls_info_clear(home):
     assert "version torch" in out
     result = _run("info", "ffffffffff")
     assert isinstance(result.exception, CacheError) and "no such entry" in str(result.exception)
+    message = str(_run("info", "zzz").exception)  # not a hex prefix: no range to be out of
+    assert (
+        message.startswith("KEY = 'zzz' is not a key (or a unique prefix") and "out of range" not in message
+    )
     assert _run("clear", "--stale").output.startswith("removed 0 entries")
     assert _run("clear").output.startswith("removed 2 entries")
     assert cache.scan() == []
@@ -241,3 +247,26 @@ def test_installed_cli_has_the_cache_group(tmp_path, home):
     (tmp_path / "junk.tar.gz").write_bytes(b"junk")
     bad = subprocess.run([sys.executable, "-m", "attncc", "cache", "import", "junk.tar.gz"], **env_run)
     assert bad.returncode == 2 and bad.stderr.startswith("attncc: error: bundle junk.tar.gz: file")
+
+
+def test_ls_reports_a_file_the_manifest_does_not_list(home):
+    kernel, _ = _fill()
+    planted = kernel.path / "__pycache__"
+    planted.mkdir()
+    (planted / f"kernel.{sys.implementation.cache_tag}.pyc").write_bytes(b"planted")
+    out = _run("ls").output
+    assert out.count(" ok ") == 1 and "corrupt: it holds __pycache__" in out
+    out = _run("info", kernel.digest[:10]).output
+    assert "corrupt: it holds __pycache__, which its manifest does not list" in out
+
+
+def test_export_follows_the_umask(tmp_path):
+    _fill()
+    bundle = tmp_path / "shared.tar.gz"
+    old = os.umask(0o027)
+    try:
+        export_bundle(bundle)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o640
+    assert [p.name for p in tmp_path.iterdir() if p.name != "home"] == [bundle.name]  # no temporary left

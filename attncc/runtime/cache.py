@@ -26,10 +26,33 @@ warning and rebuilt under the lock.
 Note [Cache memo]: a lookup that succeeds is remembered per (root, digest), so
 a second lookup of a key in one process touches no file. The memo does not see
 what other processes do later; ``clear`` forgets the root it clears.
+
+Note [Only listed files]: an entry holds its manifest and the files the manifest
+lists, nothing else. A file it does not list (a ``__pycache__`` that Python's
+import machinery would prefer to ``kernel.py``, anything planted) makes the
+entry corrupt: ``scan`` reports it and a lookup rebuilds the entry. Nothing
+attncc runs comes from an unlisted file: kernel modules are compiled from the
+bytes that were checked (Note [Verified code] in ``attncc.lower.render``).
+
+Note [Cache locks]: a builder waits for a key's lock at most
+``ATTNCC_LOCK_TIMEOUT`` seconds. The holder writes its pid, host and start
+time beside the lock (``<digest>.holder``; the lock file itself is filelock's,
+which may truncate it on open), so a waiter that gives up can say which
+process may hold it: one that is stopped, hung, or on another host sharing
+the directory.
+
+Note [File modes]: every file attncc writes (entries, bundles, compiled
+packages) goes to a temporary name and is renamed into place; the temporary
+file is created with mode 0o666 (directories 0o777) and the kernel takes the
+umask off, as for any file a program creates. ``tempfile`` would make them
+0o600 (0o700), unreadable to the group a shared cache or package is for, and
+reading the umask to chmod afterwards would mean setting it, which is not
+thread-safe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.resources
@@ -37,18 +60,19 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import socket
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import filelock
 
 from attncc import settings
-from attncc.errors import CacheError, field_error
+from attncc.errors import CacheError, field_error, form_error
 
 MANIFEST = "manifest.json"
 RECORD = "record.json"
@@ -58,6 +82,29 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
 _NOT_KINDS = ("locks",)
 _STALE_TEMP_S = 3600.0  # a hidden build or trash folder this old was left by a crashed process
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[BinaryIO]:
+    """A binary file to write that replaces ``path`` whole when the block ends without an error.
+
+    Its mode is 0o666 less the umask (Note [File modes]); on an error nothing is left behind.
+    """
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def root() -> Path:
@@ -175,11 +222,17 @@ class Corrupt(Exception):
 
 
 def check_entry(
-    kind: str, digest: str, manifest: bytes, read: Callable[[str], bytes]
+    kind: str,
+    digest: str,
+    manifest: bytes,
+    read: Callable[[str], bytes],
+    present: Collection[str] | None = None,
 ) -> tuple[dict, dict[str, bytes]]:
     """Check an entry's manifest against its place and its files against the manifest.
 
-    ``read(name)`` returns a file's bytes (``FileNotFoundError`` if missing).
+    ``read(name)`` returns a file's bytes (``FileNotFoundError`` if missing);
+    ``present``, if given, names everything in the entry's folder, which may
+    hold only the manifest and the files it lists (Note [Only listed files]).
     Returns the manifest and the files' contents; raises :class:`Corrupt`.
     Shared by lookups and by bundle import, so both trust exactly the same things.
     """
@@ -192,6 +245,9 @@ def check_entry(
         if digest_of(m["kind"], m["parts"], m["versions"]) != digest:
             raise Corrupt("the digest of the manifest's key parts and versions is not the entry's key")
         files = m["files"]
+        unlisted = sorted(set(present or ()) - set(files) - {MANIFEST})
+        if unlisted:
+            raise Corrupt(f"it holds {', '.join(unlisted)}, which its manifest does not list")
         contents = {}
         for name, meta in files.items():
             if not _NAME.match(name) or name == MANIFEST:
@@ -224,10 +280,17 @@ def _bound(parts: object) -> object:
 def read_entry(path: Path, kind: str, digest: str) -> tuple[Entry, dict[str, bytes]]:
     """Read and check the entry at ``path``: the entry and the bytes checked, manifest included.
 
-    Raises ``FileNotFoundError`` if it has no manifest, :class:`Corrupt` if a check fails.
+    Raises ``FileNotFoundError`` if it has no manifest, :class:`Corrupt` if a check fails
+    or it cannot be read (a manifest that is a folder, a folder it may not list).
     """
-    manifest = (path / MANIFEST).read_bytes()
-    m, contents = check_entry(kind, digest, manifest, lambda name: (path / name).read_bytes())
+    try:
+        manifest = (path / MANIFEST).read_bytes()
+        present = os.listdir(path)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise Corrupt(f"it cannot be read ({e.strerror or e})") from None
+    m, contents = check_entry(kind, digest, manifest, lambda name: (path / name).read_bytes(), present)
     entry = Entry(path, kind, digest, m["parts"], m["versions"], m["files"], m["label"], m["created"])
     return entry, {**contents, MANIFEST: manifest}
 
@@ -271,10 +334,37 @@ def forget(base: Path | None = None) -> None:
         _records.pop(memo, None)
 
 
-def _lock(key: Key) -> filelock.FileLock:
+@contextlib.contextmanager
+def _locked(key: Key) -> Iterator[None]:
+    """Hold ``key``'s lock, waiting at most ``ATTNCC_LOCK_TIMEOUT`` seconds (Note [Cache locks])."""
     locks = root() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    return filelock.FileLock(locks / f"{key.digest}.lock")
+    path, holder = locks / f"{key.digest}.lock", locks / f"{key.digest}.holder"
+    timeout = settings.lock_timeout()
+    lock = filelock.FileLock(path, timeout=timeout)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise CacheError(
+            f"cache lock {path} is still held after waiting {timeout:g} s, {_holder(holder)}; "
+            "if that process is stopped (kill -CONT it) or hung (end it), the next try goes on; "
+            "ATTNCC_LOCK_TIMEOUT sets how long to wait for a build that is just slow"
+        ) from None
+    try:
+        when = time.strftime("%Y-%m-%d %H:%M:%S")
+        write_atomic(holder, f"{os.getpid()} {socket.gethostname()} {when}".encode())
+        yield
+    finally:
+        lock.release()
+
+
+def _holder(path: Path) -> str:
+    """Who wrote ``path`` when taking the lock beside it, as words."""
+    try:
+        pid, host, when = path.read_text().split(" ", 2)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "by a process that left no note of itself"
+    return f"probably by process {pid} on host {host} (it took the lock at {when})"
 
 
 def build_entry(key: Key, build: Callable[[Path], None], label: str = "") -> Entry:
@@ -285,7 +375,7 @@ def build_entry(key: Key, build: Callable[[Path], None], label: str = "") -> Ent
     entry = lookup(key, on_corrupt="rebuilding it")
     if entry is not None:
         return entry
-    with _lock(key):
+    with _locked(key):
         found = _find(key, on_corrupt="")  # built by another process while we waited?
         entry = found[0] if found else _install(key, build, label, time.time())
     _memo[(str(root()), key.digest)] = entry
@@ -294,7 +384,7 @@ def build_entry(key: Key, build: Callable[[Path], None], label: str = "") -> Ent
 
 def install(key: Key, build: Callable[[Path], None], label: str, created: float) -> Entry:
     """Write the entry of ``key`` whether or not one is stored (an import, a new record), under its lock."""
-    with _lock(key):
+    with _locked(key):
         entry = _install(key, build, label, created)
     _memo[(str(root()), key.digest)] = entry
     return entry
@@ -304,7 +394,8 @@ def _install(key: Key, build: Callable[[Path], None], label: str, created: float
     """Build into a temporary folder, write the manifest last, rename into place. Hold the key's lock."""
     kind_dir = root() / key.kind
     kind_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".build-{key.digest[:16]}-", dir=kind_dir))
+    tmp = kind_dir / f".build-{key.digest[:16]}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # mode 0o777 less the umask (Note [File modes])
     try:
         build(tmp)
         files = {}
@@ -368,7 +459,14 @@ def get_record(kind: str, parts: Mapping[str, object]) -> object | None:
         found = _find(key, on_corrupt="ignoring it")
         if found is None or RECORD not in found[1]:
             return None
-        _memo[memo], _records[memo] = found[0], found[1][RECORD].decode()
+        try:  # checksums hold for what a bundle brought, so the text is checked too
+            text = found[1][RECORD].decode()
+            json.loads(text)
+        except ValueError as e:  # not UTF-8, or not JSON
+            where, why = found[0].path, f"{RECORD} is not JSON text: {e}"
+            warnings.warn(f"attncc: cache entry {where} is corrupt ({why}); ignoring it", stacklevel=2)
+            return None
+        _memo[memo], _records[memo] = found[0], text
     return json.loads(_records[memo])
 
 
@@ -410,13 +508,13 @@ def scan() -> list[Status]:
 
 def find(prefix: str) -> Status:
     """The one entry whose digest starts with ``prefix`` (at least 4 hex digits)."""
-    allowed = "a key (or a unique prefix of 4+ hex digits) that `attncc cache ls` lists"
+    expected = "a key (or a unique prefix of 4+ hex digits) that `attncc cache ls` lists"
     if not re.fullmatch(r"[0-9a-f]{4,64}", prefix):
-        raise field_error(CacheError, "KEY", prefix, allowed)
+        raise form_error(CacheError, "KEY", prefix, expected)
     matches = [s for s in scan() if s.digest.startswith(prefix)]
     if len(matches) != 1:
         why = "no such entry" if not matches else f"{len(matches)} entries match"
-        raise field_error(CacheError, "KEY", prefix, allowed, why)
+        raise form_error(CacheError, "KEY", prefix, expected, why)
     return matches[0]
 
 

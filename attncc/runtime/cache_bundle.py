@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,25 +39,19 @@ def export_bundle(dest: str | Path, kinds: tuple[str, ...] = ()) -> list[cache.E
         raise field_error(CacheError, "entries to export", 0, "at least 1", f"no intact entry{which}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=dest.parent, suffix=".tmp", delete=False) as f:
-        try:
-            with tarfile.open(fileobj=f, mode="w:gz") as tar:
-                header = {
-                    "format": FORMAT,
-                    "versions": dict(cache.versions()),
-                    "created": time.time(),
-                    "entries": [f"{s.kind}/{s.digest}" for s in chosen],
-                }
-                _add(tar, BUNDLE, json.dumps(header, indent=1).encode(), header["created"])
-                for s in chosen:
-                    # The bytes just checked, not a second read that could differ.
-                    entry, contents = cache.read_entry(s.path, s.kind, s.digest)
-                    for name, data in sorted(contents.items()):
-                        _add(tar, f"{s.kind}/{s.digest}/{name}", data, entry.created)
-        except BaseException:
-            os.unlink(f.name)
-            raise
-    os.replace(f.name, dest)
+    with cache.atomic_file(dest) as f, tarfile.open(fileobj=f, mode="w:gz") as tar:
+        header = {
+            "format": FORMAT,
+            "versions": dict(cache.versions()),
+            "created": time.time(),
+            "entries": [f"{s.kind}/{s.digest}" for s in chosen],
+        }
+        _add(tar, BUNDLE, json.dumps(header, indent=1).encode(), header["created"])
+        for s in chosen:
+            # The bytes just checked, not a second read that could differ.
+            entry, contents = cache.read_entry(s.path, s.kind, s.digest)
+            for name, data in sorted(contents.items()):
+                _add(tar, f"{s.kind}/{s.digest}/{name}", data, entry.created)
     return [s.entry for s in chosen if s.entry is not None]
 
 
