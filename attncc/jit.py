@@ -17,24 +17,31 @@ rendered and cached per (pattern, shape, dtype, device) by
 
 Grammar. ``q`` and ``k`` have one attribute per grid axis, named as in
 ``grid=`` but lower-case (``q.t``, ``q.h``, ``q.w``), and ``q.index``, the
-flat row-major index. Integer expressions: coordinates, integer constants,
-``+``, ``-`` (also unary), ``abs``, ``min``/``max`` (see Note [Traced min and
-max]), ``// c`` and ``% c`` by a positive constant ``c``. Conditions:
-``<, <=, >, >=, ==, !=`` between integer expressions, joined with ``&``, ``|``
-and ``~`` (parenthesise each comparison: in Python ``&`` binds tighter), or a
-constant ``True``/``False``. Python's ``and``/``or``/``not``, ``if`` and
-chained comparisons ``a <= b <= c`` branch on a value that is not known while
-tracing and are refused.
+flat row-major index. Integer expressions: coordinates, integer constants
+(0-d integer tensors too), ``+``, ``-`` (also unary), ``abs``, ``min``/``max``
+(see Note [Traced min and max]), ``// c`` and ``% c`` by a positive constant
+``c``, and ``t[x]``, a lookup of a coordinate ``x`` in a 1-D integer tensor
+``t``. Conditions: ``<, <=, >, >=, ==, !=`` between integer expressions,
+joined with ``&``, ``|`` and ``~`` (parenthesise each comparison: in Python
+``&`` binds tighter), or a constant ``True``/``False``. The torch spellings of
+these (``torch.abs``, ``torch.minimum``, ``torch.logical_and``, tensor methods
+such as ``x.abs()``) trace too (Note [Torch functions] in :mod:`attncc.trace`).
+Python's ``and``/``or``/``not``, ``if`` and chained comparisons ``a <= b <=
+c`` branch on a value that is not known while tracing and are refused.
 
 What has a pattern: per axis, bounds on ``k.x - q.x`` (``band``; ``abs``,
 ``min``, ``max`` and ``//`` of such differences reduce to these), ``q.x // b
-== k.x // b`` (``block_diagonal``), ``q.x % m == k.x % m`` and ``(k.x - q.x)
-% m`` compared with a constant (``congruent``), and the same on ``index``
-(bands that hold the diagonal, blocks as ``document``, ``strided``). Anything
-else, such as a condition on ``q`` alone, two different axes, or a band of
-the flat index that leaves the diagonal of a 2-D grid, raises a
-:class:`~attncc.errors.TraceError` that quotes the comparison and says why.
-A predicate that keeps no pair is refused too.
+== k.x // b`` (``block_diagonal``), block-causal ``k.x // b <= q.x // b``
+(or ``>=``: ``band | block_diagonal``), ``q.x % m == k.x % m`` and ``(k.x -
+q.x) % m`` compared with a constant (``congruent``), bounds on the key alone
+(``k.x < 16``: ``key_range``; prefix LM: ``(k.index < 16) | (k.index <=
+q.index)``), ``t[q.x] == t[k.x]`` (``document`` of ``t``'s values), and the
+same on ``index`` (bands that hold the diagonal, blocks as ``document``,
+``strided``, key ranges). Anything else, such as a condition on ``q`` alone
+that holds for some queries only, two different axes, or a band of the flat
+index that leaves the diagonal of a 2-D grid, raises a
+:class:`~attncc.errors.TraceError` that quotes the comparison as written and
+says why. A predicate that keeps no pair (``k.index < 0``) is refused too.
 """
 
 from __future__ import annotations
@@ -53,9 +60,9 @@ from attncc.ir.nodes import Band, Pattern, dense
 from attncc.layouts import to_sdpa_layout
 from attncc.predicate import Matcher
 from attncc.runtime.library import attention
-from attncc.trace import trace
+from attncc.trace import Cond, trace
 
-__all__ = ["JitAttention", "jit"]
+__all__ = ["JitAttention", "jit", "match"]
 
 
 class JitAttention:
@@ -84,16 +91,10 @@ class JitAttention:
     def _match(self, grid: Grid) -> Pattern:
         where = f"@attncc.jit {self.fn.__name__} on grid {grid}"
         try:
-            found = Matcher(grid, self.names).formula(trace(self.fn, self.names))
+            cond = trace(self.fn, self.names)
         except TraceError as e:
             raise TraceError(f"{where}: {e}") from None
-        if found is True:
-            return dense()
-        canon = None if found is False else canonicalize(found, grid)
-        # The canonical form of a pattern that keeps nothing is an empty band.
-        if canon is None or (isinstance(canon, Band) and (canon.lo or 0) >= grid.shape[canon.axis]):
-            raise TraceError(f"{where}: the predicate keeps no (query, key) pair")
-        return canon
+        return match(cond, grid, self.names, where)
 
     def __call__(
         self,
@@ -117,6 +118,22 @@ class JitAttention:
 
     def __repr__(self) -> str:
         return f"<attncc.jit {self.fn.__name__} over ({', '.join(self.names)})>"
+
+
+def match(cond: Cond | bool, grid: Grid, names: tuple[str, ...], where: str) -> Pattern:
+    """The canonical pattern of a traced condition on ``grid``; a :class:`TraceError` that
+    starts with ``where`` if it has none or keeps no pair."""
+    try:
+        found = Matcher(grid, names).formula(cond)
+    except TraceError as e:
+        raise TraceError(f"{where}: {e}") from None
+    if found is True:
+        return dense()
+    canon = None if found is False else canonicalize(found, grid)
+    # The canonical form of a pattern that keeps nothing is an empty band.
+    if canon is None or (isinstance(canon, Band) and (canon.lo or 0) >= grid.shape[canon.axis]):
+        raise TraceError(f"{where}: the predicate keeps no (query, key) pair: its mask is empty")
+    return canon
 
 
 def jit(fn: Callable | None = None, *, grid: tuple[str, ...] | str) -> Any:

@@ -16,10 +16,19 @@ linear comparison (after scaling)            pattern
 ``(k.x - q.x + c0) % m`` op c                ``congruent(x, m, r)`` for each residue
 ``q.x // b - k.x // b == 0``                 ``block_diagonal(x, b)``
 ``q.x % m - k.x % m`` == / != 0             ``congruent(x, m, r)``
+``k.x // b - q.x // b`` <= 0 (or >= 0)      ``band(x, hi=0) | block_diagonal(x, b)``
+                                             (block-causal)
+``k.x`` op c (the key alone)                 ``key_range(x, lo, hi)``
+``t[q.x] - t[k.x] == 0`` (``t`` a tensor)    ``document(t)`` (a lookup, see
+                                             Note [Torch functions] in attncc.trace)
 the same on ``index`` of a 2-D/3-D grid     ``sliding_window``/``causal`` (bands
                                              holding the diagonal), ``document``
-                                             (blocks), ``strided``
+                                             (blocks), ``strided``, key ranges of
+                                             row-major runs (Note [Flat key ranges])
 ==========================================  =======================================
+
+A condition on the query alone holds for every query or for none (then it is
+``True``/``False``), or it is refused: no primitive keeps whole rows.
 
 Anything else is refused with a :class:`~attncc.errors.TraceError` that quotes
 the comparison as written and says why; nothing falls back to a dense mask.
@@ -28,6 +37,8 @@ the comparison as written and says why; nothing falls back to a dense mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import numpy as np
 
 from attncc.errors import TraceError
 from attncc.ir.grid import Grid
@@ -38,11 +49,12 @@ from attncc.ir.nodes import (
     congruent,
     document,
     intersection,
+    key_range,
     sliding_window,
     strided,
     union,
 )
-from attncc.trace import Cond, Int
+from attncc.trace import Cond, Int, Table
 
 MAX_RESIDUES = 8  # a modulo comparison may expand to at most this many congruences
 _FLAT = -1
@@ -54,7 +66,7 @@ Formula = Pattern | bool
 @dataclass(frozen=True)
 class Lin:
     """``sum(coef * atom) + const``; an atom is ``("var", side, axis)``,
-    ``("floordiv", Lin, b)`` or ``("mod", Lin, m)``."""
+    ``("floordiv", Lin, b)``, ``("mod", Lin, m)`` or ``("lookup", Table, var atom)``."""
 
     terms: tuple[tuple[tuple, int], ...]
     const: int
@@ -120,6 +132,15 @@ def normal_form(node: Int) -> Form:
         return Extreme("max", (x, _neg(x)))
     if kind in ("min", "max"):
         return Extreme(kind, tuple(normal_form(a) for a in args))
+    if kind == "lookup":
+        table, index = args
+        inner = normal_form(index)
+        bare = isinstance(inner, Lin) and len(inner.terms) == 1 and not inner.const
+        if not (bare and inner.terms[0][1] == 1 and inner.terms[0][0][0] == "var"):  # type: ignore[union-attr]
+            raise TraceError(
+                f"{node.text}: a lookup is indexed by one coordinate of q or k, not {index.text}"
+            )
+        return Lin(((("lookup", table, inner.terms[0][0]), 1),), 0)
     inner, divisor = normal_form(args[0]), args[1]
     if isinstance(inner, Extreme):
         raise TraceError(f"{node.text}: {'//' if kind == 'floordiv' else '%'} of a min, max or abs")
@@ -165,11 +186,31 @@ def _solve(c: int, r: int, op: str) -> tuple[bool, int | None, int | None] | boo
     return op == "==", r // c, r // c
 
 
+def _clip(
+    solved: tuple[bool, int | None, int | None] | bool, size: int
+) -> tuple[int, int, int | None] | bool:
+    """``solved`` (from :func:`_solve`) on the integers ``0 .. size - 1``: a bool when all or
+    none qualify, else ``(lo, hi, None)`` for ``lo .. hi`` or ``(0, size - 1, v)`` for all but ``v``."""
+    if isinstance(solved, bool):
+        return solved
+    inside, lo, hi = solved
+    if not inside:
+        if not 0 <= lo < size:  # type: ignore[operator]
+            return True
+        return False if size == 1 else (0, size - 1, lo)
+    lo = 0 if lo is None else max(lo, 0)
+    hi = size - 1 if hi is None else min(hi, size - 1)
+    if lo > hi:
+        return False
+    return True if (lo, hi) == (0, size - 1) else (lo, hi, None)
+
+
 class Matcher:
     """Turns the traced condition of one predicate into a pattern on one grid."""
 
     def __init__(self, grid: Grid, names: tuple[str, ...]) -> None:
         self.grid, self.names = grid, names
+        self.spelled: dict[tuple[str, int], str] = {}  # how the comparison being matched names each var
 
     def formula(self, cond: Cond | bool, negate: bool = False) -> Formula:
         if isinstance(cond, bool):
@@ -184,6 +225,9 @@ class Matcher:
         op, left, right = cond.args
         op = _NEGATED[op] if negate else op
         where = f"~({cond.text})" if negate else cond.text
+        self.spelled = {}
+        _spell(left, self.spelled)
+        _spell(right, self.spelled)
         diff = _add(normal_form(left), _neg(normal_form(right)))
         # Integers: a < b is a - b + 1 <= 0, a > b is a - b - 1 >= 0.
         shift = {"<": 1, ">": -1}.get(op, 0)
@@ -208,7 +252,9 @@ class Matcher:
     def name(self, atom: tuple) -> str:
         if atom[0] == "var":
             _, side, axis = atom
-            return f"{side}.{'index' if axis == _FLAT else self.names[axis]}"
+            return self.spelled.get((side, axis), f"{side}.{'index' if axis == _FLAT else self.names[axis]}")
+        if atom[0] == "lookup":
+            return f"{atom[1].name}[{self.name(atom[2])}]"
         inner = self.show(atom[1])
         inner = inner if len(atom[1].terms) == 1 and not atom[1].const else f"({inner})"
         return f"({inner} {'//' if atom[0] == 'floordiv' else '%'} {atom[2]})"
@@ -226,13 +272,19 @@ class Matcher:
     def refuse(self, where: str, lin: Lin, op: str, why: str) -> TraceError:
         return TraceError(f"cannot express {where} (as {self.show(lin)} {op} 0): {why}")
 
+    def extent(self, axis: int) -> int:
+        """How many values a coordinate takes on ``axis`` (``_FLAT``: the flat index)."""
+        return self.grid.size if axis == _FLAT else self.grid.shape[axis]
+
     def linear(self, lin: Lin, op: str, where: str) -> Formula:
         terms = dict(lin.terms)
         if not terms:
             return _holds(lin.const, op)
         kinds = {atom[0] for atom in terms}
+        if "lookup" in kinds:
+            return self.lookups(lin, op, where)
         if kinds == {"var"}:
-            return self.offsets(lin, op, where)
+            return self.alone(lin, op, where) if len(terms) == 1 else self.offsets(lin, op, where)
         if len(terms) == 1:
             return self.of_difference(lin, op, where)
         if len(terms) == 2 and len(kinds) == 1:
@@ -263,11 +315,65 @@ class Matcher:
 
     def _why_not_difference(self, lin: Lin) -> str:
         atoms = [a for a, _ in lin.terms]
-        if len(atoms) == 1:
-            return f"it relates {self.name(atoms[0])} only to a constant; a pattern relates keys to queries"
         if len({a[2] for a in atoms}) > 1:
             return "it compares different axes: " + ", ".join(self.name(a) for a in atoms)
         return "q and k do not appear as a difference k - q (their coefficients differ)"
+
+    def alone(self, lin: Lin, op: str, where: str) -> Formula:
+        """``c * x + const op 0`` with ``x`` one coordinate: a key range, or a query condition
+        that must hold for every query or for none."""
+        ((atom, c),) = lin.terms
+        _, side, axis = atom
+        within = _clip(_solve(c, -lin.const, op), self.extent(axis))
+        if isinstance(within, bool):
+            return within
+        if side == "q":
+            raise self.refuse(
+                where,
+                lin,
+                op,
+                f"it is a condition on the query alone ({self.name(atom)}), which holds for some "
+                "queries only; a pattern can restrict the keys alone (key_range) but not the queries",
+            )
+        lo, hi, skip = within
+        if skip is None:
+            return self.keys(axis, lo, hi)
+        return _any([self.keys(axis, lo, skip - 1), self.keys(axis, skip + 1, hi)])
+
+    def keys(self, axis: int, lo: int, hi: int) -> Formula:
+        """The keys ``lo <= k <= hi`` on ``axis`` (``_FLAT``: the flat index), for every query.
+
+        Note [Flat key ranges]: on a 2-D/3-D grid, ``k.index >= lo`` is the lexicographic
+        order of the coordinates: ``k.t > t0``, or ``k.t == t0`` and the same on the
+        remaining axes (and likewise ``<=``), which are key ranges per axis.
+        """
+        top = self.extent(axis) - 1
+        if lo > hi:
+            return False
+        if (lo, hi) == (0, top):
+            return True
+        if axis != _FLAT:
+            return key_range(axis, None if lo == 0 else lo, None if hi == top else hi)
+        low = np.unravel_index(lo, self.grid.shape)
+        high = np.unravel_index(hi, self.grid.shape)
+        return _all(
+            [
+                self._lexicographic(tuple(map(int, low)), 0, True) if lo > 0 else True,
+                self._lexicographic(tuple(map(int, high)), 0, False) if hi < top else True,
+            ]
+        )
+
+    def _lexicographic(self, bound: tuple[int, ...], a: int, above: bool) -> Formula:
+        """Keys whose coordinates from axis ``a`` on are ``>=`` (``above``) or ``<=`` ``bound[a:]``."""
+        c, top = bound[a], self.grid.shape[a] - 1
+        weak = self.keys(a, c, top) if above else self.keys(a, 0, c)
+        if a == self.grid.rank - 1:
+            return weak
+        rest = self._lexicographic(bound, a + 1, above)
+        if rest is True:
+            return weak
+        strict = self.keys(a, c + 1, top) if above else self.keys(a, 0, c - 1)
+        return _any([strict, _all([self.keys(a, c, c), rest])])
 
     def band(self, axis: int, lo: int | None, hi: int | None, where: str) -> Formula:
         """``lo <= k - q <= hi`` on ``axis`` (``_FLAT``: the flat index of a 2-D/3-D grid)."""
@@ -284,20 +390,10 @@ class Matcher:
         return sliding_window(n - 1 if lo is None else -lo, n - 1 if hi is None else hi)
 
     def of_difference(self, lin: Lin, op: str, where: str) -> Formula:
-        """``c * (x // b) op r`` or ``c * (x % m) op r`` with ``x`` a difference ``k - q + c0``."""
+        """``c * (x // b) op r`` or ``c * (x % m) op r`` with ``x`` a difference ``k - q + c0``
+        (or, for ``//``, any linear ``x`` that :meth:`linear` matches: one coordinate alone)."""
         ((atom, c),) = lin.terms
         kind, inner, divisor = atom
-        found = self.difference(inner)
-        if found is None:
-            what = "a coordinate alone" if len(inner.terms) == 1 else "no difference k - q of one axis"
-            raise self.refuse(
-                where,
-                lin,
-                op,
-                f"{self.name(atom)} is of {what}; // and % are supported on a difference "
-                "((k.x - q.x) // b op c) or on a coordinate compared with the same of the other token "
-                "(q.x // b == k.x // b)",
-            )
         if kind == "floordiv":
             solved = _solve(c, -lin.const, op)
             if isinstance(solved, bool):
@@ -312,22 +408,37 @@ class Matcher:
             if hi is not None:
                 parts.append(self.linear(inner + _const(-(divisor * hi + divisor - 1)), "<=", where))
             return _all(parts) if inside else _any(parts)
+        found = self.difference(inner)
+        if found is None:
+            what = "a coordinate alone" if len(inner.terms) == 1 else "no difference k - q of one axis"
+            raise self.refuse(
+                where,
+                lin,
+                op,
+                f"{self.name(atom)} is of {what}; % is supported on a difference "
+                "((k.x - q.x) % m op c) or on a coordinate compared with the same of the other token "
+                "(q.x % m == k.x % m)",
+            )
         axis, sign = found  # x = sign * (k - q) + c0
         if abs(sign) != 1:
             raise self.refuse(where, lin, op, f"{self.name(atom)} is of a multiple of k - q")
-        residues = [s for s in range(divisor) if _holds(c * s + lin.const, op)]
-        if len(residues) == divisor:
-            return True
-        if len(residues) > MAX_RESIDUES:
+        # The residues s in 0 .. m - 1 with c * s + const op 0, in closed form (m may be huge).
+        within = _clip(_solve(c, -lin.const, op), divisor)
+        if isinstance(within, bool):
+            return within
+        lo, hi, skip = within
+        count = hi - lo + 1 - (skip is not None)
+        if count > MAX_RESIDUES:
             raise self.refuse(
-                where, lin, op, f"it keeps {len(residues)} residues mod {divisor}; at most {MAX_RESIDUES}"
+                where, lin, op, f"it keeps {count} residues mod {divisor}; at most {MAX_RESIDUES}"
             )
+        residues = [s for s in range(lo, hi + 1) if s != skip]
         # x == s (mod m)  <=>  k - q == sign * (s - c0)  <=>  (q - k) % m == sign * (c0 - s) % m
         c0 = inner.const
         return _any([self.congruent(axis, divisor, (sign * (c0 - s)) % divisor) for s in residues])
 
     def same_class(self, lin: Lin, op: str, where: str) -> Formula:
-        """``q.x // b - k.x // b`` or ``q.x % m - k.x % m`` compared with 0."""
+        """``q.x // b - k.x // b`` or ``q.x % m - k.x % m`` compared with a constant."""
         (a1, c1), (a2, c2) = lin.terms
         inner1, inner2 = a1[1], a2[1]
         plain = all(
@@ -346,19 +457,97 @@ class Matcher:
                 where, lin, op, "// and % must apply the same constant to the same axis of q and of k"
             )
         kind, divisor, axis = a1[0], a1[2], var1[2]  # type: ignore[index]
+        k_first = var1[1] == "k"  # type: ignore[index]
+        qname, kname = (self.name(v) for v in ((var2, var1) if k_first else (var1, var2)))  # type: ignore[arg-type]
+        if kind == "floordiv":
+            return self.blocks(axis, divisor, c1 if k_first else c2, lin, op, where, (qname, kname))
         if lin.const == 0 and op == "==":
-            return self.block(axis, divisor) if kind == "floordiv" else self.congruent(axis, divisor, 0)
-        if kind == "mod" and lin.const == 0 and op == "!=":
+            return self.congruent(axis, divisor, 0)
+        if lin.const == 0 and op == "!=":
             if divisor - 1 > MAX_RESIDUES:
                 raise self.refuse(
                     where, lin, op, f"it keeps {divisor - 1} residues mod {divisor}; at most {MAX_RESIDUES}"
                 )
             return _any([self.congruent(axis, divisor, o) for o in range(1, divisor)])
-        if kind == "floordiv":
-            why = f"only equal blocks (q.x // {divisor} == k.x // {divisor}) have a pattern"
-        else:
-            why = f"only equal or unequal residues (q.x % {divisor} == / != k.x % {divisor}) have a pattern"
+        why = (
+            f"only equal or unequal residues ({qname} % {divisor} == / != {kname} % {divisor}) have a pattern"
+        )
         raise self.refuse(where, lin, op, why)
+
+    def blocks(
+        self, axis: int, size: int, c: int, lin: Lin, op: str, where: str, names: tuple[str, str]
+    ) -> Formula:
+        """``c * (K - Q) + const op 0`` for the blocks ``K = k.x // size``, ``Q = q.x // size``.
+
+        With ``d = k.x - q.x``: ``K - Q <= 0`` is ``d <= 0 or K == Q`` (a later key in the
+        query's block has ``K == Q``; an earlier key has ``K <= Q``), and ``K - Q >= 0`` is
+        ``d >= 0 or K == Q``: block-causal, as bands joined with ``block_diagonal``.
+        """
+        top = (self.extent(axis) - 1) // size  # K - Q lies in [-top, top]
+        solved = _solve(c, -lin.const, op)
+        if isinstance(solved, bool):
+            return solved
+        inside, lo, hi = solved
+        if not inside:
+            if not -top <= lo <= top:  # type: ignore[operator]
+                return True
+        else:
+            if (lo is not None and lo > top) or (hi is not None and hi < -top):
+                return False
+            lo = None if lo is None or lo <= -top else lo
+            hi = None if hi is None or hi >= top else hi
+            if lo is None and hi is None:
+                return True
+            if lo == hi == 0:
+                return self.block(axis, size)
+            if lo is None and hi == 0:
+                return _any([self.band(axis, None, 0, where), self.block(axis, size)])
+            if lo == 0 and hi is None:
+                return _any([self.band(axis, 0, None, where), self.block(axis, size)])
+        qname, kname = names
+        why = (
+            f"only equal blocks ({qname} // {size} == {kname} // {size}) and block-causal ones "
+            f"({kname} // {size} <= {qname} // {size}, or >=) have a pattern"
+        )
+        raise self.refuse(where, lin, op, why)
+
+    def lookups(self, lin: Lin, op: str, where: str) -> Formula:
+        """``t[q.x] - t[k.x] == 0``: the documents of ``t``'s values (``document``)."""
+        atoms = [a for a, _ in lin.terms]
+        pair = len(atoms) == 2 and all(a[0] == "lookup" for a in atoms)
+        if not (
+            pair
+            and atoms[0][1] == atoms[1][1]
+            and {a[2][1] for a in atoms} == {"q", "k"}
+            and atoms[0][2][2] == atoms[1][2][2]
+            and sorted(c for _, c in lin.terms) == [-1, 1]
+            and lin.const == 0
+        ):
+            raise self.refuse(
+                where,
+                lin,
+                op,
+                "lookups compare as t[q] == t[k]: one tensor, at the same coordinate of q and k",
+            )
+        table, (_, _, axis) = atoms[0][1], atoms[0][2]
+        if op != "==":
+            raise self.refuse(
+                where, lin, op, f"only equal values ({self.show(lin)} == 0: document) have a pattern"
+            )
+        return self.document(table, axis, where)
+
+    def document(self, table: Table, axis: int, where: str) -> Pattern:
+        """``document`` with the id of each flat token read from ``table`` at its ``axis`` coordinate."""
+        extent = self.extent(axis)
+        if len(table.values) < extent:
+            raise TraceError(
+                f"cannot express {where}: {table.name} has {len(table.values)} entries, but it is "
+                f"read at coordinates up to {extent - 1}"
+            )
+        flat = np.arange(self.grid.size)
+        at = flat if axis == _FLAT or self.grid.rank == 1 else np.unravel_index(flat, self.grid.shape)[axis]
+        first_seen: dict[int, int] = {}  # ids >= 0, in order of appearance
+        return document(tuple(first_seen.setdefault(table.values[i], len(first_seen)) for i in at.tolist()))
 
     def block(self, axis: int, size: int) -> Pattern:
         if axis != _FLAT:
@@ -367,3 +556,15 @@ class Matcher:
 
     def congruent(self, axis: int, modulus: int, offset: int) -> Pattern:
         return congruent(axis, modulus, offset) if axis != _FLAT else strided(modulus, offset)
+
+
+def _spell(node: Int, out: dict[tuple[str, int], str]) -> None:
+    """Record the text of each coordinate leaf of ``node`` (the first spelling wins)."""
+    if node.kind == "var":
+        out.setdefault(node.args, node.text)
+    elif node.kind == "lookup":
+        _spell(node.args[1], out)
+    elif node.kind != "const":
+        for arg in node.args:
+            if isinstance(arg, Int):
+                _spell(arg, out)

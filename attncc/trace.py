@@ -1,11 +1,12 @@
-"""Traced values for ``@attncc.jit``: a predicate run on these records what it computes.
+"""Traced values for ``@attncc.jit`` and :mod:`attncc.flex`: a predicate run on these
+records what it computes.
 
-``q`` and ``k`` are :class:`Coords` whose attributes are :class:`Int` leaves;
-arithmetic on them builds :class:`Int` trees and comparisons build
-:class:`Cond` trees. Every node keeps the text the user wrote (``abs(q.t -
-k.t) <= 2``) so a refusal can name the sub-expression. A construct outside the
-grammar (see :mod:`attncc.jit`) raises :class:`~attncc.errors.TraceError` at
-the operator that used it.
+``q`` and ``k`` are :class:`Coords` whose attributes are :class:`Int` leaves
+(FlexAttention's ``q_idx``/``kv_idx`` are such leaves too); arithmetic on them
+builds :class:`Int` trees and comparisons build :class:`Cond` trees. Every node
+keeps the text the user wrote (``abs(q.t - k.t) <= 2``) so a refusal can name
+the sub-expression. A construct outside the grammar (see :mod:`attncc.jit`)
+raises :class:`~attncc.errors.TraceError` at the operator that used it.
 
 Note [Traced min and max]: the builtins ``min``/``max`` compare their
 arguments and branch on the result, which a traced value cannot decide. While
@@ -13,16 +14,29 @@ tracing, the predicate runs with ``min``/``max`` bound to :func:`minimum` and
 :func:`maximum` in its globals (unless its module defines its own), so they
 can be written as usual in the decorated function; helpers it calls see the
 builtins and must call :func:`minimum`/:func:`maximum` instead.
+
+Note [Torch functions]: a predicate written for tensors (a FlexAttention
+``mask_mod``) calls ``torch.abs``, ``torch.logical_and``, tensor methods, and
+indexes captured tensors (``doc[q_idx]``). Traced values define
+``__torch_function__``, so torch hands each such call to :func:`_torch_call`,
+which maps the functions of the grammar onto the Python operators (table
+``_TORCH``) and refuses any other one by name. Indexing a 1-D integer tensor
+with a traced coordinate is a *lookup* (an :class:`Int` of kind ``lookup``
+holding the tensor's values); 0-d integer or bool tensors are constants.
 """
 
 from __future__ import annotations
 
+import operator
+import sys
 import types
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from attncc.errors import TraceError
+import torch
+
+from attncc.errors import AttnccError, TraceError
 
 # Python's binding strength (higher binds tighter), to print sub-expressions as written.
 _ATOM, _UNARY, _MUL, _ADD, _AND, _OR, _CMP = 100, 90, 80, 70, 45, 43, 30
@@ -31,15 +45,42 @@ _BOOL_HELP = (
     "write & for and, | for or, ~ for not, and put each comparison in parentheses: "
     "(abs(q.t - k.t) <= 2) & (q.h >= k.h); a chained comparison a <= b <= c is (a <= b) & (b <= c)"
 )
+_LOOKUP_HELP = "a lookup reads a 1-D integer tensor at a coordinate, as in doc[q_idx] == doc[kv_idx]"
 
 
 def _paren(node: Int | Cond, strength: int) -> str:
     return f"({node.text})" if node.strength < strength else node.text
 
 
+def _shown(value: Any) -> str:
+    if isinstance(value, (Int, Cond, Opaque)):
+        return value.text
+    if isinstance(value, torch.Tensor):
+        return f"<tensor of shape {list(value.shape)}, {str(value.dtype).removeprefix('torch.')}>"
+    return repr(value)
+
+
+def _dispatch(cls: type, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
+    """``__torch_function__`` of every traced value (Note [Torch functions])."""
+    return _torch_call(func, args, kwargs)
+
+
+@dataclass(frozen=True)
+class Table:
+    """The values of a tensor a predicate looks up; ``name`` (how the predicate calls it) is
+    for messages only and takes no part in equality."""
+
+    values: tuple[int, ...]
+    name: str = field(compare=False)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
 @dataclass(frozen=True, eq=False)
 class Int:
-    """A traced integer: ``kind`` is var, const, add, sub, neg, abs, min, max, floordiv or mod."""
+    """A traced integer: ``kind`` is var, const, add, sub, neg, abs, min, max, floordiv,
+    mod, or lookup (``args`` = (:class:`Table`, index))."""
 
     kind: str
     args: tuple
@@ -78,21 +119,23 @@ class Int:
         return self._by_constant(other, "%", "mod")
 
     def _by_constant(self, other: Any, symbol: str, kind: str) -> Int:
-        shown = other.text if isinstance(other, Int) else repr(other)
-        text = f"{_paren(self, _MUL)} {symbol} {shown}"
+        other = _constant(other)
+        text = f"{_paren(self, _MUL)} {symbol} {_shown(other)}"
         if not _is_int(other) or other < 1:
             raise TraceError(f"{text}: {symbol} takes a positive integer constant on its right")
         return Int(kind, (self, other), text, _MUL)
 
     def __rfloordiv__(self, other: Any) -> Int:
-        raise TraceError(f"{other!r} // {self.text}: // and % divide by a constant, not by a coordinate")
+        raise TraceError(
+            f"{_shown(other)} // {self.text}: // and % divide by a constant, not by a coordinate"
+        )
 
     def __rmod__(self, other: Any) -> Int:
-        raise TraceError(f"{other!r} % {self.text}: // and % divide by a constant, not by a coordinate")
+        raise TraceError(f"{_shown(other)} % {self.text}: // and % divide by a constant, not by a coordinate")
 
     def __mul__(self, other: Any) -> Int:
         raise TraceError(
-            f"{self.text} * {other!r}: multiplication is not in the grammar "
+            f"{self.text} * {_shown(other)}: multiplication is not in the grammar "
             "(coordinates combine with +, -, abs, min, max, // and % by constants)"
         )
 
@@ -127,7 +170,7 @@ class Int:
     # --- misuse -------------------------------------------------------------
 
     def _join(self, other: Any, op: str, reflected: bool) -> Int:
-        shown = getattr(other, "text", repr(other))
+        shown = _shown(other)
         text = f"{shown} {op} {self.text}" if reflected else f"{self.text} {op} {shown}"
         raise TraceError(f"{text}: " + _JOIN_HELP + _BOOL_HELP)
 
@@ -154,25 +197,48 @@ class Int:
 
     __int__ = __index__
 
+    def __getitem__(self, index: Any) -> Int:
+        raise TraceError(f"{self.text}[{_shown(index)}]: a traced integer cannot be indexed")
+
+    def __len__(self) -> int:
+        raise TraceError(f"len({self.text}): a traced integer has no length")
+
+    def __getattr__(self, name: str) -> Any:
+        return _method(self, name)
+
+    __torch_function__ = classmethod(_dispatch)
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_integer_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and not (value.dtype.is_floating_point or value.dtype.is_complex)
+
+
+def _constant(value: Any) -> Any:
+    """A 0-d integer or bool tensor as the Python number it holds; anything else unchanged."""
+    return value.item() if _is_integer_tensor(value) and value.dim() == 0 else value
+
+
 def _int(value: Any, left: Int, op: str) -> Int:
+    value = _constant(value)
     if isinstance(value, Int):
         return value
+    if isinstance(value, Opaque):
+        raise value.used(f"{left.text} {op} {value.text}")
     if _is_int(value):
         return Int("const", (value,), str(value) if value >= 0 else f"({value})")
     raise TraceError(
-        f"{left.text} {op} {value!r}: traced coordinates combine with integer constants and "
+        f"{left.text} {op} {_shown(value)}: traced coordinates combine with integer constants and "
         "other coordinates only"
     )
 
 
 @dataclass(frozen=True, eq=False)
 class Cond:
-    """A traced condition: ``kind`` is cmp (op, lhs, rhs), and, or, or not."""
+    """A traced condition: ``kind`` is cmp (op, lhs, rhs), and, or, not, or const."""
 
     kind: str
     args: tuple
@@ -199,14 +265,22 @@ class Cond:
     def __bool__(self) -> bool:
         raise TraceError(f"{self.text} was used as a Python bool (and, or, not, if); " + _BOOL_HELP)
 
+    def __getattr__(self, name: str) -> Any:
+        return _method(self, name)
+
+    __torch_function__ = classmethod(_dispatch)
+
 
 def _cond(value: Any, cond: Cond, op: str, reflected: bool = False) -> Cond:
+    value = _constant(value)
     if isinstance(value, Cond):
         return value
     if isinstance(value, bool):
         return Cond("const", (value,), str(value))
-    shown = getattr(value, "text", repr(value))
+    shown = _shown(value)
     text = f"{shown} {op} {cond.text}" if reflected else f"{cond.text} {op} {shown}"
+    if isinstance(value, Opaque):
+        raise value.used(text)
     raise TraceError(f"{text}: " + _JOIN_HELP + _BOOL_HELP)
 
 
@@ -231,6 +305,199 @@ def _extreme(kind: str, args: tuple) -> Any:
     return Int(kind, ints, f"{kind}({', '.join(v.text for v in ints)})")
 
 
+# --- torch functions (Note [Torch functions]) ---------------------------------------------
+
+
+def _flip(op: Callable) -> Callable:
+    return lambda a, b: op(b, a)
+
+
+def _pair(kind: str) -> Callable:
+    return lambda a, b: _extreme(kind, (a, b))
+
+
+# Each grammar operation and the torch names that spell it, as torch.NAME and Tensor.NAME.
+_SPELLINGS: dict[str, tuple[Callable, tuple[str, ...]]] = {
+    "abs": (abs, ("abs", "absolute", "__abs__")),
+    "neg": (operator.neg, ("neg", "negative", "__neg__")),
+    "add": (operator.add, ("add", "__add__")),
+    "radd": (_flip(operator.add), ("__radd__",)),
+    "sub": (operator.sub, ("sub", "subtract", "__sub__")),
+    "rsub": (_flip(operator.sub), ("rsub", "__rsub__")),
+    "floordiv": (operator.floordiv, ("floor_divide", "__floordiv__")),
+    "rfloordiv": (_flip(operator.floordiv), ("__rfloordiv__",)),
+    "mod": (operator.mod, ("remainder", "__mod__")),
+    "rmod": (_flip(operator.mod), ("__rmod__",)),
+    "mul": (operator.mul, ("mul", "multiply", "__mul__", "__rmul__")),
+    "lt": (operator.lt, ("lt", "less", "__lt__")),
+    "le": (operator.le, ("le", "less_equal", "__le__")),
+    "gt": (operator.gt, ("gt", "greater", "__gt__")),
+    "ge": (operator.ge, ("ge", "greater_equal", "__ge__")),
+    "eq": (operator.eq, ("eq", "__eq__")),
+    "ne": (operator.ne, ("ne", "not_equal", "__ne__")),
+    "and": (operator.and_, ("logical_and", "bitwise_and", "__and__", "__rand__")),
+    "or": (operator.or_, ("logical_or", "bitwise_or", "__or__", "__ror__")),
+    "not": (operator.invert, ("logical_not", "bitwise_not", "__invert__")),
+    "min": (_pair("min"), ("minimum", "min")),
+    "max": (_pair("max"), ("maximum", "max")),
+}
+_METHODS = {name: op for op, names in _SPELLINGS.values() for name in names if not name.startswith("_")}
+_TORCH: dict[Any, Callable] = {
+    getattr(owner, name): op
+    for op, names in _SPELLINGS.values()
+    for name in names
+    for owner in (torch, torch.Tensor)
+    if hasattr(owner, name)
+}
+
+
+def _function_name(func: Any) -> str:
+    name = getattr(func, "__name__", repr(func))
+    return f"Tensor.{name}" if getattr(torch.Tensor, name, None) is func else f"torch.{name}"
+
+
+def _torch_call(func: Any, args: tuple, kwargs: dict | None) -> Any:
+    """A torch function called on traced values: the grammar's operation, or a TraceError."""
+    kwargs = dict(kwargs or {})
+    shown_args = [*map(_shown, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
+    shown = f"{_function_name(func)}({', '.join(shown_args)})"
+    if func is torch.Tensor.__getitem__:
+        return _lookup(args[0], args[1])
+    for value in args:
+        if isinstance(value, Opaque):
+            raise value.used(shown)
+    op = _TORCH.get(func)
+    if func in (torch.div, torch.Tensor.div, torch.divide, torch.Tensor.divide):
+        if kwargs.pop("rounding_mode", None) == "floor":
+            op = operator.floordiv
+    reduction = func in (torch.min, torch.max, torch.Tensor.min, torch.Tensor.max) and len(args) != 2
+    if op is None or kwargs or reduction:
+        allowed = ", ".join(sorted({name for name in _METHODS if name.isidentifier()}))
+        raise TraceError(
+            f"{shown}: not traced; allowed torch functions and tensor methods (without keyword "
+            f"arguments): {allowed}, div(rounding_mode='floor'), and indexing a 1-D integer tensor"
+        )
+    for value in args:
+        if isinstance(value, torch.Tensor) and value.dim() != 0:
+            raise TraceError(f"{shown}: {_shown(value)} is not a constant; " + _LOOKUP_HELP)
+    return op(*(_constant(a) for a in args))
+
+
+def _method(value: Int | Cond, name: str) -> Callable:
+    """``x.abs()``, ``x.logical_and(y)``, ...: tensor methods on a traced value."""
+    if name.startswith("_"):
+        raise AttributeError(name)
+    op = _METHODS.get(name)
+    if op is None:
+        allowed = ", ".join(sorted(_METHODS))
+        raise TraceError(f"{value.text}.{name}: not a traced method; allowed: {allowed}")
+    return lambda *args: op(value, *args)
+
+
+def _name_of(value: object) -> str | None:
+    """The name the predicate's own code gives ``value``, for messages (Note [Lookup names])."""
+    frame = sys._getframe(1)
+    while frame is not None and _internal(frame.f_globals.get("__name__", "")):
+        frame = frame.f_back
+    if frame is None:
+        return None
+    for scope in (frame.f_locals, frame.f_globals):
+        found = next((name for name, v in scope.items() if v is value), None)
+        if found is not None:
+            return found
+    return None
+
+
+def _internal(module: str) -> bool:
+    return module == __name__ or module == "torch" or module.startswith("torch.")
+
+
+# Note [Lookup names]: a lookup is shown as the predicate wrote it (``doc[q_idx]``), but
+# torch hands over the tensor, not its name. The nearest frame outside this module and
+# torch is the code that indexed it; the name that frame binds to the very tensor (a local,
+# a closure variable, or a global) is the one the user wrote, else it shows as ``tensor``.
+
+
+def _lookup(table: Any, index: Any) -> Int:
+    """``table[index]`` with a traced index: a lookup into a 1-D integer tensor."""
+    index = index[0] if isinstance(index, tuple) and len(index) == 1 else index
+    name = _name_of(table) or "tensor"
+    shown = f"{name}[{', '.join(map(_shown, index)) if isinstance(index, tuple) else _shown(index)}]"
+    if isinstance(index, Opaque):
+        raise index.used(shown)
+    if not isinstance(index, Int):
+        raise TraceError(f"{shown}: the index is not one traced integer; " + _LOOKUP_HELP)
+    if not _is_integer_tensor(table) or table.dim() != 1:
+        raise TraceError(f"{shown}: {name} is {_shown(table)}; " + _LOOKUP_HELP)
+    values = tuple(int(v) for v in table.tolist())
+    return Int("lookup", (Table(values, name), index), shown)
+
+
+class Opaque:
+    """An argument a predicate may pass on but not use, such as FlexAttention's ``b`` (batch) or
+    ``h`` (head) when attncc has no pattern for it: every operation on it raises
+    :meth:`used`, a :class:`Used` error naming the sub-expression. ``new_zeros``/``new_ones``
+    of shape ``()`` (what ``and_masks``/``or_masks`` start from) are the constant conditions."""
+
+    device = None  # read by FlexAttention's noop_mask: b.new_ones((), device=b.device)
+
+    def __init__(self, text: str, meaning: str) -> None:
+        self.text, self.meaning = text, meaning
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise self.used(f"{self.text}.{name}")
+
+    def used(self, where: str) -> Used:
+        return Used(self, where)
+
+    def new_zeros(self, size: Any = (), **kwargs: Any) -> Cond:
+        return self._filled(size, kwargs, False)
+
+    def new_ones(self, size: Any = (), **kwargs: Any) -> Cond:
+        return self._filled(size, kwargs, True)
+
+    def _filled(self, size: Any, kwargs: dict, value: bool) -> Cond:
+        call = f"{self.text}.new_{'ones' if value else 'zeros'}({size!r})"
+        scalar = isinstance(size, (tuple, list)) and len(size) == 0
+        if not scalar or kwargs.get("dtype", torch.bool) != torch.bool:
+            raise TraceError(f"{call}: only a 0-d bool constant (as and_masks/or_masks build) is traced")
+        return Cond("const", (value,), str(value))
+
+    def __repr__(self) -> str:
+        return self.text
+
+    __torch_function__ = classmethod(_dispatch)
+
+
+def _opaque_use(symbol: str) -> Callable:
+    def use(self: Opaque, *others: Any) -> Any:
+        raise self.used(" ".join([self.text, symbol, *map(_shown, others)]).strip())
+
+    return use
+
+
+for _name, _symbol in {
+    "__add__": "+", "__radd__": "+", "__sub__": "-", "__rsub__": "-", "__mul__": "*", "__rmul__": "*",
+    "__floordiv__": "//", "__rfloordiv__": "//", "__mod__": "%", "__rmod__": "%", "__neg__": "(negated)",
+    "__abs__": "(abs)", "__lt__": "<", "__le__": "<=", "__gt__": ">", "__ge__": ">=", "__eq__": "==",
+    "__ne__": "!=", "__and__": "&", "__rand__": "&", "__or__": "|", "__ror__": "|",
+    "__invert__": "(inverted)", "__bool__": "(as a bool)", "__index__": "(as an int)",
+    "__int__": "(as an int)", "__getitem__": "[...]",
+}.items():  # fmt: skip
+    setattr(Opaque, _name, _opaque_use(_symbol))
+Opaque.__hash__ = object.__hash__  # type: ignore[method-assign]
+
+
+class Used(TraceError):
+    """A predicate used an :class:`Opaque` argument; ``opaque`` says which, ``where`` how."""
+
+    def __init__(self, opaque: Opaque, where: str) -> None:
+        super().__init__(f"{where}: uses {opaque.text} ({opaque.meaning})")
+        self.opaque, self.where = opaque, where
+
+
 class Coords:
     """``q`` or ``k``: one attribute per grid axis, and ``index`` for the flat row-major index."""
 
@@ -253,18 +520,32 @@ class Coords:
         return f"<traced {self._side}: {', '.join([*self._names, 'index'])}>"
 
 
-def trace(fn: Callable, names: tuple[str, ...]) -> Cond | bool:
-    """Run ``fn(q, k)`` on traced coordinates named ``names``; return what it returned."""
-    env = dict(fn.__globals__)
-    for name, traced in (("min", minimum), ("max", maximum)):
-        env.setdefault(name, traced)  # Note [Traced min and max]
-    runnable = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
-    runnable.__kwdefaults__ = fn.__kwdefaults__
-    result = runnable(Coords("q", names), Coords("k", names))
+def run(fn: Callable, args: tuple, what: str) -> Cond | bool:
+    """Run ``fn(*args)`` on traced values and return the condition it built.
+
+    ``what`` says what ``fn`` may return, for the refusal. Python errors raised while
+    tracing (a construct this module does not model) become a :class:`TraceError`.
+    """
+    name = getattr(fn, "__name__", type(fn).__name__)
+    runnable = fn
+    if isinstance(fn, types.FunctionType):
+        env = dict(fn.__globals__)
+        for builtin, traced in (("min", minimum), ("max", maximum)):
+            env.setdefault(builtin, traced)  # Note [Traced min and max]
+        runnable = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
+        runnable.__kwdefaults__ = fn.__kwdefaults__
+    try:
+        result = _constant(runnable(*args))
+    except AttnccError:
+        raise
+    except Exception as e:  # any other error of the predicate's own code, named
+        raise TraceError(f"{name} raised {type(e).__name__} while tracing: {e}") from e
     if isinstance(result, (Cond, bool)):
         return result
-    shown = result.text if isinstance(result, Int) else repr(result)
-    raise TraceError(
-        f"{fn.__name__} returned {shown}; allowed: a comparison of coordinates, or comparisons "
-        "joined with &, |, ~"
-    )
+    raise TraceError(f"{name} returned {_shown(result)}; allowed: {what}")
+
+
+def trace(fn: Callable, names: tuple[str, ...]) -> Cond | bool:
+    """Run ``fn(q, k)`` on traced coordinates named ``names``; return what it returned."""
+    what = "a comparison of coordinates, or comparisons joined with &, |, ~"
+    return run(fn, (Coords("q", names), Coords("k", names)), what)

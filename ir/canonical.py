@@ -25,6 +25,7 @@ from attncc.ir.nodes import (
     Document,
     GlobalTokens,
     Intersection,
+    KeyRange,
     Neighborhood,
     Pattern,
     PerHead,
@@ -96,9 +97,13 @@ def _rewrite(node: Pattern, grid: Grid, memo: dict[Pattern, Pattern]) -> Pattern
     if isinstance(node, SlidingWindow):
         return _band(min(node.left, n - 1), min(node.right, n - 1), n)
     if isinstance(node, Strided):
+        if grid.rank == 1:  # the flat index is axis 0
+            return _congruent(Congruent(0, node.stride, node.offset), grid)
         return Dense() if node.stride == 1 else node
     if isinstance(node, Band):
         return _axis_band(node.axis, *_interval(node, grid)[1:], grid)  # type: ignore[misc]
+    if isinstance(node, KeyRange):
+        return _key_range(node.axis, *_interval(node, grid)[1:], grid)  # type: ignore[misc]
     if isinstance(node, BlockDiagonal):
         if node.block >= grid.shape[node.axis]:
             return Dense()
@@ -172,12 +177,16 @@ def _sorted_unique(ops: list[Pattern]) -> list[Pattern]:
 # intervals of the offset ``k - q``, on the flat index or on one axis; on a
 # 1-D grid the two are the same. Intervals with one key merge in unions and
 # intersections, and a band that holds the diagonal on a 1-D grid is written
-# as the flat band, so the two spellings share one canonical form.
+# as the flat band, so the two spellings share one canonical form. Key ranges
+# are intervals of the key coordinate itself (key ``("keys", axis)``) and merge
+# in the same way.
 _FLAT = -1
+Key = int | tuple[str, int]
 
 
-def _interval(op: Pattern, grid: Grid) -> tuple[int, int, int] | None:
-    """``(key, lo, hi)``: ``op`` keeps ``lo <= k - q <= hi`` on axis ``key`` (``_FLAT``: flat)."""
+def _interval(op: Pattern, grid: Grid) -> tuple[Key, int, int] | None:
+    """``(key, lo, hi)``: ``op`` keeps ``lo <= k - q <= hi`` on axis ``key`` (``_FLAT``: flat),
+    or ``lo <= k <= hi`` on ``axis`` when ``key`` is ``("keys", axis)``."""
     n = grid.size
     flat = 0 if grid.rank == 1 else _FLAT
     if isinstance(op, SlidingWindow):
@@ -189,6 +198,11 @@ def _interval(op: Pattern, grid: Grid) -> tuple[int, int, int] | None:
         lo = -(length - 1) if op.lo is None else max(op.lo, -(length - 1))
         hi = length - 1 if op.hi is None else min(op.hi, length - 1)
         return op.axis, lo, hi
+    if isinstance(op, KeyRange):
+        length = grid.shape[op.axis]
+        lo = 0 if op.lo is None else max(op.lo, 0)
+        hi = length - 1 if op.hi is None else min(op.hi, length - 1)
+        return ("keys", op.axis), lo, hi
     return None
 
 
@@ -204,18 +218,28 @@ def _axis_band(axis: int, lo: int, hi: int, grid: Grid) -> Pattern:
     return Band(axis, None if lo == -(length - 1) else lo, None if hi == length - 1 else hi)
 
 
-def _emit(key: int, lo: int, hi: int, grid: Grid) -> Pattern:
+def _key_range(axis: int, lo: int, hi: int, grid: Grid) -> Pattern:
+    """The canonical pattern of ``lo <= k <= hi`` on ``axis``, bounds already cut to the axis."""
+    length = grid.shape[axis]
+    if lo > hi:
+        return Band(axis, lo=length)  # keeps nothing
+    if lo == 0 and hi == length - 1:
+        return Dense()
+    return KeyRange(axis, None if lo == 0 else lo, None if hi == length - 1 else hi)
+
+
+def _emit(key: Key, lo: int, hi: int, grid: Grid) -> Pattern:
+    if isinstance(key, tuple):
+        return _key_range(key[1], lo, hi, grid)
     return _band(-lo, hi, grid.size) if key == _FLAT else _axis_band(key, lo, hi, grid)
 
 
 def _congruent(node: Congruent, grid: Grid) -> Pattern:
-    if grid.rank == 1:
-        return Dense() if node.modulus == 1 else Strided(node.modulus, node.offset)
     if node.modulus == 1:
         return Dense()
     length = grid.shape[node.axis]
     if node.modulus < length:
-        return node
+        return Strided(node.modulus, node.offset) if grid.rank == 1 else node
     # A modulus at least the axis length allows at most two offsets k - q on it.
     offsets = [d for d in range(-(length - 1), length) if (-d) % node.modulus == node.offset]
     if not offsets:

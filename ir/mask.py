@@ -24,6 +24,7 @@ from attncc.ir.nodes import (
     Document,
     GlobalTokens,
     Intersection,
+    KeyRange,
     Neighborhood,
     Pattern,
     PerHead,
@@ -109,6 +110,14 @@ def _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values) -> torch.Tensor:
             keep &= offset >= node.lo
         if node.hi is not None:
             keep &= offset <= node.hi
+        return keep[None]
+    if isinstance(node, KeyRange):
+        key = kc[..., node.axis]
+        keep = torch.ones(n, n, dtype=torch.bool, device=qf.device)
+        if node.lo is not None:
+            keep &= key >= node.lo
+        if node.hi is not None:
+            keep &= key <= node.hi
         return keep[None]
     if isinstance(node, BlockDiagonal):
         return (qc[..., node.axis] // node.block == kc[..., node.axis] // node.block)[None]

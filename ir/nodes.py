@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from attncc.errors import PatternError, field_error
+from attncc.errors import PatternError, field_error, form_error
 
 IntOrTuple = int | tuple[int, ...]
 BoolOrTuple = bool | tuple[bool, ...]
@@ -195,6 +195,15 @@ class BlockSparse(Pattern):
     block: int
 
     def __post_init__(self) -> None:
+        if not isinstance(self.layout, (list, tuple)):
+            shape = getattr(self.layout, "shape", None)
+            value = f"<{type(self.layout).__name__}{list(shape) if shape is not None else ''}>"
+            expected = "nested lists of 0/1"
+            why = (
+                "for a static layout pass layout.tolist(); "
+                "layouts read from device tensors at call time are not supported yet"
+            )
+            raise form_error(PatternError, "block_sparse.layout", value, expected, why)
         _set(self, "layout", _freeze(self.layout))
         _check_int("block_sparse.block", self.block, 1, "an integer >= 1")
         depth, node = 0, self.layout
@@ -329,6 +338,32 @@ class Congruent(Pattern):
             )
 
 
+@dataclass(frozen=True)
+class KeyRange(Pattern):
+    """Keep when ``lo <= k[axis] <= hi``, whatever the query: a condition on the key alone.
+
+    ``None`` leaves that side open. On a 1-D grid ``key_range(0, hi=15) | causal()``
+    is a prefix LM: every query sees the first 16 tokens, and the rest causally.
+    Bounds past the axis are allowed (cut to it, as for :class:`Band`).
+    """
+
+    NAME: ClassVar[str] = "key_range"
+    axis: int
+    lo: int | None = None
+    hi: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_axis("key_range.axis", self.axis)
+        for name in ("lo", "hi"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise field_error(PatternError, f"key_range.{name}", value, "an integer or None (open)")
+        if self.lo is None and self.hi is None:
+            raise field_error(PatternError, "key_range.lo/hi", (None, None), "at least one bound")
+        if self.lo is not None and self.hi is not None and self.hi < self.lo:
+            raise field_error(PatternError, "key_range.hi", self.hi, f">= key_range.lo = {self.lo}")
+
+
 # --- combinators -------------------------------------------------------------
 
 
@@ -415,6 +450,7 @@ PRIMITIVES: dict[str, type[Pattern]] = {
         Band,
         BlockDiagonal,
         Congruent,
+        KeyRange,
     )
 }
 
@@ -470,6 +506,10 @@ def block_diagonal(axis: int, block: int) -> Pattern:
 
 def congruent(axis: int, modulus: int, offset: int = 0) -> Pattern:
     return Congruent(axis, modulus, offset)
+
+
+def key_range(axis: int, lo: int | None = None, hi: int | None = None) -> Pattern:
+    return KeyRange(axis, lo, hi)
 
 
 def union(*patterns: Pattern) -> Pattern:

@@ -35,6 +35,7 @@ from attncc.ir.nodes import (
     Document,
     GlobalTokens,
     Intersection,
+    KeyRange,
     Neighborhood,
     Pattern,
     SlidingWindow,
@@ -96,6 +97,13 @@ def offset_progression(length: Num, lo: Num | None, hi: Num | None) -> Progressi
     """Keys ``q + lo .. q + hi`` cut to ``[0, length - 1]`` (``None``: open); empty past a border."""
     first = sympy.Integer(0) if lo is None else sympy.Max(q + lo, 0)
     last = sympy.sympify(length) - 1 if hi is None else sympy.Min(q + hi, length - 1)
+    return Progression(first, last, sympy.Integer(1))
+
+
+def key_progression(length: Num, lo: Num | None, hi: Num | None) -> Progression:
+    """Keys ``lo .. hi`` whatever ``q`` is (``None``: open), cut to ``[0, length - 1]``."""
+    first = sympy.Integer(0) if lo is None else sympy.Max(sympy.sympify(lo), 0)
+    last = sympy.sympify(length) - 1 if hi is None else sympy.Min(sympy.sympify(hi), length - 1)
     return Progression(first, last, sympy.Integer(1))
 
 
@@ -177,7 +185,7 @@ def rules(p: Pattern, grid: Grid) -> Rule:
             for a in axes
         )
         return boxes[0] if len(boxes) == 1 else AnyOf(boxes)
-    if isinstance(p, (Band, BlockDiagonal, Congruent)):
+    if isinstance(p, (Band, BlockDiagonal, Congruent, KeyRange)):
         return GridBox(
             tuple(
                 _axis_progression(p, size) if a == p.axis else full_progression(size)
@@ -210,10 +218,12 @@ def rules(p: Pattern, grid: Grid) -> Rule:
     raise TypeError(f"{type(p).__name__} has no closed form; resolve heads first")
 
 
-def _axis_progression(p: Band | BlockDiagonal | Congruent, length: Num) -> Progression:
+def _axis_progression(p: Band | BlockDiagonal | Congruent | KeyRange, length: Num) -> Progression:
     """The progression of a one-axis primitive on its axis."""
     if isinstance(p, Band):
         return offset_progression(length, p.lo, p.hi)
+    if isinstance(p, KeyRange):
+        return key_progression(length, p.lo, p.hi)
     if isinstance(p, BlockDiagonal):
         return block_progression(length, p.block)
     return strided_progression(length, p.modulus, p.offset)

@@ -14,6 +14,7 @@ from attncc.ir.nodes import (
     Congruent,
     Document,
     GlobalTokens,
+    KeyRange,
     Neighborhood,
     Pattern,
     PerHead,
@@ -102,7 +103,7 @@ def _check(p: Pattern, grid: Grid) -> None:
                 raise field_error(PatternError, f"axial.axes[{i}]", a, f"0..{grid.rank - 1} (grid rank)")
         if len(set(axes)) != len(axes):
             raise field_error(PatternError, "axial.axes", axes, "distinct axes")
-    elif isinstance(p, (Band, BlockDiagonal, Congruent)):
+    elif isinstance(p, (Band, BlockDiagonal, Congruent, KeyRange)):
         if p.axis >= grid.rank:
             raise field_error(PatternError, f"{p.NAME}.axis", p.axis, f"0..{grid.rank - 1} (grid rank)")
     elif isinstance(p, BlockSparse):

@@ -29,6 +29,7 @@ from attncc.ir.nodes import (
     Congruent,
     Dense,
     Intersection,
+    KeyRange,
     Neighborhood,
     Pattern,
     SlidingWindow,
@@ -307,9 +308,10 @@ def _range_terms(p: Pattern, grid: Grid) -> tuple[tuple[int, int, int], tuple] |
     """Dilation and the range terms of ``p``, or None when it needs a table.
 
     ``p`` must be a union (possibly of one) of products of: neighborhoods,
-    single-axis axials (a multi-axis axial is a union of those) and, on 1-D
-    grids, bands, causal and strided. On a dilated axis every term must be a
-    neighborhood of that dilation (group coordinates cannot name other groups).
+    single-axis axials (a multi-axis axial is a union of those), one-axis bands,
+    blocks, congruences and key ranges, and, on 1-D grids, bands, causal and
+    strided. On a dilated axis every term must be a neighborhood of that
+    dilation (group coordinates cannot name other groups).
     """
     products: list[Pattern] = []
     for op in p.operands if isinstance(p, Union) else (p,):
@@ -365,6 +367,8 @@ def _product(p: Pattern, grid: Grid) -> list[tuple[int, AxisForm]] | None:
             window(off + factor.axis, symbolic.offset_progression(_lg, factor.lo, factor.hi))
         elif isinstance(factor, BlockDiagonal):
             window(off + factor.axis, symbolic.block_progression(_lg, factor.block))
+        elif isinstance(factor, KeyRange):
+            window(off + factor.axis, symbolic.key_progression(_lg, factor.lo, factor.hi))
         elif isinstance(factor, Congruent):
             dilations[off + factor.axis].add(1)
             anchor = to_triton(_i - factor.offset)

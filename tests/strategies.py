@@ -16,6 +16,7 @@ from attncc.ir import (
     document,
     global_tokens,
     intersection,
+    key_range,
     neighborhood,
     per_head,
     sliding_window,
@@ -75,6 +76,7 @@ def primitives(draw, grid, heads):
                 "axis-band",
                 "block-diagonal",
                 "congruent",
+                "key-range",
             ]
         )
     )
@@ -88,6 +90,9 @@ def primitives(draw, grid, heads):
         return causal()
     if kind == "axis-band":
         return draw(axis_bands(grid))
+    if kind == "key-range":
+        b = draw(axis_bands(grid))  # the same bounds: open sides, past the borders
+        return key_range(b.axis, b.lo, b.hi)
     if kind == "block-diagonal":
         axis = draw(st.integers(0, grid.rank - 1))
         return block_diagonal(axis, draw(st.integers(1, grid.shape[axis] + 1)))

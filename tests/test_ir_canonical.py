@@ -18,6 +18,7 @@ from attncc.ir import (
     dense,
     document,
     global_tokens,
+    key_range,
     neighborhood,
     parse,
     pattern_hash,
@@ -68,6 +69,18 @@ SAME = [
     ("block-of-the-axis-is-dense", block_diagonal(1, 10), dense(), G2),
     ("modulus-past-the-axis", congruent(1, 13, 3), band(1, -3, -3) | band(1, 10, 10), Grid((3, 11))),
     ("congruent-1d-is-strided", congruent(0, 4, 1), strided(4, 1), G1),
+    ("stride-past-the-sequence", strided(50, 3), band(0, -3, -3), G1),
+    ("huge-stride", strided(2**40, 0), sliding_window(0, 0), G1),
+    ("key-range-of-the-whole-axis", key_range(0, lo=-3, hi=40), dense(), G1),
+    ("key-range-from-0-is-open", key_range(1, lo=0, hi=4), key_range(1, hi=4), G2),
+    ("key-ranges-touching-union", key_range(0, hi=3) | key_range(0, 4, 6), key_range(0, hi=6), G2),
+    (
+        "key-ranges-intersect",
+        key_range(1, lo=2) & key_range(1, hi=5) & causal(),
+        key_range(1, 2, 5) & causal(),
+        G2,
+    ),
+    ("key-range-past-the-axis-keeps-nothing", key_range(0, lo=12) & causal(), band(0, lo=12), G2),
 ]
 
 
@@ -114,6 +127,7 @@ def test_graph_is_a_dag_sharing_equal_subpatterns():
         "union(causal(), global_tokens(indices=[0, 1]))",
         "document(ids=(0, 0, 1))",
         "band(axis=1, lo=-3, hi=None) & band(2, hi=0) | block_diagonal(0, 4) & congruent(1, 3, offset=2)",
+        "causal() | key_range(axis=0, hi=15)",
     ],
 )
 def test_text_round_trip_by_hand(text):

@@ -1,6 +1,7 @@
 """Bad input: an attncc error naming the field, the value and the allowed range."""
 
 import pytest
+import torch
 
 from attncc import AttnccError, ParseError, PatternError, SpecError
 from attncc.ir import (
@@ -13,6 +14,7 @@ from attncc.ir import (
     congruent,
     document,
     global_tokens,
+    key_range,
     neighborhood,
     parse,
     per_head,
@@ -66,6 +68,11 @@ def test_grid_checks(pattern, grid, match):
         (lambda: block_sparse([[1, 0], [1]], 8), r"block_sparse.layout.*2 columns"),
         (lambda: block_sparse([[1, 2], [1, 0]], 8), r"block_sparse.layout entry = 2 .*0 or 1"),
         (lambda: block_sparse([1, 0], 8), r"block_sparse.layout.*2-D"),
+        (
+            lambda: block_sparse(torch.ones(2, 2), 8),
+            r"block_sparse.layout = '<Tensor\[2, 2\]>' is not nested lists of 0/1 \(for a static layout "
+            r"pass layout.tolist\(\)",
+        ),
         (lambda: global_tokens([]), r"global_tokens.indices = \(\).*at least one"),
         (lambda: band(0, 3, 1), r"band.hi = 1 .*>= band.lo = 3"),
         (lambda: band(0), r"band.lo/hi = \(None, None\) .*at least one bound"),
@@ -77,7 +84,7 @@ def test_grid_checks(pattern, grid, match):
         (lambda: Grid((0, 3)), r"grid\[0\] = 0 .*>= 1"),
     ],
     ids=["zero-window", "negative-dilation", "zero-stride", "causal-int", "offset", "ragged-layout",
-         "layout-value", "layout-1d", "no-globals", "band-order", "band-open", "band-axis", "band-float",
+         "layout-value", "layout-1d", "layout-tensor", "no-globals", "band-order", "band-open", "band-axis", "band-float",
          "block-zero", "congruent-offset", "rank-4", "zero-size"],
 )  # fmt: skip
 def test_parameter_checks(build, match):
@@ -169,3 +176,19 @@ def test_per_head_entry_with_another_head_count(entry, pattern, other):
         PatternError, match=rf"per-head pattern inside per_head = '{other} heads'.*allowed: 2 heads"
     ):
         call()
+
+
+@pytest.mark.parametrize(
+    "build,match",
+    [
+        (lambda: key_range(0), r"key_range.lo/hi = \(None, None\) .*at least one bound"),
+        (lambda: key_range(0, 5, 2), r"key_range.hi = 2 .*>= key_range.lo = 5"),
+        (lambda: key_range(3, hi=0), r"key_range.axis = 3 .*axis index 0-2"),
+        (lambda: key_range(0, lo=True), r"key_range.lo = True .*integer or None"),
+        (lambda: validate(key_range(2, hi=4), G), r"key_range.axis = 2 .*0..1 \(grid rank\)"),
+    ],
+    ids=["open", "order", "axis", "bool-bound", "axis-past-rank"],
+)
+def test_key_range_checks(build, match):
+    with pytest.raises(PatternError, match=match):
+        build()

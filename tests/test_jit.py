@@ -8,6 +8,7 @@ Kernels run under the Triton interpreter on the CPU (fp32, tiny shapes).
 
 import itertools
 import math
+import time
 
 import numpy as np
 import pytest
@@ -25,9 +26,11 @@ from attncc.ir import (
     analyze,
     band,
     block_diagonal,
+    canonicalize,
     causal,
     congruent,
     format_pattern,
+    key_range,
     neighborhood,
     parse,
     sliding_window,
@@ -42,17 +45,18 @@ AXES = ("T", "H", "W")
 
 
 class _Point:
-    """A token's coordinates as numpy int64 scalars: what the predicate sees when run directly."""
+    """A token's coordinates as numpy int64 scalars (or, for predicates written with torch,
+    0-d int64 tensors): what the predicate sees when run directly."""
 
-    def __init__(self, coord, index, names):
+    def __init__(self, coord, index, names, scalar):
         for name, value in zip(names, coord):
-            setattr(self, name, np.int64(value))
-        self.index = np.int64(index)
+            setattr(self, name, scalar(value))
+        self.index = scalar(index)
 
 
-def direct_mask(fn, grid: Grid, names) -> np.ndarray:
+def direct_mask(fn, grid: Grid, names, scalar=np.int64) -> np.ndarray:
     points = [
-        _Point(c, i, [n.lower() for n in names])
+        _Point(c, i, [n.lower() for n in names], scalar)
         for i, c in enumerate(itertools.product(*(range(s) for s in grid.shape)))
     ]
     return np.array([[bool(fn(q, k)) for k in points] for q in points])
@@ -97,6 +101,16 @@ PREDICATES = [
     ("flat-residues", lambda q, k: (q.index - k.index) % 5 == 2, None),
     ("constant-true", lambda q, k: True, None),
     ("or-with-constant", lambda q, k: (q.t == k.t) | False, band(0, 0, 0)),
+    ("block-causal", lambda q, k: k.t // 2 <= q.t // 2, band(0, hi=0) | block_diagonal(0, 2)),
+    ("block-anticausal", lambda q, k: q.h // 2 <= k.h // 2 + 0, band(1, lo=0) | block_diagonal(1, 2)),
+    ("flat-block-causal", lambda q, k: k.index // 4 <= q.index // 4, None),
+    ("key-range", lambda q, k: k.t < 2, key_range(0, hi=1)),
+    ("key-blocks", lambda q, k: k.h // 2 == 1, key_range(1, 2, 3)),
+    ("key-not-equal", lambda q, k: k.w != 3, key_range(2, hi=2) | key_range(2, lo=4)),
+    ("flat-key-range", lambda q, k: (k.index >= 5) & (k.index < 50), None),
+    ("flat-prefix-lm", lambda q, k: (k.index < 16) | (k.index <= q.index), None),
+    ("query-condition-always-true", lambda q, k: (q.t >= 0) & (k.t == q.t), band(0, 0, 0)),
+    ("huge-modulus", lambda q, k: (k.w - q.w) % 2**40 <= 1, band(2, 0, 1)),
 ]
 
 
@@ -106,8 +120,70 @@ def test_predicates_match_their_direct_evaluation(name, fn, expected):
     pattern = attncc.jit(fn, grid=AXES).pattern(grid)
     assert torch.equal(mask(pattern, grid)[0], torch.from_numpy(direct_mask(fn, grid, AXES)))
     if expected is not None:
-        assert pattern == expected
+        assert pattern == canonicalize(expected, grid)
     assert parse(format_pattern(pattern)) == pattern
+
+
+SEGMENTS = torch.tensor([0, 0, 1, 1, 1, 2, 2])
+DOCUMENTS = torch.tensor([3, 3, 3, 1, 1, 0, 0, 0, 0, 2] * 4)
+SHORT = torch.tensor([0, 1])
+
+# The cases of issue 20, on a 1-D grid, and predicates written with torch: run directly on
+# 0-d int64 tensors, as torch evaluates them.
+TORCH_PREDICATES = [
+    ("block-causal", lambda q, k: k.n // 4 <= q.n // 4, causal() | block_diagonal(0, 4), "N", (40,)),
+    ("block-causal-index", lambda q, k: k.index // 4 <= q.index // 4, causal() | block_diagonal(0, 4), "N", (40,)),
+    ("prefix-lm", lambda q, k: (k.index < 16) | (k.index <= q.index), causal() | key_range(0, hi=15), "N", (40,)),
+    ("torch-abs", lambda q, k: torch.abs(q.index - k.index) <= 3, sliding_window(3, 3), "N", (40,)),
+    ("abs", lambda q, k: abs(q.index - k.index) <= 3, sliding_window(3, 3), "N", (40,)),
+    ("tensor-methods", lambda q, k: (q.t - k.t).abs().le(1) & torch.logical_not(k.w > q.w), band(0, -1, 1) & band(1, hi=0), ("T", "W"), (4, 7)),
+    ("torch-min-max", lambda q, k: torch.maximum(q.w, k.w) - torch.minimum(q.w, k.w) <= 1, band(1, -1, 1), ("T", "W"), (4, 7)),
+    ("floor-div", lambda q, k: torch.div(k.w - q.w, 3, rounding_mode="floor") == 0, band(1, 0, 2), ("T", "W"), (4, 7)),
+    ("lookup-per-axis", lambda q, k: SEGMENTS[q.w] == SEGMENTS[k.w], None, ("T", "W"), (4, 7)),
+    ("lookup-flat", lambda q, k: (DOCUMENTS[k.index] == DOCUMENTS[q.index]) & (k.index <= q.index), None, "N", (40,)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name,fn,expected,names,shape", TORCH_PREDICATES, ids=[p[0] for p in TORCH_PREDICATES]
+)
+def test_torch_predicates_match_their_direct_evaluation(name, fn, expected, names, shape):
+    grid = Grid(shape)
+    pattern = attncc.jit(fn, grid=names).pattern(grid)
+    names = (names,) if isinstance(names, str) else names
+    direct = direct_mask(fn, grid, names, scalar=lambda v: torch.tensor(v))
+    assert torch.equal(mask(pattern, grid)[0], torch.from_numpy(direct))
+    if expected is not None:
+        assert pattern == canonicalize(expected, grid)
+
+
+def test_messages_name_coordinates_as_written():
+    with pytest.raises(
+        TraceError,
+        match=r"cannot express k.index // 4 < q.index // 4 \(as \(k.index // 4\) - \(q.index // 4\) \+ 1 <= 0\): "
+        r"only equal blocks \(q.index // 4 == k.index // 4\)",
+    ):
+        attncc.jit(lambda q, k: k.index // 4 < q.index // 4, grid="N").pattern((32,))
+    with pytest.raises(
+        TraceError, match=r"\(as \(k.n // 4\) - \(q.n // 4\) \+ 1 <= 0\): only equal blocks \(q.n // 4"
+    ):
+        attncc.jit(lambda q, k: k.n // 4 < q.n // 4, grid="N").pattern((32,))
+    with pytest.raises(
+        TraceError, match=r"cannot express q.index \+ k.n <= 3 \(as k.n \+ q.index - 3 <= 0\)"
+    ):
+        attncc.jit(lambda q, k: q.index + k.n <= 3, grid="N").pattern((32,))
+
+
+def test_huge_divisors_are_solved_in_closed_form():
+    start = time.perf_counter()
+    assert attncc.jit(lambda q, k: (k.n - q.n) % 10**8 <= 5, grid="N").pattern((32,)) == sliding_window(0, 5)
+    assert attncc.jit(lambda q, k: (k.n - q.n) % 2**40 == 0, grid="N").pattern((32,)) == sliding_window(0, 0)
+    assert attncc.jit(lambda q, k: k.n // 2**40 <= q.n // 2**40, grid="N").pattern((32,)) == attncc.ir.dense()
+    with pytest.raises(TraceError, match=r"keeps 549755813889 residues mod 1099511627776; at most 8"):
+        attncc.jit(lambda q, k: (k.n - q.n) % 2**40 <= 2**39, grid="N").pattern((32,))
+    with pytest.raises(TraceError, match=r"keeps 1099511627775 residues mod 1099511627776; at most 8"):
+        attncc.jit(lambda q, k: q.n % 2**40 != k.n % 2**40, grid="N").pattern((32,))
+    assert time.perf_counter() - start < 1.0  # a loop over range(divisor) takes hours
 
 
 def test_one_dimensional_index_is_the_axis():
@@ -252,7 +328,8 @@ def _if(q, k):
 
 
 REFUSALS = [
-    ("query-only", lambda q, k: q.t <= 2, r"cannot express q.t <= 2 .*relates q.t only to a constant"),
+    ("query-only", lambda q, k: q.t <= 2, r"cannot express q.t <= 2 .*a condition on the query alone \(q.t\), which holds for some queries only"),
+    ("query-blocks", lambda q, k: q.t // 2 == 1, r"condition on the query alone \(q.t\)"),
     ("two-axes", lambda q, k: abs(q.t - k.h) <= 2, r"abs\(q.t - k.h\) <= 2 .*different axes: k.h, q.t"),
     ("l1-ball", lambda q, k: abs(q.t - k.t) + abs(q.h - k.h) <= 2, r"different axes"),
     ("sum", lambda q, k: q.t + k.t <= 3, r"q.t \+ k.t <= 3 .*coefficients differ"),
@@ -269,10 +346,11 @@ REFUSALS = [
     ("divide-by-zero", lambda q, k: q.t // 0 == k.t // 0, r"q.t // 0: // takes a positive integer constant"),
     ("divide-by-coordinate", lambda q, k: q.t // k.t == 0, r"q.t // k.t: // takes a positive integer"),
     ("constant-by-coordinate", lambda q, k: 3 % q.t == 0, r"3 % q.t: // and % divide by a constant"),
-    ("ordered-blocks", lambda q, k: q.t // 2 <= k.t // 2, r"only equal blocks \(q.x // 2 == k.x // 2\)"),
-    ("ordered-residues", lambda q, k: q.t % 2 < k.t % 2, r"only equal or unequal residues"),
+    ("strictly-ordered-blocks", lambda q, k: q.t // 2 < k.t // 2, r"only equal blocks \(q.t // 2 == k.t // 2\) and block-causal ones \(k.t // 2 <= q.t // 2, or >=\)"),
+    ("unequal-blocks", lambda q, k: q.t // 2 != k.t // 2, r"only equal blocks"),
+    ("ordered-residues", lambda q, k: q.t % 2 < k.t % 2, r"only equal or unequal residues \(q.t % 2 == / != k.t % 2\)"),
     ("blocks-of-two-axes", lambda q, k: q.t // 2 == k.h // 2, r"the same constant to the same axis"),
-    ("block-of-one-token", lambda q, k: q.t // 2 == 1, r"\(q.t // 2\) is of a coordinate alone"),
+    ("residue-of-one-token", lambda q, k: k.t % 2 == 1, r"\(k.t % 2\) is of a coordinate alone"),
     ("mod-of-multiple", lambda q, k: (k.t - q.t + k.t - q.t) % 3 == 0, r"is of a multiple of k - q"),
     ("mixed-atoms", lambda q, k: q.t // 2 + k.t <= 1, r"mixes coordinates with // or % terms"),
     ("floordiv-of-abs", lambda q, k: abs(q.t - k.t) // 2 <= 1, r"abs\(q.t - k.t\) // 2: // of a min, max or abs"),
@@ -280,6 +358,16 @@ REFUSALS = [
     ("many-unequal-residues", lambda q, k: q.t % 10 != k.t % 10, r"keeps 9 residues mod 10"),
     ("flat-off-diagonal", lambda q, k: k.index < q.index, r"k.index - q.index <= -1 leaves the diagonal.* 3-D grid"),
     ("keeps-nothing", lambda q, k: (q.t <= k.t) & (q.t > k.t), r"keeps no \(query, key\) pair"),
+    ("no-key", lambda q, k: k.index < 0, r"keeps no \(query, key\) pair: its mask is empty"),
+    ("no-query", lambda q, k: (q.t > 3) & (k.t <= q.t), r"keeps no \(query, key\) pair: its mask is empty"),
+    ("unknown-torch-function", lambda q, k: torch.sin(q.t) <= k.t, r"torch.sin\(q.t\): not traced; allowed torch functions"),
+    ("torch-where", lambda q, k: torch.where(q.t <= k.t, q.t, k.t) <= 1, r"torch.where\(q.t <= k.t, q.t, k.t\): not traced"),
+    ("float-tensor-lookup", lambda q, k: torch.zeros(6)[q.w] == k.w, r"tensor\[q.w\]: tensor is <tensor of shape \[6\], float32>; a lookup reads a 1-D integer tensor"),
+    ("slice-lookup", lambda q, k: SEGMENTS[:3] == k.w, r"Tensor.eq\(<tensor of shape \[3\], int64>, k.w\): <tensor of shape \[3\], int64> is not a constant"),
+    ("short-lookup", lambda q, k: SHORT[q.h] == SHORT[k.h], r"SHORT has 2 entries, but it is read at coordinates up to 4"),
+    ("unequal-lookups", lambda q, k: SEGMENTS[q.w] != SEGMENTS[k.w], r"only equal values"),
+    ("index-a-coordinate", lambda q, k: q.t[0] == k.t, r"q.t\[0\]: a traced integer cannot be indexed"),
+    ("python-error", lambda q, k: {}[q.t] == k.t, r"raised KeyError while tracing"),
     ("constant-false", lambda q, k: False, r"keeps no \(query, key\) pair"),
     ("unknown-axis", lambda q, k: q.x <= k.x, r"q.x: no such coordinate; allowed: t, h, w, index"),
     ("returns-int", lambda q, k: q.t - k.t, r"returned q.t - k.t; allowed: a comparison"),
@@ -371,6 +459,14 @@ def test_sdpa_call_with_grid_and_attention_options():
 
 KERNEL_CASES = [
     ("bands-3x5x6", band(0, -1, 1) & band(1, -2, 2) & band(2, -2, 2), Grid((3, 5, 6))),
+    ("prefix-lm-range-48", causal() | key_range(0, hi=15), Grid((48,))),
+    ("block-causal-range-40", causal() | block_diagonal(0, 8), Grid((40,))),
+    ("key-range-causal-time-4x9", key_range(1, 2, 5) & band(0, hi=0), Grid((4, 9))),
+    (
+        "flat-prefix-lm-table-4x9",
+        causal() | key_range(0, hi=0) | key_range(0, 1, 1) & key_range(1, hi=6),
+        Grid((4, 9)),
+    ),
     ("previous-frames-empty-rows-4x9", band(0, hi=-1) & band(1, -1, 1), Grid((4, 9))),
     ("future-columns-empty-rows-3x11", band(1, lo=2, hi=4), Grid((3, 11))),
     ("two-bands-one-axis-6x5", band(0, lo=1) | band(0, hi=-2), Grid((6, 5))),

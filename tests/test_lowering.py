@@ -18,6 +18,7 @@ from attncc.ir import (
     dense,
     global_tokens,
     intersection,
+    key_range,
     neighborhood,
     sliding_window,
     strided,
@@ -113,12 +114,15 @@ def test_range_plans_visit_exactly_the_non_empty_tiles(pattern, grid):
 
 @st.composite
 def _products_of_windows(draw, grid):
-    """Unions of products of one-axis bands, block diagonals and (causal) neighborhoods."""
+    """Unions of products of one-axis bands, block diagonals, key ranges and (causal) neighborhoods."""
 
     def factor():
-        kind = draw(st.sampled_from(["band", "band", "block", "neighborhood"]))
+        kind = draw(st.sampled_from(["band", "band", "block", "keys", "neighborhood"]))
         if kind == "band":
             return draw(axis_bands(grid))
+        if kind == "keys":
+            b = draw(axis_bands(grid))
+            return key_range(b.axis, b.lo, b.hi)
         if kind == "block":
             axis = draw(st.integers(0, grid.rank - 1))
             return block_diagonal(axis, draw(st.integers(1, grid.shape[axis] + 1)))

@@ -21,6 +21,7 @@ from attncc.ir import (
     block_diagonal,
     causal,
     congruent,
+    key_range,
     neighborhood,
     per_head,
     sliding_window,
@@ -107,6 +108,9 @@ def test_backward_spatial_layout_and_no_key_rows():
         ("band-excluding-diagonal", band(0, hi=-1) & band(1, lo=-2, hi=2), Grid((7, 9))),
         ("band-ahead-open", band(1, lo=1), Grid((4, 11))),
         ("block-diagonal-congruent", block_diagonal(0, 3) & congruent(1, 2), Grid((8, 10))),
+        ("prefix-lm", causal() | key_range(0, hi=15), Grid((40,))),  # from @attncc.jit / attncc.flex
+        ("key-range-causal-time", key_range(1, 2, 5) & band(0, hi=0), Grid((4, 9))),
+        ("block-causal", causal() | block_diagonal(0, 8), Grid((36,))),
     ],
     ids=lambda c: c if isinstance(c, str) else "",
 )

@@ -1,0 +1,189 @@
+"""FlexAttention's front door: a ``mask_mod(b, h, q_idx, kv_idx)`` traced into the pattern IR.
+
+A FlexAttention mask over a 1-D sequence becomes an attncc pattern, exactly, or
+is refused with a :class:`~attncc.errors.TraceError` that quotes the
+sub-expression::
+
+    import attncc.flex
+
+    doc = torch.tensor([0] * 300 + [1] * 700 + [2] * 24)  # document id of each token
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (q_idx >= kv_idx)
+
+    attncc.flex.pattern(document_causal, 1024)   # causal() & document(ids=(0, 0, ...))
+    out = attncc.flex.flex_attention(q, k, v, document_causal)  # q, k, v: [B, H, 1024, D]
+
+The ``mask_mod`` runs once on traced values (the tracer of :mod:`attncc.jit`):
+``q_idx`` and ``kv_idx`` are the query's and key's token indices, and it may
+use everything the ``@attncc.jit`` grammar allows on them (``q.index`` there),
+torch's spellings included (``torch.abs``, ``torch.logical_and``, ``&``, ``|``,
+``~``), and lookups ``t[q_idx]``/``t[kv_idx]`` into 1-D integer tensors it
+captures. What has a pattern, in FlexAttention's terms:
+
+=========================================================  ========================================
+``q_idx >= kv_idx``                                        ``causal()``
+``q_idx - kv_idx <= w`` (with causal: sliding window)      ``sliding_window``
+``(kv_idx < 16) | (q_idx >= kv_idx)`` (prefix LM)          ``causal() | key_range(0, hi=15)``
+``doc[q_idx] == doc[kv_idx]``                              ``document(ids)``: ``doc``'s values
+``q_idx // 64 >= kv_idx // 64`` (block-causal)             ``causal() | block_diagonal(0, 64)``
+``and_masks``/``or_masks`` of these, ``&``, ``|``, ``~``   intersections and unions
+=========================================================  ========================================
+
+``b`` and ``h`` may be ignored. A mask that uses ``b`` (the batch index) is
+refused: an attncc pattern is the same for every batch element. A mask that
+uses ``h`` is traced once per head with ``h`` a plain ``int`` (``heads=``
+must be given; :func:`flex_attention` takes it from ``query``) and becomes
+``per_head([...])``; 0-d integer tensors (``windows[h]``) are constants.
+
+Note [No trace cache]: :func:`flex_attention` traces on every call, as the
+captured tensors (document ids) may change between calls while the function
+stays the same; tracing costs milliseconds, and the kernel is cached per
+pattern. A loop that reuses one mask can call :func:`pattern` once and
+:func:`attncc.attention` with it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attncc.errors import AttnccError, TraceError, field_error, form_error
+from attncc.ir.canonical import canonicalize
+from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern, dense, per_head
+from attncc.jit import match
+from attncc.runtime.library import attention
+from attncc.trace import Int, Opaque, Used, run
+
+__all__ = ["flex_attention", "pattern"]
+
+_RETURNS = "a condition on q_idx and kv_idx (comparisons joined with &, |, ~), or True/False"
+_NAME = ("n",)  # the axis of a 1-D sequence, for messages that name no coordinate
+
+
+def _positional_names(mask_mod: Callable) -> tuple[str, str]:
+    """The names ``mask_mod`` gives its query and key index (for messages), after checking
+    that it takes ``(b, h, q_idx, kv_idx)``."""
+    shown = getattr(mask_mod, "__name__", type(mask_mod).__name__)
+    if not callable(mask_mod):
+        raise form_error(TraceError, "mask_mod", mask_mod, "a function mask_mod(b, h, q_idx, kv_idx)")
+    try:
+        signature = inspect.signature(mask_mod)
+        signature.bind(None, None, None, None)
+    except (TypeError, ValueError):
+        raise TraceError(
+            f"mask_mod {shown} must take four arguments (b, h, q_idx, kv_idx); a score_mod "
+            "(score, b, h, q_idx, kv_idx) is not supported"
+        ) from None
+    params = [
+        p.name
+        for p in signature.parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    return (params[2], params[3]) if len(params) >= 4 else ("q_idx", "kv_idx")
+
+
+def pattern(mask_mod: Callable, seq_len: int, heads: int | None = None) -> Pattern:
+    """The canonical pattern of ``mask_mod(b, h, q_idx, kv_idx)`` on a sequence of ``seq_len``
+    tokens (see the module doc for what traces).
+
+    ``heads`` is needed only when ``mask_mod`` uses ``h``: it is then traced once per head
+    and the result is ``per_head([...])`` (or one pattern, if every head gives the same).
+    Raises :class:`~attncc.errors.TraceError` naming the sub-expression that has no pattern.
+
+    Example: ``pattern(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, 128)`` is ``causal()``.
+    """
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+        raise field_error(TraceError, "seq_len", seq_len, "an integer >= 1 (tokens in the sequence)")
+    if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
+        raise field_error(TraceError, "heads", heads, "an integer >= 1, or None")
+    names = _positional_names(mask_mod)
+    grid = Grid((seq_len,))
+    where = (
+        f"attncc.flex mask_mod {getattr(mask_mod, '__name__', type(mask_mod).__name__)} on {seq_len} tokens"
+    )
+    b = Opaque("b", "the batch index; an attncc pattern is the same for every batch element")
+    h = Opaque("h", "the head index; give heads= to trace one pattern per head")
+    try:
+        return _one(mask_mod, grid, names, (b, h), where)
+    except Used as e:  # h was used: trace once per head
+        if heads is None:
+            raise TraceError(f"{where}: {e}") from None
+    patterns = [_one(mask_mod, grid, names, (b, head), f"{where}, head h = {head}") for head in range(heads)]
+    return canonicalize(per_head(patterns), grid)
+
+
+def _one(mask_mod: Callable, grid: Grid, names: tuple[str, str], bh: tuple, where: str) -> Pattern:
+    q_idx, kv_idx = (Int("var", (side, 0), name) for side, name in zip("qk", names))
+    try:
+        cond = run(mask_mod, (*bh, q_idx, kv_idx), _RETURNS)
+    except Used as e:
+        if e.opaque is bh[1]:
+            raise  # the head index, when it is not given: pattern() traces once per head
+        raise TraceError(f"{where}: {e}") from None
+    except TraceError as e:
+        raise TraceError(f"{where}: {e}") from None
+    return match(cond, grid, _NAME, where)
+
+
+def flex_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask_mod: Callable | None = None,
+    *,
+    block_mask: Any = None,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """``torch.nn.attention.flex_attention.flex_attention`` with a ``mask_mod``, on attncc's kernels.
+
+    ``query`` is ``[B, H, N, D]`` (SDPA layout), ``key``/``value`` ``[B, H_kv, N, D]``
+    with ``H_kv == H`` unless ``enable_gqa`` (then ``H_kv`` divides ``H``; query head
+    ``h`` reads key head ``h // (H / H_kv)``, as in FlexAttention). The sequence length
+    ``N`` is taken from the shapes (query and key lengths must agree: self-attention
+    over one sequence). The mask is ``mask_mod`` (traced by :func:`pattern`, with
+    ``heads = H``), or the ``mask_mod`` of a FlexAttention ``block_mask`` (its block
+    tables are not used: attncc plans its own), or none (dense). ``scale`` defaults to
+    ``1 / sqrt(D)``. Returns the output ``[B, H, N, D]`` and, with ``return_lse``, the
+    natural-log log-sum-exp ``[B, H, N]`` in float32. A ``score_mod`` is not supported.
+
+    Example::
+
+        out = attncc.flex.flex_attention(q, k, v, lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            shown = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise form_error(AttnccError, f"{name} shape", shown, "[B, H, N, D] (FlexAttention's layout)")
+    n = query.shape[2]
+    if key.shape[2] != n:
+        raise field_error(
+            AttnccError, "key length", key.shape[2], f"{n}, the query length (one sequence attends to itself)"
+        )
+    if not enable_gqa and key.shape[1] != query.shape[1]:
+        raise field_error(
+            AttnccError,
+            "key heads",
+            key.shape[1],
+            f"{query.shape[1]} (the query heads), or enable_gqa=True for fewer key heads",
+        )
+    if block_mask is not None:
+        if mask_mod is not None:
+            raise AttnccError("flex_attention got both mask_mod and block_mask; give one of them")
+        lengths = tuple(getattr(block_mask, "seq_lengths", ()))
+        if not hasattr(block_mask, "mask_mod") or lengths != (n, n):
+            raise form_error(
+                AttnccError,
+                "block_mask seq_lengths",
+                lengths,
+                f"({n}, {n}): a BlockMask built for these shapes",
+            )
+        mask_mod = block_mask.mask_mod
+    found = dense() if mask_mod is None else pattern(mask_mod, n, heads=query.shape[1])
+    return attention(query, key, value, found, scale=scale, return_lse=return_lse, layout="sdpa")
