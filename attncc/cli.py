@@ -14,11 +14,12 @@ from attncc.autotune.report import model_pick
 from attncc.bench.command import bench_cmd
 from attncc.cache_cli import cache_cmd
 from attncc.errors import AttnccError, PatternError, field_error
-from attncc.ir.analysis import Analysis, analyze
-from attncc.ir.canonical import canonicalize, pattern_hash, resolve_heads
+from attncc.ir.analysis import Analysis, HeadGroup, analyze, head_groups
+from attncc.ir.canonical import pattern_hash
 from attncc.ir.spec import Spec, load_spec
 from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
+from attncc.lower.plan import RANK, KernelPlan
 from attncc.machine.command import inspect_cmd
 
 _DEFAULT_TILES = {
@@ -95,35 +96,45 @@ def _summary(spec: Spec, a: Analysis) -> Table:
 
 def _closed_forms(spec: Spec) -> str:
     """The closed-form key range of a query coordinate ``q``, for each distinct head pattern."""
-    heads = resolve_heads(spec.pattern, spec.heads)
-    distinct = list(dict.fromkeys(canonicalize(h, spec.grid) for h in heads))
+    distinct = head_groups(spec.pattern, spec.grid, spec.heads)
     lines = ["closed forms (q: the query's coordinate on that axis, or its flat index):"]
-    for i, pattern in enumerate(distinct[:4]):
+    for group in distinct[:4]:
         if len(distinct) > 1:
-            lines.append(f"  head pattern {i}: {format_pattern(pattern)[:100]}")
-        lines += describe(rules(pattern, spec.grid), "    ")
+            lines.append(f"  {group.label}: {format_pattern(group.pattern)[:100]}")
+        lines += describe(rules(group.pattern, spec.grid), "    ")
     if len(distinct) > 4:
         lines.append(f"  ... and {len(distinct) - 4} more head patterns")
     return escape("\n".join(lines))
 
 
-def _kernel_plans(spec: Spec) -> str:
-    """What lowering chose for a GPU: iteration, boxes and the plan's tile-level bound."""
-    from attncc.lower.lowering import LaunchConfig, lower, tile_table
+def _head_plans(spec: Spec) -> list[tuple[HeadGroup, KernelPlan]]:
+    """The first four distinct head patterns of ``spec`` and the plan lowering makes of each
+    for a GPU: what the text and the picture of analyze show."""
+    from attncc.lower.lowering import LaunchConfig, lower
+
+    config = LaunchConfig.default("cuda", spec.head_dim, spec.dtype)
+    return [
+        (g, lower(g.pattern, spec.grid, spec.head_dim, spec.dtype, config=config))
+        for g in head_groups(spec.pattern, spec.grid, spec.heads)[:4]
+    ]
+
+
+def _kernel_plans(spec: Spec, plans: list[tuple[HeadGroup, KernelPlan]]) -> str:
+    """What lowering chose for a GPU: iteration, boxes and the plan's tile-level bound, in the
+    spec's rank (plans pad every grid to rank 3)."""
+    from attncc.lower.lowering import tile_table
     from attncc.lower.visits import visited_tiles
 
-    heads = resolve_heads(spec.pattern, spec.heads)
-    distinct = list(dict.fromkeys(canonicalize(h, spec.grid) for h in heads))
     lines = ["kernel plan (GPU tiles, one head):"]
-    config = LaunchConfig.default("cuda", spec.head_dim, spec.dtype)
-    for pattern in distinct[:4]:
-        plan = lower(pattern, spec.grid, spec.head_dim, spec.dtype, config=config)
-        entries = len(tile_table(pattern, spec.grid, plan)[1]) if plan.iteration == "table" else 0
+    user = RANK - spec.grid.rank
+    for group, plan in plans:
+        entries = len(tile_table(group.pattern, spec.grid, plan)[1]) if plan.iteration == "table" else 0
         visited, dense = visited_tiles(plan, entries)
-        groups = "x".join(map(str, plan.dilation))
-        boxes = f"q {'x'.join(map(str, plan.q_tile))} / kv {'x'.join(map(str, plan.kv_tile))}"
+        groups = "x".join(map(str, plan.dilation[user:]))
+        boxes = f"q {'x'.join(map(str, plan.q_tile[user:]))} / kv {'x'.join(map(str, plan.kv_tile[user:]))}"
+        who = f"{group.label}: " if len(plans) > 1 else ""
         lines.append(
-            f"  {plan.iteration} iteration, dilation groups {groups}, boxes {boxes}: "
+            f"  {who}{plan.iteration} iteration, dilation groups {groups}, boxes {boxes}: "
             f"{visited:,} of {dense:,} tile pairs visited, tile bound {dense / max(visited, 1):.2f}x"
         )
     return escape("\n".join(lines))
@@ -142,7 +153,9 @@ def cli() -> None:
 )
 @click.option("--kv-tile", "kv_tiles", multiple=True, help="KV tile, same forms; defaults to the Q tile.")
 @click.option(
-    "--png", type=click.Path(dir_okay=False), help="Draw the mask and the tile map of the first tiling."
+    "--png",
+    type=click.Path(dir_okay=False),
+    help="Draw the mask, the tile maps of the first tiling and of the kernel's boxes, one query's keys.",
 )
 def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, ...], png: str | None) -> None:
     """Exact density, ideal speedup and tile map of the pattern in SPEC (YAML/JSON)."""
@@ -167,7 +180,8 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
     console = Console(width=None if sys.stdout.isatty() else 130)
     console.print(_summary(spec, results[0]))
     console.print(_closed_forms(spec), soft_wrap=True)
-    console.print(_kernel_plans(spec), soft_wrap=True)
+    plans = _head_plans(spec)
+    console.print(_kernel_plans(spec, plans), soft_wrap=True)
     console.print(model_pick(spec), soft_wrap=True)
     console.print(_table(spec, results))
     console.print(
@@ -177,7 +191,7 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
     if png:
         from attncc.plot import draw
 
-        draw(spec.pattern, spec.grid, results[0], png, title=f"{spec.name}: {spec.grid}")
+        draw(spec, results[0], plans, png)
         console.print(f"wrote {png}")
 
 
@@ -198,12 +212,13 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
     show_default=True,
     help="Tile sizes for a GPU, or small ones for the Triton interpreter.",
 )
-def compile_cmd(spec_path: str, out_dir: str, device: str) -> None:
+@click.option("--force", is_flag=True, help="Write over the files of a directory that is not empty.")
+def compile_cmd(spec_path: str, out_dir: str, device: str, force: bool) -> None:
     """Write SPEC's kernels as a standalone package (needs only torch and triton)."""
     from attncc.lower.emit import write_package
 
     spec = load_spec(spec_path)
-    path = write_package(spec, out_dir, device)
+    path = write_package(spec, out_dir, device, force)
     click.echo(f"wrote {path}/ : import {path.name}; {path.name}.forward(q, k, v)")
 
 

@@ -56,11 +56,16 @@ def model_pick(spec: Spec) -> str:
         default = next(r for r in ranked if r.is_default)
         p = pick.prediction
         lines.append(
-            f"  {n_heads} heads: pick {describe(pick.config)}, predicted {p.us:,.1f} us "
-            f"({p.programs:,} programs, {p.resident} resident per SM, {p.waves} waves); "
+            f"  {_count(n_heads, 'head')}: pick {describe(pick.config)}, predicted {p.us:,.1f} us "
+            f"({p.programs:,} programs, {p.resident} resident per SM, {_count(p.waves, 'wave')}); "
             f"default {describe(default.config)}: {default.prediction.us:,.1f} us, "
             f"rank {default.rank} of {len(ranked)}"
         )
     if len(counts) > 4:
         lines.append(f"  ... and {len(counts) - 4} more head patterns")
     return escape("\n".join(lines))
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 head``, ``2 heads``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -17,10 +17,14 @@ Note [Tile-level bound]: ``tile_bound`` is dense tiles / visited (non-empty)
 tiles for the given tiling: the speedup over dense that a kernel visiting
 exactly the non-empty tiles at dense throughput could reach. It is below the
 ideal ``1 / density`` because a visited tile also holds pairs the pattern drops.
+Both counts are tile pairs of the one tiling, so the bound is at least 1; a
+kernel plan's bound counts its own boxes the same way (Note [Kernel tile bound]
+in :mod:`attncc.lower.visits`).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -49,6 +53,25 @@ from attncc.ir.validate import required_heads, validate
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _ROW_BLOCK_ELEMENTS = 1 << 22  # bound on queries x keys evaluated at once
 _MAX_UNION_TERMS = 4  # unions of up to this many products use inclusion-exclusion
+
+# Note [Analysis limits]: what each step costs is known before it starts, so an analysis
+# that would run for hours or ask for terabytes is refused at once, naming the limit: the
+# tile map holds heads x Q tiles x KV tiles counts (and the factored path one count per pair
+# of tile boxes); a flat tiling is cut into boxes tile by tile; the factored path evaluates
+# axis length x KV tile borders key counts per axis (axis length^2 where several progressions
+# share an axis); the rows path evaluates N^2 query-key pairs. Memory stays within a few
+# times the tile map (the rows and axes are walked in blocks). Every shipped spec fits, and
+# so do the default tilings of a 512x512 image, of a 1-D sequence of 128Ki tokens, and of one
+# of 32Ki tokens for a pattern the rows path counts (which takes a minute there).
+MAX_TILES = 1 << 16  # tiles of one side (Q or KV)
+MAX_TILE_PAIRS = 1 << 25  # entries of the tile map, and pairs of tile boxes
+MAX_EVALUATIONS = 1 << 31  # key counts or query-key pairs one step evaluates
+
+
+def _within(what: str, amount: int, limit: int, hint: str) -> None:
+    """Raise a :class:`PatternError` naming the limit if ``amount`` exceeds it (Note [Analysis limits])."""
+    if amount > limit:
+        raise field_error(PatternError, what, amount, f"at most {limit:,}", hint)
 
 
 @dataclass(frozen=True)
@@ -89,8 +112,13 @@ class Tiling:
         return np.ravel_multi_index(per_axis, self.counts(grid))
 
     def sizes(self, grid: Grid) -> np.ndarray:
-        """Number of real tokens in each tile (border tiles may be short)."""
-        return np.bincount(self.tile_of_token(grid), minlength=math.prod(self.counts(grid)))
+        """Number of real tokens in each tile (border tiles may be short), from the shapes alone."""
+        if self.flat:
+            n, t = grid.size, self.shape[0]
+            return np.minimum(t, n - t * np.arange(self.counts(grid)[0], dtype=np.int64))
+        starts = [np.arange(0, s, t, dtype=np.int64) for s, t in zip(grid.shape, self.shape)]
+        extents = [np.minimum(t, s - lo) for s, t, lo in zip(grid.shape, self.shape, starts)]
+        return functools.reduce(np.multiply.outer, extents).ravel()
 
     def __str__(self) -> str:
         return f"{self.shape[0]} flat" if self.flat else "x".join(map(str, self.shape))
@@ -175,6 +203,11 @@ def analyze(
     q_tiling = Tiling.of(q_tile, grid, "q_tile")
     kv_tiling = Tiling.of(kv_tile, grid, "kv_tile")
     shared = required_heads(pattern) is None
+    q_tiles, kv_tiles = math.prod(q_tiling.counts(grid)), math.prod(kv_tiling.counts(grid))
+    hint = f"grid {grid} in tiles of {q_tiling} (Q) and {kv_tiling} (KV): take larger tiles or a smaller grid"
+    _within("Q tiles", q_tiles, MAX_TILES, hint)
+    _within("KV tiles", kv_tiles, MAX_TILES, hint)
+    _within("tile map entries", (1 if shared else heads) * q_tiles * kv_tiles, MAX_TILE_PAIRS, hint)
     per_head: dict[Pattern, np.ndarray] = {}
     counts = []
     for head_pattern in resolve_heads(pattern, 1 if shared else heads):
@@ -195,6 +228,33 @@ def analyze(
         tile_counts=tile_counts_,
         tile_classes=classes.astype(np.int8),
     )
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    """The heads that share one head pattern (canonical), in head order."""
+
+    heads: tuple[int, ...]
+    pattern: Pattern
+
+    @property
+    def label(self) -> str:
+        """``head 3``, ``heads 0-7`` (a run of more than two) or ``heads 0, 4, 8``."""
+        h = self.heads
+        if len(h) == 1:
+            return f"head {h[0]}"
+        if len(h) > 2 and h == tuple(range(h[0], h[-1] + 1)):
+            return f"heads {h[0]}-{h[-1]}"
+        return "heads " + ", ".join(map(str, h))
+
+
+def head_groups(pattern: Pattern, grid: Grid, heads: int) -> list[HeadGroup]:
+    """The distinct head patterns of ``pattern`` over ``heads`` heads, in order of their first
+    head, each with the heads that use it (one group when no head differs)."""
+    groups: dict[Pattern, list[int]] = {}
+    for h, head_pattern in enumerate(resolve_heads(pattern, heads)):
+        groups.setdefault(canonicalize(head_pattern, grid), []).append(h)
+    return [HeadGroup(tuple(hs), p) for p, hs in groups.items()]
 
 
 def keys_of(pattern: Pattern, grid: Grid, query: int, head: int = 0) -> np.ndarray:
@@ -287,25 +347,44 @@ def tile_boxes(tiling: Tiling, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.n
     return np.array(ids), np.array(los), np.array(his)
 
 
-def _keys_below(progs: list[Progression], length: int, breaks: np.ndarray) -> np.ndarray:
-    """``[length, len(breaks)]``: keys of each query coordinate that are ``< breaks[j]``."""
-    qs = np.arange(length, dtype=np.int64)
+def _keys_below(progs: list[Progression], qs: np.ndarray, length: int, breaks: np.ndarray) -> np.ndarray:
+    """``[len(qs), len(breaks)]``: keys of each query coordinate in ``qs`` that are ``< breaks[j]``."""
     arrays = [_progression_arrays(p, qs) for p in progs]
     if len(arrays) == 1:
         first, last, step = (x[:, None] for x in arrays[0])
         return _count_in(first, last, step, 0, breaks[None] - 1)
-    # Several progressions on one axis: intersect them key by key, a block of queries at a time.
-    out = np.zeros((length, len(breaks)), dtype=np.int64)
+    # Several progressions on one axis: intersect them key by key.
     ks = np.arange(length, dtype=np.int64)[None]
-    block = max(1, _ROW_BLOCK_ELEMENTS // length)
+    keep = np.ones((len(qs), length), dtype=bool)
+    for first, last, step in arrays:
+        f, s = first[:, None], step[:, None]
+        keep &= (ks >= f) & (ks <= last[:, None]) & ((ks - f) % s == 0)
+    below = np.concatenate([np.zeros((len(qs), 1), np.int64), keep.cumsum(1)], axis=1)
+    return below[:, breaks]
+
+
+def _prefix_table(progs: list[Progression], length: int, edges: np.ndarray, breaks: np.ndarray) -> np.ndarray:
+    """``[len(edges), len(breaks)]``: keys below ``breaks[j]`` summed over the query coordinates
+    below ``edges[i]``; the axis is walked a block of queries at a time, so memory holds the
+    rows asked for, not one per coordinate (Note [Analysis limits])."""
+    width = length if len(progs) > 1 else len(breaks)
+    _within(
+        "key counts to evaluate on one axis",
+        length * width,
+        MAX_EVALUATIONS,
+        f"an axis of {length:,} coordinates against {width:,} "
+        + ("keys" if len(progs) > 1 else "KV tile borders")
+        + ": take larger KV tiles or a smaller grid",
+    )
+    out = np.zeros((len(edges), len(breaks)), dtype=np.int64)
+    total = np.zeros(len(breaks), dtype=np.int64)
+    block = max(1, _ROW_BLOCK_ELEMENTS // width)
     for lo in range(0, length, block):
-        rows = slice(lo, lo + block)
-        keep = np.ones((len(qs[rows]), length), dtype=bool)
-        for first, last, step in arrays:
-            f, s = first[rows, None], step[rows, None]
-            keep &= (ks >= f) & (ks <= last[rows, None]) & ((ks - f) % s == 0)
-        below = np.concatenate([np.zeros((keep.shape[0], 1), np.int64), keep.cumsum(1)], axis=1)
-        out[rows] = below[:, breaks]
+        qs = np.arange(lo, min(lo + block, length), dtype=np.int64)
+        sums = total + _keys_below(progs, qs, length, breaks).cumsum(0)  # row r: coordinates <= lo + r
+        wanted = (edges > lo) & (edges <= lo + len(qs))
+        out[wanted] = sums[edges[wanted] - lo - 1]
+        total = sums[-1]
     return out
 
 
@@ -319,14 +398,16 @@ def _factored_counts(
     """
     q_id, q_lo, q_hi = tile_boxes(q_tiling, grid)
     k_id, k_lo, k_hi = tile_boxes(kv_tiling, grid)
+    hint = f"tiles of {q_tiling} (Q) and {kv_tiling} (KV) on grid {grid} split into that many boxes"
+    _within("pairs of tile boxes", len(q_id) * len(k_id), MAX_TILE_PAIRS, hint)
     kept = np.ones((len(q_id), len(k_id)), dtype=np.int64)
     for a, length in enumerate(grid.shape):
         breaks, index = np.unique(np.concatenate([k_lo[:, a], k_hi[:, a] + 1]), return_inverse=True)
         j_lo, j_hi = index[: len(k_id)], index[len(k_id) :]
-        below = _keys_below(axes[a], length, breaks)
-        table = np.concatenate([np.zeros((1, len(breaks)), np.int64), below.cumsum(0)])  # [L + 1, breaks]
-        q0, q1 = q_lo[:, a, None], q_hi[:, a, None] + 1
-        kept *= (table[q1, j_hi] - table[q0, j_hi]) - (table[q1, j_lo] - table[q0, j_lo])
+        edges, rows = np.unique(np.concatenate([q_lo[:, a], q_hi[:, a] + 1]), return_inverse=True)
+        table = _prefix_table(axes[a], length, edges, breaks)  # [Q box edges, KV box edges]
+        i0, i1 = rows[: len(q_id), None], rows[len(q_id) :, None]
+        kept *= (table[i1, j_hi] - table[i0, j_hi]) - (table[i1, j_lo] - table[i0, j_lo])
     n_q, n_k = math.prod(q_tiling.counts(grid)), math.prod(kv_tiling.counts(grid))
     flat = (q_id[:, None] * n_k + k_id[None, :]).ravel()
     return np.bincount(flat, weights=kept.ravel(), minlength=n_q * n_k).astype(np.int64).reshape(n_q, n_k)
@@ -390,6 +471,11 @@ def _evaluate(expr: sympy.Basic, env: dict, tables: dict[str, np.ndarray]) -> np
 
 def _row_counts(rule: Rule, grid: Grid, q_tiling: Tiling, kv_tiling: Tiling) -> np.ndarray:
     n = grid.size
+    hint = (
+        f"a pattern without per-axis closed forms is counted pair by pair, here on {n:,} tokens: "
+        "take a smaller grid"
+    )
+    _within("query-key pairs to evaluate", n * n, MAX_EVALUATIONS, hint)
     q_tile_id = q_tiling.tile_of_token(grid)
     kv_tile_id = kv_tiling.tile_of_token(grid)
     q_order = np.argsort(q_tile_id, kind="stable")

@@ -3,8 +3,9 @@
 These mirror the kernels' range arithmetic (Note [KV iteration], Note [Inverse
 iteration] and Note [Loops] in :mod:`attncc.lower.plan`) with the same integer
 rules (Triton's ``//`` truncates toward zero), so the counts are the kernels' own:
-the denominator of a plan's tile-level bound, what the autotuner's cost model reads,
-and the tile mix of the static estimate (:mod:`attncc.machine.model`).
+the denominator of a plan's tile-level bound (Note [Kernel tile bound]), what the
+autotuner's cost model reads, the tile mix of the static estimate
+(:mod:`attncc.machine.model`) and the kernel's tile map that ``attncc analyze --png`` draws.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from types import CodeType, SimpleNamespace
 
 import numpy as np
 
+from attncc.ir.analysis import EMPTY, FULL, PARTIAL
 from attncc.lower.plan import AxisForm, KernelPlan
 
 # The range forms are Triton expressions; on the host tl.minimum/maximum are numpy's.
@@ -94,29 +96,34 @@ def walk(plan: KernelPlan, tables: tuple[np.ndarray, ...] | None = None) -> list
     """The forward and dQ kernels' loops, per Q tile (table plans read their ``offsets``)."""
     if plan.iteration == "table":
         return _table_loops(tables[1] if tables is not None else None)
-    per_loop: list[list[np.ndarray]] = []
-    for group in _groups(plan):
-        lgs = plan.group_lengths(group)
-        shape = tuple(math.ceil(lg / t) for lg, t in zip(lgs, plan.q_tile))
-        axes = []
-        for a in range(3):
-            qlo = np.arange(shape[a]) * plan.q_tile[a]
-            qhi = np.minimum(qlo + plan.q_tile[a] - 1, lgs[a] - 1)
-            axes.append((qlo.reshape(_axis_shape(a, shape[a])), qhi.reshape(_axis_shape(a, shape[a]))))
-        boxes, full = [], None
-        for t, term in enumerate(plan.terms):
-            lo, hi = [], []
-            for a, (axis, (qlo, qhi)) in enumerate(zip(term, axes)):
-                lo.append(_tdiv(_form(axis.first, qlo, lgs[a]), plan.kv_tile[a]))
-                hi.append(_tdiv(_form(axis.last, qhi, lgs[a]), plan.kv_tile[a]))
-            boxes.append((lo, hi))
-            if t == 0 and plan.full_loop(False):
-                run = plan.walk_order(False)[2] if plan.walk_rows(False) else None
-                full = _full_box(plan, term, axes, lgs, lo, hi, plan.kv_tile, run)
-        per_loop.append(_loops(plan, boxes, full, shape))
+    per_loop = [_loops(plan, *_forward_boxes(plan, group)) for group in _groups(plan)]
     return [
         LoopTiles(name, np.concatenate(parts)) for name, parts in zip(_names(plan, False), zip(*per_loop))
     ]
+
+
+def _forward_boxes(plan: KernelPlan, group: tuple[int, int, int]) -> tuple[list, tuple | None, tuple]:
+    """Per Q tile of ``group`` (arrays over its tile grid): each term's box of KV tiles
+    ``(lo, hi)`` (per axis, inclusive), the full sub-box of the first term (None without a
+    full-tile loop), and the group's Q tiles per axis."""
+    lgs = plan.group_lengths(group)
+    shape = tuple(math.ceil(lg / t) for lg, t in zip(lgs, plan.q_tile))
+    axes = []
+    for a in range(3):
+        qlo = np.arange(shape[a]) * plan.q_tile[a]
+        qhi = np.minimum(qlo + plan.q_tile[a] - 1, lgs[a] - 1)
+        axes.append((qlo.reshape(_axis_shape(a, shape[a])), qhi.reshape(_axis_shape(a, shape[a]))))
+    boxes, full = [], None
+    for t, term in enumerate(plan.terms):
+        lo, hi = [], []
+        for a, (axis, (qlo, qhi)) in enumerate(zip(term, axes)):
+            lo.append(_tdiv(_form(axis.first, qlo, lgs[a]), plan.kv_tile[a]))
+            hi.append(_tdiv(_form(axis.last, qhi, lgs[a]), plan.kv_tile[a]))
+        boxes.append((lo, hi))
+        if t == 0 and plan.full_loop(False):
+            run = plan.walk_order(False)[2] if plan.walk_rows(False) else None
+            full = _full_box(plan, term, axes, lgs, lo, hi, plan.kv_tile, run)
+    return boxes, full, shape
 
 
 def _axis_shape(a: int, n: int) -> list[int]:
@@ -209,14 +216,73 @@ def tile_counts(plan: KernelPlan) -> tuple[np.ndarray, np.ndarray]:
     return visited.astype(np.int64), full.astype(np.int64)
 
 
+# Note [Kernel tile bound]: a plan's tile-level bound is dense / visited tile pairs with
+# both sides counted in the plan's own tiles: ``dense`` is every Q tile (of every dilation
+# group) against every KV tile, which is what the same kernel walks on the dense pattern.
+# Counting dense in runs of block_m / block_n flat tokens instead compares two tilings: the
+# boxes pad a grid they do not divide (8x8 boxes on a 6x9 grid are 1x2 boxes: 128 slots for
+# 54 tokens), and 4 visited box pairs against 1 flat pair would read as a "bound" of 0.25
+# (bench tiny's 6x9 neighborhood). Like against like, visited <= dense and the bound is >= 1, as
+# the exact analysis's (Note [Tile-level bound] in attncc.ir.analysis); what the padding
+# costs is the boxes' choice (Note [Box choice]) and shows in the measured efficiency.
+
+
+def tiles_per_group(plan: KernelPlan, box: tuple[int, int, int]) -> list[int]:
+    """Tiles of ``box`` in each dilation group, in the kernel's group order."""
+    return [math.prod(math.ceil(lg / t) for lg, t in zip(plan.group_lengths(g), box)) for g in _groups(plan)]
+
+
+def dense_tiles(plan: KernelPlan) -> int:
+    """Tile pairs of one head that the plan's kernel walks on the dense pattern: every Q tile
+    against every KV tile, in the plan's boxes (Note [Kernel tile bound])."""
+    return sum(tiles_per_group(plan, plan.q_tile)) * sum(tiles_per_group(plan, plan.kv_tile))
+
+
 def visited_tiles(plan: KernelPlan, table_entries: int = 0) -> tuple[int, int]:
-    """``(visited, dense)`` tile pairs of one head: what the kernel loops over, and what a
-    dense kernel with tiles of the same token counts would. Table plans pass their entry count."""
-    n = math.prod(plan.grid)
-    dense = math.ceil(n / plan.block_m) * math.ceil(n / plan.block_n)
+    """``(visited, dense)`` tile pairs of one head: what the kernel loops over, and
+    :func:`dense_tiles` (Note [Kernel tile bound]). Table plans pass their entry count."""
     if plan.iteration != "range":
-        return table_entries, dense
-    return int(tile_counts(plan)[0].sum()), dense
+        return table_entries, dense_tiles(plan)
+    return int(tile_counts(plan)[0].sum()), dense_tiles(plan)
+
+
+def tile_map(plan: KernelPlan, tables: tuple[np.ndarray, ...] | None = None) -> np.ndarray:
+    """``[Q tiles, KV tiles]`` int8: what the forward kernel does with each tile pair of one
+    head: ``EMPTY`` (never visited), ``PARTIAL`` (visited, masked) or ``FULL`` (visited
+    unmasked: Note [Loops]). Tiles are numbered group by group (Note [Dilation groups]),
+    row-major over each group's boxes; a Q tile visits only KV tiles of its own group.
+    Table plans read their tables (:func:`attncc.lower.lowering.kernel_tables`)."""
+    q_counts, kv_counts = tiles_per_group(plan, plan.q_tile), tiles_per_group(plan, plan.kv_tile)
+    out = np.full((sum(q_counts), sum(kv_counts)), EMPTY, np.int8)
+    if plan.iteration == "table":
+        if tables is None:
+            raise ValueError("a table plan's tile map needs its tables (attncc.lower.lowering.kernel_tables)")
+        offsets, entries = np.asarray(tables[1], np.int64), np.asarray(tables[2], np.int64)
+        segment = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))  # 2 * row + (1 if partial)
+        out[segment // 2, entries] = np.where(segment % 2 == 0, FULL, PARTIAL)
+        return out
+    q0 = k0 = 0
+    for group, nq, nk in zip(_groups(plan), q_counts, kv_counts):
+        boxes, full, shape = _forward_boxes(plan, group)
+        kv_shape = tuple(math.ceil(lg / t) for lg, t in zip(plan.group_lengths(group), plan.kv_tile))
+        visited = np.logical_or.reduce([_inside(lo, hi, shape, kv_shape) for lo, hi in boxes])
+        block = np.where(visited, PARTIAL, EMPTY).astype(np.int8)
+        if full is not None:
+            block[_inside(*full, shape, kv_shape)] = FULL
+        out[q0 : q0 + nq, k0 : k0 + nk] = block.reshape(nq, nk)
+        q0, k0 = q0 + nq, k0 + nk
+    return out
+
+
+def _inside(lo: list, hi: list, shape: tuple, kv_shape: tuple) -> np.ndarray:
+    """``[*shape, *kv_shape]``: whether each KV tile lies in each Q tile's box ``[lo, hi]``."""
+    inside = np.ones((1,) * 6, dtype=bool)
+    for a in range(3):
+        k = np.arange(kv_shape[a]).reshape([kv_shape[a] if b == 3 + a else 1 for b in range(6)])
+        first = np.broadcast_to(lo[a], shape)[..., None, None, None]
+        last = np.broadcast_to(hi[a], shape)[..., None, None, None]
+        inside = inside & (first <= k) & (k <= last)
+    return np.broadcast_to(inside, (*shape, *kv_shape))
 
 
 def full_tiles(plan: KernelPlan) -> int:

@@ -7,6 +7,7 @@ passes are reported per case instead of ending the run.
 """
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -16,7 +17,7 @@ from conftest import REPO
 
 from attncc import AttnccError
 from attncc.bench.peers import Flex, Naive, Natten, Sdpa
-from attncc.bench.runner import TOLERANCE, run_case
+from attncc.bench.runner import TOLERANCE, plan_summary, run_case
 from attncc.bench.suite import load_cases
 from attncc.cli import cli
 
@@ -45,11 +46,12 @@ def test_bench_tiny_suite_prints_table_and_writes_json_plot_markdown(tmp_path):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "tiny-na2d-6x9-w3" in result.output and "natten: declined" in result.output
+    assert re.search(r"^tiny · tiny-causal-40: attncc ok \d+\.\d{3} ms$", result.output, re.M)  # its suite
     data = json.loads(out.read_text())
     assert set(data["environment"]) == {"device", "torch", "triton", "attncc", "python", "date"}
     assert [r["case"]["name"] for r in data["results"]] == list(TINY)
     for r in data["results"]:
-        assert r["mode"] == "fwd" and 0 < r["density"] <= 1 and r["tile_bound"] > 0
+        assert r["mode"] == "fwd" and 0 < r["density"] <= 1 and r["tile_bound"] >= 1
         entries = {e["peer"]: e for e in r["entries"]}
         assert list(entries) == ["attncc", "sdpa", "naive", "natten"]
         for name in ("attncc", "sdpa", "naive"):
@@ -140,6 +142,38 @@ def test_list_names_every_case_of_the_default_suite():
     assert result.exit_code == 0
     for name in ("dense-16384", "na3d-16x48x48-w7x15x15", "axial-128x128", "lm-32768-causal"):
         assert name in result.output
+
+
+def test_list_is_one_short_line_per_case_with_its_suite():
+    """Block-sparse layouts are summarised (printed whole, the list was 522 lines, 100 KB)."""
+    result = CliRunner().invoke(cli, ["bench", "--list"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    parts = {name: load_cases(name) for name in ("issue3", "grids", "flat", "models", "tiny")}
+    assert len(lines) == 1 + sum(map(len, parts.values())) + 1  # a header, the cases, a count
+    assert lines[0].split()[:2] == ["suite", "case"]
+    rows = {line.split()[1]: line for line in lines[1:-1]}
+    for suite, cases in parts.items():
+        for case in cases:
+            assert rows[case.name].split()[0] == suite
+    assert "block_sparse(layout=<128x128, 10% kept>, block=128)" in rows["block-sparse-10%-16384"]
+    assert "per_head(16 heads, 4 distinct: [" in rows["per-head-mix-128x128"]
+    assert max(map(len, lines)) < 200
+    assert lines[-1] == "32 cases; the default suite runs issue3, grids, flat, models"
+    one = CliRunner().invoke(cli, ["bench", "tiny", "-k", "na2d", "--list"]).output.splitlines()
+    assert len(one) == 3 and one[-1].startswith("1 case;")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_the_plans_tile_bound_is_at_least_one_and_printed_in_the_cases_rank(device):
+    """Note [Kernel tile bound]: 8x8 boxes on the 6x9 grid are 1x2 box tiles, every pair of
+    which the kernel visits: a bound of 1 (counted against 64-token flat tiles it was 0.25)."""
+    for case in TINY.values():
+        bound, plan = plan_summary(case, torch.device(device))
+        assert bound >= 1, (case.name, plan)
+        assert "q1x" not in plan
+    if device == "cpu":
+        assert plan_summary(TINY["tiny-na2d-6x9-w3"], CPU) == (1.0, "range q8x8/kv8x8")
 
 
 def test_gpu_check_script_parses():

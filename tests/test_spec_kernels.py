@@ -24,6 +24,7 @@ from attncc.ir import (
     dense,
     document,
     global_tokens,
+    key_range,
     load_spec,
     neighborhood,
     per_head,
@@ -36,8 +37,10 @@ from attncc.runtime.library import attention
 _LAYOUT = [[int(i == j or (3 * i + j) % 4 == 0) for j in range(5)] for i in range(5)]
 TWINS = {
     "axial.yaml": (axial(axes=(0, 1)), (6, 7)),
+    "block_diagonal.yaml": (block_diagonal(axis=0, block=9), (40,)),
     "block_sparse.yaml": (block_sparse(_LAYOUT, 9), (43,)),
     "causal.yaml": (causal(), (77,)),
+    "congruent.yaml": (congruent(0, modulus=3) & congruent(1, modulus=3), (7, 10)),
     "dense.yaml": (dense(), (37,)),
     "document.json": (document([0] * 20 + [1] * 9 + [2] * 31) & causal(), (60,)),
     "global_tokens.yaml": ((sliding_window(left=9) | global_tokens([0, 1, 2, 3])) & causal(), (70,)),
@@ -49,6 +52,7 @@ TWINS = {
     "na2d_dilated.yaml": (neighborhood(window=3, dilation=2), (11, 12)),
     "na3d.yaml": (neighborhood(window=(3, 3, 5)), (4, 6, 7)),
     "na3d_causal_time.yaml": (neighborhood(window=(3, 3, 3), causal=(True, False, False)), (4, 5, 7)),
+    "prefix_lm.yaml": (causal() | key_range(axis=0, hi=13), (60,)),
     "per_head.yaml": (
         per_head([neighborhood(window=3), neighborhood(window=3, dilation=2), axial(), dense()]),
         (8, 9),

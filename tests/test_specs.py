@@ -7,8 +7,11 @@ import yaml
 from conftest import SPECS
 
 from attncc.ir import analyze, load_spec, to_graph
+from attncc.ir.analysis import head_groups
 from attncc.ir.mask import mask
 from attncc.ir.nodes import PRIMITIVES
+from attncc.lower.lowering import LaunchConfig, lower
+from attncc.lower.visits import tile_map, visited_tiles
 
 SPEC_FILES = sorted(p for p in SPECS.iterdir() if p.suffix in (".yaml", ".yml", ".json"))
 
@@ -28,3 +31,22 @@ def test_spec_loads_and_analyses(path):
     if spec.grid.size <= 4096:  # brute force is O(N^2) memory
         m = mask(spec.pattern, spec.grid, spec.heads)
         assert a.kept_pairs == int(m.sum()) * (spec.heads // m.shape[0])
+
+
+def _plans(spec, device):
+    config = LaunchConfig.default(device, spec.head_dim, spec.dtype)
+    for group in head_groups(spec.pattern, spec.grid, spec.heads):
+        yield group.pattern, lower(group.pattern, spec.grid, spec.head_dim, spec.dtype, config=config)
+
+
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
+@pytest.mark.parametrize("path", SPEC_FILES, ids=[p.name for p in SPEC_FILES])
+def test_the_plans_tile_bound_is_at_least_one(path, device):
+    """Note [Kernel tile bound]: a range plan's visited and dense tile pairs are both counted
+    in its boxes, so it visits no more than the dense pattern would (GPU and interpreter
+    tiles). A table plan's entries are the non-empty tiles of those boxes by construction."""
+    spec = load_spec(path)
+    for pattern, plan in _plans(spec, device):
+        if plan.iteration == "range":
+            visited, dense = visited_tiles(plan)
+            assert 0 < visited <= dense == tile_map(plan).size, (pattern, plan.q_tile, plan.kv_tile)

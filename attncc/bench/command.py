@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 import click
 import torch
@@ -10,6 +11,9 @@ from rich.console import Console
 
 from attncc import settings
 from attncc.errors import AttnccError, field_error
+
+if TYPE_CHECKING:
+    from attncc.bench.suite import Case
 
 
 def _device(name: str | None) -> torch.device:
@@ -33,6 +37,23 @@ def _peers(text: str) -> list:
     return [PEERS[n]() for n in dict.fromkeys(names)]
 
 
+def _listing(parts: list[tuple[str, list[Case]]]) -> list[str]:
+    """One line per case: its suite, name, shape and pattern (long fields summarised)."""
+    from attncc.bench.suite import DEFAULT, short_pattern
+
+    rows = [("suite", "case", "grid", "heads", "D", "dtype", "pattern")]
+    rows += [
+        (suite, c.name, str(c.grid), str(c.heads), str(c.head_dim), c.dtype, short_pattern(c.pattern))
+        for suite, cases in parts
+        for c in cases
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) + "  " + row[-1] for row in rows]
+    count = len(rows) - 1
+    lines.append(f"{count} case{'s' * (count != 1)}; the default suite runs {', '.join(DEFAULT)}")
+    return lines
+
+
 @click.command("bench")
 @click.argument("targets", metavar="[SUITE|SPEC]...", nargs=-1)
 @click.option("--fwd", "mode", flag_value="fwd", default=True, help="Time the forward pass (default).")
@@ -54,7 +75,12 @@ def _peers(text: str) -> list:
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available.")
 @click.option("--warmup", default=5, show_default=True, help="Untimed runs after the first call.")
 @click.option("--runs", default=30, show_default=True, help="Timed runs; the median is reported.")
-@click.option("--list", "list_only", is_flag=True, help="List the suites' cases and exit.")
+@click.option(
+    "--list",
+    "list_only",
+    is_flag=True,
+    help="List the cases, one line each (with no SUITE: every suite) and exit.",
+)
 def bench_cmd(
     targets: tuple[str, ...],
     mode: str,
@@ -76,27 +102,31 @@ def bench_cmd(
     """
     from attncc.bench import report
     from attncc.bench.runner import run_case
-    from attncc.bench.suite import load_cases
+    from attncc.bench.suite import PARTS, load_parts
 
-    cases = [c for t in targets or ("default",) for c in load_cases(t) if select in c.name]
+    # --list alone lists every part; a run alone runs the default suite.
+    listed = targets or (tuple(PARTS) if list_only else ("default",))
+    parts = [(name, [c for c in cases if select in c.name]) for t in listed for name, cases in load_parts(t)]
+    if not any(part for _, part in parts):
+        raise field_error(AttnccError, "-k", select, "text that some case name contains (see --list)")
     console = Console(width=None if sys.stdout.isatty() else 200)
     if list_only:
-        for c in cases:
-            console.print(f"{c.name}: {c.pattern} on {c.grid}, H={c.heads}, D={c.head_dim}, {c.dtype}")
+        for line in _listing(parts):
+            click.echo(line)
         return
-    if not cases:
-        raise field_error(AttnccError, "-k", select, "text that some case name contains (see --list)")
     for name, value in (("--warmup", warmup), ("--runs", runs)):
         if value < (0 if name == "--warmup" else 1):
             raise field_error(AttnccError, name, value, "an integer >= 0" if name == "--warmup" else ">= 1")
     dev = _device(device)
     peers = _peers(peer_names)
     results = []
-    for case in cases:
-        result = run_case(case, peers, dev, mode, warmup, runs)
-        results.append(result)
-        ours = result.entry("attncc")
-        console.print(f"{case.name}: attncc {ours.status} {ours.median_ms or ''} ms", highlight=False)
+    for suite, part in parts:
+        for case in part:
+            result = run_case(case, peers, dev, mode, warmup, runs)
+            results.append(result)
+            ours = result.entry("attncc")
+            took = f" {ours.median_ms:.3f} ms" if ours.median_ms is not None else ""
+            console.print(f"{suite} · {case.name}: attncc {ours.status}{took}", highlight=False, markup=False)
     title = f"attncc bench {' '.join(targets or ('default',))} --{mode}"
     env = report.environment(dev)
     console.print(report.table(results, title))

@@ -93,8 +93,10 @@ class NoBackward(RuntimeError):
 
 def plan_summary(case: Case, device: torch.device) -> tuple[float, str]:
     """The tile-level bound of the plans our kernel runs (dense tile pairs / visited, all
-    heads) and a short description of those plans."""
+    heads, both in the plans' tiles: Note [Kernel tile bound] in attncc.lower.visits) and a
+    short description of those plans."""
     from attncc.lower.lowering import LaunchConfig, lower, tile_table
+    from attncc.lower.plan import RANK
     from attncc.lower.visits import visited_tiles
 
     config = LaunchConfig.default(device.type, case.head_dim, case.dtype)
@@ -108,8 +110,9 @@ def plan_summary(case: Case, device: torch.device) -> tuple[float, str]:
             plans[canon] = (plan, visited_tiles(plan, entries))
         v, d = plans[canon][1]
         visited, total = visited + v, total + d
+    user = RANK - case.grid.rank  # plans pad every grid to rank 3: show the case's rank
     texts = dict.fromkeys(
-        f"{p.iteration} q{'x'.join(map(str, p.q_tile))}/kv{'x'.join(map(str, p.kv_tile))}"
+        f"{p.iteration} q{'x'.join(map(str, p.q_tile[user:]))}/kv{'x'.join(map(str, p.kv_tile[user:]))}"
         for p, _ in plans.values()
     )
     return total / max(visited, 1), "; ".join(texts)

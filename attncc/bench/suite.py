@@ -7,6 +7,7 @@ them. ``issue3`` holds issue 3's eight forward acceptance cases unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,10 @@ import numpy as np
 from attncc.errors import AttnccError, field_error
 from attncc.ir import (
     Grid,
+    Intersection,
     Pattern,
+    PerHead,
+    Union,
     axial,
     block_sparse,
     causal,
@@ -151,16 +155,55 @@ def suite_names() -> list[str]:
     return ["default", *PARTS]
 
 
-def load_cases(target: str) -> list[Case]:
-    """The cases of a suite name (``default`` or a part) or of a spec file (one case)."""
+def load_parts(target: str) -> list[tuple[str, list[Case]]]:
+    """The named parts of a suite name (``default``: its parts; a part: itself) or of a spec
+    file (one part, named by its path, of one case)."""
     if target == "default":
-        return [case for part in DEFAULT for case in PARTS[part]()]
+        return [(part, PARTS[part]()) for part in DEFAULT]
     if target in PARTS:
-        return PARTS[target]()
+        return [(target, PARTS[target]())]
     path = Path(target)
     if path.suffix in (".yaml", ".yml", ".json"):
         spec = load_spec(path)
         name = spec.name or path.stem
-        return [Case(name, spec.pattern, spec.grid, spec.heads, spec.head_dim, spec.dtype)]
+        return [(target, [Case(name, spec.pattern, spec.grid, spec.heads, spec.head_dim, spec.dtype)])]
     allowed = ", ".join(suite_names()) + ", or a spec file (.yaml, .yml, .json)"
     raise field_error(AttnccError, "SUITE|SPEC", target, allowed)
+
+
+def load_cases(target: str) -> list[Case]:
+    """The cases of a suite name (``default`` or a part) or of a spec file (one case)."""
+    return [case for _, cases in load_parts(target) for case in cases]
+
+
+_LONG = 8  # a field holding more numbers than this is summarised by short_pattern
+
+
+def short_pattern(p: Pattern) -> str:
+    """The text form of ``p`` (as :func:`attncc.ir.text.format_pattern`) on one short line: a
+    field of many numbers (a block layout, document ids) becomes its shape, with the kept
+    fraction of a 0/1 layout, and a per-head list its distinct patterns."""
+    if isinstance(p, Union):
+        return " | ".join(short_pattern(op) for op in p.operands)
+    if isinstance(p, Intersection):
+        return " & ".join(
+            f"({short_pattern(op)})" if isinstance(op, Union) else short_pattern(op) for op in p.operands
+        )
+    if isinstance(p, PerHead):
+        distinct = list(dict.fromkeys(p.patterns))
+        if len(distinct) == len(p.patterns):
+            return f"per_head([{', '.join(short_pattern(op) for op in distinct)}])"
+        each = ", ".join(short_pattern(op) for op in distinct)
+        return f"per_head({len(p.patterns)} heads, {len(distinct)} distinct: [{each}])"
+    args = []
+    for f in dataclasses.fields(p):  # type: ignore[arg-type]
+        value = getattr(p, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        values = np.asarray(value) if isinstance(value, tuple) else None
+        if values is not None and values.size > _LONG:
+            kept = f", {values.mean():.0%} kept" if np.isin(values, (0, 1)).all() else ""
+            args.append(f"{f.name}=<{'x'.join(map(str, values.shape))}{kept}>")
+        else:
+            args.append(f"{f.name}={value!r}")
+    return f"{p.NAME}({', '.join(args)})"
