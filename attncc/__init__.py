@@ -8,9 +8,13 @@ the pattern language and ``attncc.reference`` for the brute-force oracle.
 
 __version__ = "0.1.0"
 
+from attncc import flex, natten, nn
 from attncc.errors import AttnccError, ParseError, PatternError, SpecError, TraceError
 from attncc.jit import jit
 from attncc.runtime.library import attention
+from attncc.runtime.progress import configure_logging
+
+configure_logging()  # ATTNCC_LOG (attncc.settings)
 
 __all__ = [
     "AttnccError",
@@ -20,5 +24,8 @@ __all__ = [
     "TraceError",
     "__version__",
     "attention",
+    "flex",
     "jit",
+    "natten",
+    "nn",
 ]
