@@ -14,6 +14,7 @@ from torch import nn
 from attncc.errors import AttnccError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
+from attncc.ir.validate import validate
 from attncc.runtime.library import attention
 
 
@@ -41,7 +42,9 @@ class SparseAttention(nn.Module):
         if kv_heads < 1 or heads % kv_heads:
             raise field_error(AttnccError, "kv_heads", kv_heads, f"a divisor of heads = {heads}")
         self.grid = grid if isinstance(grid, Grid) else Grid(tuple(grid))
+        validate(pattern, self.grid, heads)  # a pattern that cannot fit fails here, not at the first step
         self.pattern, self.heads, self.kv_heads = pattern, heads, kv_heads
+        self.dim = dim
         self.head_dim = dim // heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=qkv_bias)
@@ -117,10 +120,15 @@ class SparseAttention(nn.Module):
         """``attn_mask``/``is_causal`` are accepted for drop-in calls and must stay unset: the
         pattern is the mask (use ``causal()`` in it)."""
         if attn_mask is not None or is_causal:
-            raise field_error(AttnccError, "attn_mask/is_causal", "set", "unset: the pattern is the mask")
+            raise AttnccError(
+                "SparseAttention takes no attn_mask or is_causal: the pattern is the mask "
+                "(put causal() in the pattern for a causal one)"
+            )
         shape = x.shape
-        if tuple(shape[1:-1]) not in (self.grid.shape, (self.grid.size,)):
-            allowed = f"[B, {', '.join(map(str, self.grid.shape))}, C] or [B, {self.grid.size}, C]"
+        tokens_ok = x.dim() >= 3 and tuple(shape[1:-1]) in (self.grid.shape, (self.grid.size,))
+        if not tokens_ok or shape[-1] != self.dim:
+            grid = ", ".join(map(str, self.grid.shape))
+            allowed = f"[B, {grid}, {self.dim}] or [B, {self.grid.size}, {self.dim}] (dim = {self.dim})"
             raise field_error(AttnccError, "x.shape", tuple(shape), allowed)
         tokens = x.reshape(shape[0], *self.grid.shape, shape[-1])
         q = self.q(tokens).unflatten(-1, (self.heads, self.head_dim))

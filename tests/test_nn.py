@@ -39,6 +39,14 @@ def test_bad_shapes_are_refused():
     m = SparseAttention(64, 4, dense(), (4, 4))
     with pytest.raises(AttnccError, match=r"x\.shape"):
         m(torch.randn(1, 5, 4, 64))
+    # A wrong channel count used to reach the projection's matmul (a raw RuntimeError).
+    with pytest.raises(AttnccError, match=r"x\.shape = \(1, 4, 4, 32\) .*\[B, 4, 4, 64\] or \[B, 16, 64\]"):
+        m(torch.randn(1, 4, 4, 32))
+    with pytest.raises(AttnccError, match=r"takes no attn_mask or is_causal: the pattern is the mask"):
+        m(torch.randn(1, 4, 4, 64), is_causal=True)
+    # A pattern that cannot fit the grid fails when the module is built, not at its first step.
+    with pytest.raises(AttnccError, match=r"neighborhood.window"):
+        SparseAttention(64, 4, neighborhood(7), (4, 4))
 
 
 def test_compiled_training_step_of_a_small_vision_model():

@@ -11,6 +11,9 @@ output of a convex combination of O(1) values is within ~2e-3.
 """
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,6 +150,28 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
         AttnccError, match=r"device = 'cpu' is out of range; allowed: cuda, or cpu with TRITON_INTERPRET=1"
     ):
         attention(q, k, v, causal())
+
+
+_LATE = """
+import os, torch, triton
+os.environ["TRITON_INTERPRET"] = "1"
+import attncc
+from attncc.ir import causal
+q = torch.randn(1, 2, 16, 16)
+try:
+    attncc.attention(q, q, q, causal())
+except attncc.AttnccError as e:
+    print("AttnccError:", e)
+"""
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter is the CPU's")
+def test_interpreter_switched_on_after_triton_was_imported_is_named():
+    # Note [A late TRITON_INTERPRET]: Triton itself raises "Cannot call @triton.jit'd outside
+    # of the scope of a kernel" from deep in the launch.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _LATE], env=env, capture_output=True, text=True, timeout=300)
+    assert "AttnccError: TRITON_INTERPRET = '1' was set after triton was imported" in run.stdout, run.stderr
 
 
 def test_ambiguous_4d_layout_is_refused_until_named():

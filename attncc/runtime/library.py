@@ -173,9 +173,8 @@ def attention(
         raise field_error(AttnccError, "dtype", (q.dtype, k.dtype, v.dtype), allowed)
     if not (q.device == k.device == v.device):
         raise field_error(AttnccError, "device", (q.device, k.device, v.device), "one device for q, k, v")
-    if q.device.type == "cpu" and not settings.interpreter():
-        allowed = "cuda, or cpu with TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter)"
-        raise field_error(AttnccError, "device", "cpu", allowed)
+    if q.device.type == "cpu":
+        _check_interpreter()
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
     _, h, n, d = qs.shape
@@ -184,7 +183,7 @@ def attention(
     if not (math.isfinite(scale) and scale > 0):  # Note [Scale] in the Triton template
         raise field_error(AttnccError, "scale", scale, "a finite number > 0 (or None: 1 / sqrt(head dim))")
     bias = -math.log(n) if sigmoid_bias is None else float(sigmoid_bias)
-    visible = q.device.type == "cuda" and _backend_setting() == "triton"
+    visible = q.device.type == "cuda" and settings.backend() == "triton"
     op = torch.ops.attncc.fwd if visible else torch.ops.attncc.fwd_opaque
     # Note [bf16 on the CPU]: Triton's interpreter computes bf16 dots wrongly (off by orders of
     # magnitude, ../shared/TOOLCHAIN.md), so on the CPU a bf16 call runs the float32 kernels on
@@ -202,8 +201,25 @@ def attention(
 
 
 @torch.compiler.assume_constant_result  # read once per trace, like the pattern's text
-def _backend_setting() -> str:
-    return settings.backend()
+def _check_interpreter() -> None:
+    """CPU tensors run under Triton's interpreter, which must have been on when triton was
+    first imported (Note [A late TRITON_INTERPRET])."""
+    if not settings.interpreter():
+        allowed = "cuda, or cpu with TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter)"
+        raise field_error(AttnccError, "device", "cpu", allowed)
+    # Note [A late TRITON_INTERPRET]: triton.language's own @triton.jit helpers are decorated
+    # when triton is imported, as compiled functions unless the interpreter was on then; a
+    # kernel decorated later is interpreted but cannot call them (Triton raises "Cannot call
+    # @triton.jit'd outside of the scope of a kernel" deep in the launch). One of them tells.
+    import triton.language.standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.standard.sigmoid, InterpretedFunction):
+        raise AttnccError(
+            "TRITON_INTERPRET = '1' was set after triton was imported, so Triton's interpreter is "
+            "only half on; set it before the first `import triton` (in the shell, or at the top "
+            "of the script before importing torch extensions, attncc or triton)"
+        )
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once and keeps the text
