@@ -10,17 +10,26 @@ setting, never a silent default.
                           CUTLASS) or ``cutlass`` (every plan it takes)
 ``ATTNCC_POISON``         ``1``: output buffers start as NaN (tests: an element no kernel
                           writes fails the comparison)
+``ATTNCC_LOG``            ``debug``, ``info``, ``warning`` or ``error``: log the ``attncc``
+                          logger to stderr at that level (default: no handler; read
+                          when attncc is imported)
+``ATTNCC_PROGRESS``       ``0``: no spinner and build times on a terminal (default ``1``)
 ``TRITON_INTERPRET``      Triton's own: ``1`` runs kernels on CPU tensors in its
                           interpreter (it must be set before triton is imported)
+``ATTNCC_LOCK_TIMEOUT``   seconds a process waits for another's build of the same cache
+                          entry before it gives up with an error naming the lock and its
+                          holder (default 600: a CUTLASS build can take minutes)
 ========================  ==============================================================
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from pathlib import Path
 
-from attncc.errors import PatternError, field_error
+from attncc.errors import CacheError, PatternError, field_error
 
 BACKENDS = ("triton", "auto", "cutlass")
 
@@ -49,3 +58,41 @@ def interpreter() -> bool:
     """Whether ``TRITON_INTERPRET`` asks for Triton's CPU interpreter (the values Triton's own
     boolean settings take as true)."""
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+
+
+LOCK_TIMEOUT_S = 600.0
+
+
+def lock_timeout() -> float:
+    """``ATTNCC_LOCK_TIMEOUT``: seconds to wait for a cache entry's lock (default 600)."""
+    value = os.environ.get("ATTNCC_LOCK_TIMEOUT", "")
+    if not value:
+        return LOCK_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise field_error(CacheError, "ATTNCC_LOCK_TIMEOUT", value, "a finite number of seconds > 0")
+    return seconds
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def log_level() -> int | None:
+    """``ATTNCC_LOG``: the ``logging`` level to log the ``attncc`` logger at, or None (unset)."""
+    value = os.environ.get("ATTNCC_LOG", "").lower()
+    if not value:
+        return None
+    if value not in LOG_LEVELS:
+        raise field_error(PatternError, "ATTNCC_LOG", value, ", ".join(LOG_LEVELS))
+    return getattr(logging, value.upper())
+
+
+def progress() -> bool:
+    """``ATTNCC_PROGRESS``: ``1`` (default) shows slow steps on a terminal, ``0`` hides them."""
+    value = os.environ.get("ATTNCC_PROGRESS", "1")
+    if value not in ("0", "1"):
+        raise field_error(PatternError, "ATTNCC_PROGRESS", value, "0 or 1")
+    return value == "1"

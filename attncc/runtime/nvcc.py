@@ -24,6 +24,7 @@ from pathlib import Path
 
 from attncc.errors import BuildError
 from attncc.runtime import cache as kernel_cache
+from attncc.runtime import progress
 
 KERNELS = "kernels"  # the same cache kind as the Triton modules
 SOURCE = "kernel.cu"
@@ -111,7 +112,8 @@ def build(source: str, label: str, parts: Mapping[str, object]) -> Path:
 
     def compile_into(folder: Path) -> None:
         (folder / SOURCE).write_bytes(data)
-        run = subprocess.run(command(folder / SOURCE, folder / LIBRARY), capture_output=True, text=True)
+        with progress.step(f"nvcc: building {label} (a minute or two)"):
+            run = subprocess.run(command(folder / SOURCE, folder / LIBRARY), capture_output=True, text=True)
         if run.returncode != 0:
             failed = kernel_cache.root() / "failed" / f"{key.digest}.cu"
             failed.parent.mkdir(parents=True, exist_ok=True)

@@ -26,10 +26,12 @@ from attncc.errors import PatternError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
+from attncc.ir.text import format_pattern
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.plan import KernelPlan
 from attncc.lower.render import load
-from attncc.runtime import cutlass_kernel
+from attncc.runtime import cutlass_kernel, progress
+from attncc.runtime.progress import log
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
@@ -111,15 +113,19 @@ def compiled(
     tuned = tuned_config(pattern, grid, batch_heads, head_dim, dtype, score, device_type)
     default = LaunchConfig.default(device_type, head_dim, dtype)
     config = tuned or default
+    what = _label(pattern, grid, head_dim, dtype)
+    log.debug("%s: %s", what, f"tuned config {config}" if tuned else "no tuning record: default config")
     if setting == "cutlass":
         config = cutlass_config(head_dim)
     elif setting == "triton" and config.backend == "cutlass":
+        log.info("%s: the tuning record's CUTLASS config declined (ATTNCC_BACKEND=triton)", what)
         config = default
     if config.backend == "cutlass":
         plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
         cplan = cutlass_kernel.plan_for(pattern, grid, plan)
         reason = cplan if isinstance(cplan, str) else cutlass_kernel.unavailable(device_type)
         if reason is None:
+            log.info("%s: CUTLASS forward, Triton backward (ATTNCC_BACKEND=%s)", what, setting)
             triton = kernel_for(pattern, grid, head_dim, dtype, device_type, score, default)
             return dataclasses.replace(triton, cutlass=cutlass_kernel.load(cplan))
         if setting == "cutlass":
@@ -128,6 +134,7 @@ def compiled(
         # "auto" with a tuning record that picked CUTLASS where it cannot run (say, no nvcc here).
         warnings.warn(f"attncc: the tuned CUTLASS kernel cannot run ({reason}); using Triton", stacklevel=2)
         config = default
+    log.info("%s: Triton (ATTNCC_BACKEND=%s%s)", what, setting, ", tuned" if config == tuned else "")
     return kernel_for(pattern, grid, head_dim, dtype, device_type, score, config)
 
 
@@ -155,6 +162,11 @@ def kernel_for(
     return Kernel(plan, load(plan), tables, dkdv, load(dkdv), dkdv_tables)
 
 
+def _label(pattern: Pattern, grid: Grid, head_dim: int, dtype: str) -> str:
+    """How logs and progress name a kernel: ``causal() on grid 64, D=16 float32``."""
+    return f"{format_pattern(pattern)} on grid {'x'.join(map(str, grid.shape))}, D={head_dim} {dtype}"
+
+
 @dataclass(frozen=True)
 class Launch:
     """One launch: the kernel of a head pattern and the query heads it serves."""
@@ -175,10 +187,11 @@ def launches(
     score: str,
 ) -> tuple[Launch, ...]:
     """The launches of ``pattern`` over ``heads`` query heads: one per distinct head pattern."""
-    return tuple(
-        Launch(compiled(p, grid, head_dim, dtype, device_type, score, batch * len(ids)), ids)
-        for p, ids in head_groups(pattern, grid, heads)
-    )
+    with progress.step(f"kernels for {_label(pattern, grid, head_dim, dtype)}"):
+        return tuple(
+            Launch(compiled(p, grid, head_dim, dtype, device_type, score, batch * len(ids)), ids)
+            for p, ids in head_groups(pattern, grid, heads)
+        )
 
 
 def head_groups(pattern: Pattern, grid: Grid, heads: int) -> list[tuple[Pattern, tuple[int, ...]]]:
