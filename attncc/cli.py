@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 import click
 from rich.console import Console
@@ -21,6 +23,7 @@ from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
 from attncc.lower.plan import RANK, KernelPlan
 from attncc.machine.command import inspect_cmd
+from attncc.runtime import progress
 
 _DEFAULT_TILES = {
     1: ["128", "64"],
@@ -218,8 +221,11 @@ def compile_cmd(spec_path: str, out_dir: str, device: str, force: bool) -> None:
     from attncc.lower.emit import write_package
 
     spec = load_spec(spec_path)
-    path = write_package(spec, out_dir, device, force)
-    click.echo(f"wrote {path}/ : import {path.name}; {path.name}.forward(q, k, v)")
+    start = time.perf_counter()
+    with progress.step(f"compiling {Path(spec_path).name} into {out_dir}"):
+        path = write_package(spec, out_dir, device, force)
+    took = time.perf_counter() - start
+    click.echo(f"wrote {path}/ in {took:.1f} s: import {path.name}; {path.name}.forward(q, k, v)")
 
 
 cli.add_command(tune_cmd)

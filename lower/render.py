@@ -66,10 +66,11 @@ def load(plan: KernelPlan) -> ModuleType:
         "backend": "triton",
         "device": kernel_cache.device_capability(),
     }
-    label = (
-        f"triton {plan.iteration} {plan.dtype} d{plan.head_dim} grid {'x'.join(map(str, plan.grid))}"
-        f" q {'x'.join(map(str, plan.q_tile))} kv {'x'.join(map(str, plan.kv_tile))}"
-    )
+    # A plan is rank 3 (leading axes of size 1); the label drops those, as a 12x12 grid's kernel
+    # is the 1x12x12 one: 'grid 12x12 q 4x16', not 'grid 1x12x12 q 1x4x16'.
+    lead = next((i for i, n in enumerate(plan.grid[:-1]) if n != 1), len(plan.grid) - 1)
+    grid, q, kv = ("x".join(map(str, dims[lead:])) for dims in (plan.grid, plan.q_tile, plan.kv_tile))
+    label = f"triton {plan.iteration} {plan.dtype} d{plan.head_dim} grid {grid} q {q} kv {kv}"
     key = kernel_cache.make_key(KERNELS, parts)
     entry = kernel_cache.build_entry(key, lambda folder: (folder / MODULE).write_bytes(data), label)
     return _module_from_source(f"attncc_kernel_{key.digest[:24]}", str(entry.file(MODULE)), data)

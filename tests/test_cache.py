@@ -336,7 +336,9 @@ def test_attention_runs_through_the_kernel_cache(fresh_kernels, own_cache, monke
     assert set(status.entry.files) == {MODULE} and status.entry.parts["backend"] == "triton"
     assert status.entry.parts["sha256"] == {MODULE: status.entry.files[MODULE]["sha256"]}
     assert status.entry.parts["plan"]["dtype"] == "float32"
-    assert "float32" in status.entry.label and "grid 1x1x16" in status.entry.label
+    assert (
+        "float32" in status.entry.label and "grid 16 q " in status.entry.label
+    )  # the user's rank, not the plan's 1x1x16
     # Damaged on disk, the kernel is rebuilt with a warning the next time a process loads it.
     status.entry.file(MODULE).write_text("raise SystemExit('corrupted kernel')\n")
     forget_kernels()

@@ -1,6 +1,7 @@
 """`attncc compile`: a standalone package (forward and backward) that runs with torch and triton only."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,6 +52,7 @@ def test_compiled_package_runs_without_attncc(tmp_path):
         cli, ["compile", str(spec), "-o", str(tmp_path / "na_small"), "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
+    assert re.search(r"^wrote .*na_small/ in \d+\.\d s: import na_small", result.output), result.output
     assert "attncc" not in (tmp_path / "na_small" / "__init__.py").read_text().split('"""')[2]
     env = {**os.environ, "PYTHONPATH": str(tmp_path)}
     proc = subprocess.run(

@@ -9,7 +9,8 @@ import torch
 
 import attncc
 from attncc.ir import sliding_window
-from attncc.runtime import progress
+from attncc.runtime import cache, progress
+from attncc.runtime.library import forget_kernels
 
 
 class _Terminal(io.StringIO):
@@ -66,3 +67,23 @@ def test_attncc_log_attaches_one_handler_at_its_level(monkeypatch):
         attncc.AttnccError, match=r"ATTNCC_LOG = 'loud' is out of range; allowed: debug, info"
     ):
         progress.configure_logging()
+
+
+def test_cache_builds_and_hits_are_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_memo", {})
+    q = torch.randn(1, 1, 18, 16)
+    try:
+        forget_kernels()
+        with caplog.at_level(logging.DEBUG, logger="attncc"):
+            attncc.attention(q, q, q, sliding_window(2))
+            built = [r.getMessage() for r in caplog.records]
+            caplog.clear()
+            forget_kernels()  # as a new process would: from the cache on disk
+            cache.forget()
+            attncc.attention(q, q, q, sliding_window(2))
+            hits = [r.getMessage() for r in caplog.records]
+    finally:
+        forget_kernels()
+    assert any(m.startswith("cache: built kernels ") and "grid 18 q " in m for m in built), built
+    assert any(m.startswith("cache hit: kernels ") for m in hits) and not any("built" in m for m in hits)

@@ -73,6 +73,7 @@ import filelock
 
 from attncc import settings
 from attncc.errors import CacheError, field_error, form_error
+from attncc.runtime.progress import log
 
 MANIFEST = "manifest.json"
 RECORD = "record.json"
@@ -322,7 +323,9 @@ def lookup(key: Key, on_corrupt: str = "ignoring it") -> Entry | None:
         return _memo[memo]
     found = _find(key, on_corrupt)
     if found is None:
+        log.debug("cache miss: %s %s", key.kind, key.digest[:16])
         return None
+    log.debug("cache hit: %s %s (%s)", key.kind, key.digest[:16], found[0].label)
     _memo[memo] = found[0]
     return found[0]
 
@@ -377,7 +380,14 @@ def build_entry(key: Key, build: Callable[[Path], None], label: str = "") -> Ent
         return entry
     with _locked(key):
         found = _find(key, on_corrupt="")  # built by another process while we waited?
-        entry = found[0] if found else _install(key, build, label, time.time())
+        if found:
+            log.info("cache: %s %s (%s) was built by another process", key.kind, key.digest[:16], label)
+            entry = found[0]
+        else:
+            start = time.perf_counter()
+            entry = _install(key, build, label, time.time())
+            took = time.perf_counter() - start
+            log.info("cache: built %s %s (%s) in %.2f s", key.kind, key.digest[:16], label, took)
     _memo[(str(root()), key.digest)] = entry
     return entry
 
