@@ -48,7 +48,7 @@ def ls_cmd(kinds: tuple[str, ...]) -> None:
     for s in statuses:
         e = s.entry
         table.add_row(
-            s.digest[:16],
+            s.digest[:16] or "-",
             s.kind,
             escape(e.label) if e else "",
             _size(e.size) if e else "",

@@ -13,12 +13,15 @@ the checked source. Triton reads a ``@jit`` function's source through
 entry's path with no modification time, as ``linecache`` records sources that
 came from a module loader, so ``linecache.checkcache`` keeps it and Triton
 compiles the same text that runs (only after ``linecache.clearcache()`` would it
-read the file, which the cache's owner alone can write).
+read the file, which the cache's owner alone can write). When the cache cannot be
+written the same bytes run under a name that is no file at all, so nothing on
+disk is ever read for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import linecache
 from functools import cache
@@ -72,8 +75,17 @@ def load(plan: KernelPlan) -> ModuleType:
     grid, q, kv = ("x".join(map(str, dims[lead:])) for dims in (plan.grid, plan.q_tile, plan.kv_tile))
     label = f"triton {plan.iteration} {plan.dtype} d{plan.head_dim} grid {grid} q {q} kv {kv}"
     key = kernel_cache.make_key(KERNELS, parts)
-    entry = kernel_cache.build_entry(key, lambda folder: (folder / MODULE).write_bytes(data), label)
-    return _module_from_source(f"attncc_kernel_{key.digest[:24]}", str(entry.file(MODULE)), data)
+    try:
+        entry = kernel_cache.build_entry(key, functools.partial(_write_module, data=data), label)
+        filename = str(entry.file(MODULE))
+    except kernel_cache.Unwritable as e:  # Note [Cache faults] in attncc.runtime.cache: run from memory
+        kernel_cache.uncached(e)
+        filename = f"<attncc kernel {key.digest[:24]}, not cached>"
+    return _module_from_source(f"attncc_kernel_{key.digest[:24]}", filename, data)
+
+
+def _write_module(folder: Path, data: bytes) -> None:
+    kernel_cache.write_atomic(folder / MODULE, data)
 
 
 def _module_from_source(name: str, filename: str, data: bytes) -> ModuleType:

@@ -403,6 +403,7 @@ def test_kernels_still_run_after_another_process_clears_the_cache(fresh_kernels,
     _dense16()
     result = subprocess.run(
         [sys.executable, "-m", "attncc", "cache", "clear"],
+        cwd=own_cache.parent,  # not the repository root: its ./attncc would shadow the install
         env={**os.environ, "ATTNCC_CACHE_DIR": str(own_cache)},
         capture_output=True,
         text=True,
@@ -454,7 +455,7 @@ def test_a_manifest_that_is_a_folder_is_corrupt_and_clear_removes_it(own_cache, 
     entry.file(cache.MANIFEST).unlink()
     entry.file(cache.MANIFEST).mkdir()
     _forget(monkeypatch)
-    assert [s.problem for s in cache.scan()] == ["corrupt: it cannot be read (Is a directory)"]
+    assert [s.problem for s in cache.scan()] == [f"corrupt: {cache.MANIFEST} is not a plain file"]
     assert cache.clear() == 1 and cache.scan() == [] and not entry.path.exists()
 
 
@@ -484,7 +485,9 @@ cache.build_entry(cache.make_key("test", {"n": "held"}), build)
 
 def test_a_stopped_lock_holder_makes_others_give_up_naming_it(own_cache, monkeypatch):
     env = {**os.environ, "ATTNCC_CACHE_DIR": str(own_cache)}
-    holder = subprocess.Popen([sys.executable, "-c", _STOPPED_HOLDER], env=env, stderr=subprocess.PIPE)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _STOPPED_HOLDER], cwd=own_cache.parent, env=env, stderr=subprocess.PIPE
+    )  # not from the repository root, whose ./attncc would shadow the installed package
     try:
         _, status = os.waitpid(holder.pid, os.WUNTRACED)  # returns once it is stopped
         assert os.WIFSTOPPED(status), holder.stderr.read()

@@ -166,11 +166,13 @@ except attncc.AttnccError as e:
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter is the CPU's")
-def test_interpreter_switched_on_after_triton_was_imported_is_named():
+def test_interpreter_switched_on_after_triton_was_imported_is_named(tmp_path):
     # Note [A late TRITON_INTERPRET]: Triton itself raises "Cannot call @triton.jit'd outside
     # of the scope of a kernel" from deep in the launch.
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", _LATE], env=env, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(  # from tmp_path: the repository root's ./attncc would shadow the install
+        [sys.executable, "-c", _LATE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert "AttnccError: TRITON_INTERPRET = '1' was set after triton was imported" in run.stdout, run.stderr
 
 

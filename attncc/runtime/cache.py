@@ -41,6 +41,21 @@ which may truncate it on open), so a waiter that gives up can say which
 process may hold it: one that is stopped, hung, or on another host sharing
 the directory.
 
+Note [Cache faults]: the cache is an optimisation, never a condition of
+computing. When it cannot be written (a read-only or full disk, a cache dir
+that is a file or a symlink loop, a file where ``locks`` or a kind's folder
+belongs) a build raises :class:`Unwritable`, a :class:`CacheError` naming the
+path and the OS error, never a raw ``OSError``; the callers that compute
+degrade instead: a Triton kernel runs from its rendered bytes in memory, a
+CUTLASS build goes to a private temporary folder (:func:`build_private`), a
+tuning record is kept for the process only. :func:`uncached` warns once per
+process and cache root, saying why; ``attncc cache import`` fails with the
+error. A lookup that cannot reach an entry (an ancestor is a file or a loop)
+is a miss without a warning: the write that follows says why. ``scan`` reports
+junk where entries or kind folders belong (files, symbolic links, folders it
+cannot list) as corrupt rows that ``clear`` removes, and refuses, naming it, a
+root that is not a folder; it never follows a link or touches other names.
+
 Note [File modes]: every file attncc writes (entries, bundles, compiled
 packages) goes to a temporary name and is renamed into place; the temporary
 file is created with mode 0o666 (directories 0o777) and the kernel takes the
@@ -52,6 +67,7 @@ thread-safe.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import hashlib
@@ -61,6 +77,8 @@ import os
 import re
 import shutil
 import socket
+import stat
+import tempfile
 import time
 import uuid
 import warnings
@@ -81,7 +99,7 @@ FORMAT = 1
 _KIND = re.compile(r"[a-z][a-z0-9_-]{0,39}\Z")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}\Z")
 _DIGEST = re.compile(r"[0-9a-f]{64}\Z")
-_NOT_KINDS = ("locks",)
+_NOT_KINDS = ("locks", "failed")  # the lock files, and the sources nvcc rejected
 _STALE_TEMP_S = 3600.0  # a hidden build or trash folder this old was left by a crashed process
 
 
@@ -184,7 +202,7 @@ class Key:
 def make_key(kind: str, parts: Mapping[str, object]) -> Key:
     """The key of ``parts`` (JSON values) under the current toolchain."""
     if not isinstance(kind, str) or not _KIND.match(kind) or kind in _NOT_KINDS:
-        allowed = "1-40 of a-z, 0-9, '_', '-', starting with a letter; not 'locks'"
+        allowed = "1-40 of a-z, 0-9, '_', '-', starting with a letter; not 'locks' or 'failed'"
         raise field_error(CacheError, "kind", kind, allowed)
     if not isinstance(parts, Mapping):
         raise field_error(CacheError, "key parts", parts, "a dict of JSON values")
@@ -220,6 +238,28 @@ class Entry:
 
 class Corrupt(Exception):
     """An entry fails a check; the message says which."""
+
+
+class Unwritable(CacheError):
+    """The cache cannot be written (Note [Cache faults]): ``path`` and the OS error say why."""
+
+    def __init__(self, error: OSError) -> None:
+        self.root = root()
+        where = error.filename if error.filename is not None else self.root
+        super().__init__(
+            f"the cache cannot be written ({where}: {error.strerror or error}); attncc computes without it. "
+            f"To cache kernels, make {self.root} a writable folder or set ATTNCC_CACHE_DIR to one"
+        )
+
+
+_warned: set[str] = set()
+
+
+def uncached(error: Unwritable) -> None:
+    """Warn, once per process and cache root, that ``error`` keeps this process from caching."""
+    if str(error.root) not in _warned:
+        _warned.add(str(error.root))
+        warnings.warn(f"attncc: {error}", stacklevel=3)
 
 
 def check_entry(
@@ -281,17 +321,32 @@ def _bound(parts: object) -> object:
 def read_entry(path: Path, kind: str, digest: str) -> tuple[Entry, dict[str, bytes]]:
     """Read and check the entry at ``path``: the entry and the bytes checked, manifest included.
 
-    Raises ``FileNotFoundError`` if it has no manifest, :class:`Corrupt` if a check fails
-    or it cannot be read (a manifest that is a folder, a folder it may not list).
+    Raises ``OSError`` if nothing is there (``FileNotFoundError``: no entry, or no manifest in
+    its folder; another: a folder above it is a file or a loop), :class:`Corrupt` if a check
+    fails or it cannot be read: a symbolic link, a file, anything in it but plain files.
     """
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        raise Corrupt(f"it is a symbolic link (to {os.readlink(path)}), which the cache never makes")
+    if not stat.S_ISDIR(mode):
+        raise Corrupt("it is a file, not a folder")
     try:
+        with os.scandir(path) as items:
+            plain = {item.name: item.is_file(follow_symlinks=False) for item in items}
+        if MANIFEST in plain and not plain[MANIFEST]:
+            raise Corrupt(f"{MANIFEST} is not a plain file")
         manifest = (path / MANIFEST).read_bytes()
-        present = os.listdir(path)
     except FileNotFoundError:
         raise
     except OSError as e:
         raise Corrupt(f"it cannot be read ({e.strerror or e})") from None
-    m, contents = check_entry(kind, digest, manifest, lambda name: (path / name).read_bytes(), present)
+
+    def read(name: str) -> bytes:
+        if name in plain and not plain[name]:
+            raise Corrupt(f"{name} is not a plain file")
+        return (path / name).read_bytes()
+
+    m, contents = check_entry(kind, digest, manifest, read, plain)
     entry = Entry(path, kind, digest, m["parts"], m["versions"], m["files"], m["label"], m["created"])
     return entry, {**contents, MANIFEST: manifest}
 
@@ -305,7 +360,7 @@ def _find(key: Key, on_corrupt: str) -> tuple[Entry, dict[str, bytes]] | None:
     path = root() / key.kind / key.digest
     try:
         return read_entry(path, key.kind, key.digest)
-    except FileNotFoundError:
+    except OSError:  # no entry, or none reachable: the write that follows says why (Note [Cache faults])
         return None
     except Corrupt as e:
         if on_corrupt:
@@ -373,36 +428,65 @@ def _holder(path: Path) -> str:
 def build_entry(key: Key, build: Callable[[Path], None], label: str = "") -> Entry:
     """The entry of ``key``; if missing or corrupt, ``build(folder)`` writes its files into ``folder``.
 
-    Processes that ask for one key at once build it once (Note [Cache writes]).
+    Processes that ask for one key at once build it once (Note [Cache writes]). Raises
+    :class:`Unwritable` if the cache cannot be written (Note [Cache faults]).
     """
     entry = lookup(key, on_corrupt="rebuilding it")
     if entry is not None:
         return entry
-    with _locked(key):
-        found = _find(key, on_corrupt="")  # built by another process while we waited?
-        if found:
-            log.info("cache: %s %s (%s) was built by another process", key.kind, key.digest[:16], label)
-            entry = found[0]
-        else:
-            start = time.perf_counter()
-            entry = _install(key, build, label, time.time())
-            took = time.perf_counter() - start
-            log.info("cache: built %s %s (%s) in %.2f s", key.kind, key.digest[:16], label, took)
+    try:
+        with _locked(key):
+            found = _find(key, on_corrupt="")  # built by another process while we waited?
+            if found:
+                log.info("cache: %s %s (%s) was built by another process", key.kind, key.digest[:16], label)
+                entry = found[0]
+            else:
+                start = time.perf_counter()
+                entry = _install(key, build, label, time.time(), root())
+                took = time.perf_counter() - start
+                log.info("cache: built %s %s (%s) in %.2f s", key.kind, key.digest[:16], label, took)
+    except OSError as e:
+        raise Unwritable(e) from None
     _memo[(str(root()), key.digest)] = entry
     return entry
+
+
+_private: dict[str, Entry] = {}
+
+
+def build_private(key: Key, build: Callable[[Path], None], label: str = "") -> Entry:
+    """The entry of ``key`` built once per process into a private temporary folder (mode 0o700,
+    removed at exit): for builders that need a folder when the cache cannot be written
+    (Note [Cache faults]). Raises :class:`CacheError` if that cannot be written either."""
+    if key.digest not in _private:
+        try:
+            base = Path(tempfile.mkdtemp(prefix="attncc-uncached-"))
+            atexit.register(shutil.rmtree, base, ignore_errors=True)
+            _private[key.digest] = _install(key, build, label, time.time(), base)
+        except OSError as e:
+            where = e.filename if e.filename is not None else tempfile.gettempdir()
+            raise CacheError(
+                f"{label or key.kind} cannot be built in a private temporary folder either "
+                f"({where}: {e.strerror or e}): free space there or set TMPDIR to a writable folder"
+            ) from None
+    return _private[key.digest]
 
 
 def install(key: Key, build: Callable[[Path], None], label: str, created: float) -> Entry:
-    """Write the entry of ``key`` whether or not one is stored (an import, a new record), under its lock."""
-    with _locked(key):
-        entry = _install(key, build, label, created)
+    """Write the entry of ``key`` whether or not one is stored (an import, a new record), under its
+    lock. Raises :class:`Unwritable` if the cache cannot be written."""
+    try:
+        with _locked(key):
+            entry = _install(key, build, label, created, root())
+    except OSError as e:
+        raise Unwritable(e) from None
     _memo[(str(root()), key.digest)] = entry
     return entry
 
 
-def _install(key: Key, build: Callable[[Path], None], label: str, created: float) -> Entry:
-    """Build into a temporary folder, write the manifest last, rename into place. Hold the key's lock."""
-    kind_dir = root() / key.kind
+def _install(key: Key, build: Callable[[Path], None], label: str, created: float, base: Path) -> Entry:
+    """Build into a temporary folder, write the manifest last, rename into ``base``. Hold the key's lock."""
+    kind_dir = base / key.kind
     kind_dir.mkdir(parents=True, exist_ok=True)
     tmp = kind_dir / f".build-{key.digest[:16]}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # mode 0o777 less the umask (Note [File modes])
@@ -428,7 +512,7 @@ def _install(key: Key, build: Callable[[Path], None], label: str, created: float
             "label": label,
             "created": created,
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
         final = kind_dir / key.digest
         _remove(final)
         os.replace(tmp, final)
@@ -445,18 +529,32 @@ def _remove(path: Path) -> None:
         os.replace(path, trash)
     except FileNotFoundError:
         return
-    shutil.rmtree(trash, ignore_errors=True)
+    if trash.is_dir() and not trash.is_symlink():
+        shutil.rmtree(trash, ignore_errors=True)
+    else:  # junk: a file or a link (never followed)
+        trash.unlink()
 
 
 def put_record(kind: str, parts: Mapping[str, object], obj: object, label: str = "") -> Entry:
-    """Store ``obj`` (JSON data) as the record of ``parts``, replacing an older one."""
+    """Store ``obj`` (JSON data) as the record of ``parts``, replacing an older one.
+
+    If the cache cannot be written, warns (once) and keeps the record for this process only:
+    the entry returned names where it would be (Note [Cache faults]).
+    """
     key = make_key(kind, parts)
     try:
         text = json.dumps(obj, indent=1, sort_keys=True, allow_nan=False)
     except (TypeError, ValueError) as e:
         allowed = "JSON values (str, int, finite float, bool, None, lists, dicts)"
         raise field_error(CacheError, "record", obj, allowed, str(e)) from None
-    entry = install(key, lambda folder: (folder / RECORD).write_text(text), label, time.time())
+    try:
+        entry = install(key, lambda folder: write_atomic(folder / RECORD, text.encode()), label, time.time())
+    except Unwritable as e:
+        uncached(e)
+        files = {RECORD: {"size": len(text.encode()), "sha256": hashlib.sha256(text.encode()).hexdigest()}}
+        path, parts = root() / kind / key.digest, json.loads(key.parts)
+        entry = Entry(path, kind, key.digest, parts, dict(key.versions), files, label, time.time())
+        _memo[(str(root()), key.digest)] = entry
     _records[(str(root()), key.digest)] = text
     return entry
 
@@ -492,28 +590,67 @@ class Status:
 
 
 def scan() -> list[Status]:
-    """Every entry folder under the root, checked, in kind then creation order."""
+    """Every entry folder under the root, checked, in kind then creation order; junk where an entry
+    or a kind's folder belongs is a corrupt row (Note [Cache faults]). Raises :class:`CacheError`
+    if the root is there but is not a folder that can be listed."""
     base = root()
+    try:
+        kinds = _listing(base)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise CacheError(
+            f"the cache directory {base} cannot be listed ({e.strerror or e}): "
+            "set ATTNCC_CACHE_DIR to a folder, or move what is there aside"
+        ) from None
     current = dict(versions())
     found = []
-    for kind_dir in sorted(base.iterdir()) if base.is_dir() else ():
-        if not kind_dir.is_dir() or not _KIND.match(kind_dir.name) or kind_dir.name in _NOT_KINDS:
+    for name, mode in kinds:
+        kind_dir = base / name
+        if not _KIND.match(name):
             continue
-        for path in sorted(kind_dir.iterdir()):
-            if not path.is_dir() or not _DIGEST.match(path.name):
+        what = {"locks": "lock files", "failed": "failed sources"}.get(name, f"{name} entries")
+        junk = _junk(kind_dir, mode, f"a folder of {what}")
+        if junk:
+            found.append(Status(kind_dir, name, "", None, junk))
+        if junk or name in _NOT_KINDS:
+            continue
+        try:
+            paths = [kind_dir / child for child, _ in _listing(kind_dir)]
+        except OSError as e:
+            unlisted = f"corrupt: it cannot be listed ({e.strerror or e})"
+            found.append(Status(kind_dir, name, "", None, unlisted))
+            continue
+        for path in paths:
+            if not _DIGEST.match(path.name):
                 continue
             entry, problem = None, ""
             try:
-                entry = read_entry(path, kind_dir.name, path.name)[0]
+                entry = read_entry(path, name, path.name)[0]
             except FileNotFoundError:
                 problem = "corrupt: no manifest"
+            except OSError as e:
+                problem = f"corrupt: it cannot be read ({e.strerror or e})"
             except Corrupt as e:
                 problem = f"corrupt: {e}"
             if entry is not None and entry.versions != current:
                 changed = [f"{k} {v}" for k, v in sorted(entry.versions.items()) if current.get(k) != v]
                 problem = "stale: made by " + ", ".join(changed)
-            found.append(Status(path, kind_dir.name, path.name, entry, problem))
+            found.append(Status(path, name, path.name, entry, problem))
     return sorted(found, key=lambda s: (s.kind, s.entry.created if s.entry else 0.0, s.digest))
+
+
+def _listing(folder: Path) -> list[tuple[str, int]]:
+    """The names in ``folder`` and their modes (links not followed), sorted by name."""
+    with os.scandir(folder) as items:
+        return sorted((item.name, item.stat(follow_symlinks=False).st_mode) for item in items)
+
+
+def _junk(path: Path, mode: int, belongs: str) -> str:
+    """Why ``path`` (of ``mode``, links not followed) is not ``belongs``, or ''."""
+    if stat.S_ISLNK(mode):
+        return f"corrupt: a symbolic link where {belongs} belongs, which the cache never makes"
+    return "" if stat.S_ISDIR(mode) else f"corrupt: a file where {belongs} belongs"
 
 
 def find(prefix: str) -> Status:
@@ -538,8 +675,9 @@ def clear(stale_only: bool = False) -> int:
         removed += 1
     base = root()
     forget(base)
-    if not stale_only and base.is_dir():
+    if not stale_only:
         for leftover in [*base.glob("*/.build-*"), *base.glob("*/.trash-*")]:
-            if time.time() - leftover.stat().st_mtime > _STALE_TEMP_S:
-                shutil.rmtree(leftover, ignore_errors=True)
+            with contextlib.suppress(OSError):  # gone already, or unreadable: left for the next clear
+                if time.time() - leftover.lstat().st_mtime > _STALE_TEMP_S:
+                    shutil.rmtree(leftover, ignore_errors=True)
     return removed

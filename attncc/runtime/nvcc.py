@@ -8,11 +8,22 @@ source's hash, the nvcc version, the flags and the caller's parts: a second
 process loads it without running nvcc. A source that does not compile is kept
 at ``<cache root>/failed/<digest>.cu`` and named in the :class:`BuildError`,
 so the report can be reproduced by hand.
+
+Note [Loading checked bytes]: ``ctypes.CDLL`` of the entry's ``kernel.so`` would
+read the file again after the cache checked it, and a file swapped in between
+would run unchecked. :func:`load` reads the entry once, checks it (the manifest
+against its key, every file against the manifest), writes the bytes it checked
+into an anonymous in-memory file (``memfd_create``), seals it against writes and
+loads that through ``/proc/self/fd``. The descriptor stays open for the life of
+the process, as the library does (ctypes never unloads one): the dynamic loader
+knows a loaded library by its path, so a closed descriptor's number reused by the
+next load would be taken for the library already loaded.
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import shutil
@@ -111,20 +122,54 @@ def build(source: str, label: str, parts: Mapping[str, object]) -> Path:
     )
 
     def compile_into(folder: Path) -> None:
-        (folder / SOURCE).write_bytes(data)
+        kernel_cache.write_atomic(folder / SOURCE, data)
         with progress.step(f"nvcc: building {label} (a minute or two)"):
             run = subprocess.run(command(folder / SOURCE, folder / LIBRARY), capture_output=True, text=True)
         if run.returncode != 0:
             failed = kernel_cache.root() / "failed" / f"{key.digest}.cu"
-            failed.parent.mkdir(parents=True, exist_ok=True)
-            failed.write_bytes(data)
+            try:
+                failed.parent.mkdir(parents=True, exist_ok=True)
+                kernel_cache.write_atomic(failed, data)
+                kept = f"source kept at {failed}"
+            except OSError as e:
+                kept = f"the source could not be kept at {failed}: {e.strerror or e}"
             report = (run.stderr or run.stdout)[-_TAIL:]
-            raise BuildError(f"nvcc could not build {label} (source kept at {failed}):\n{report}")
+            raise BuildError(f"nvcc could not build {label} ({kept}):\n{report}")
 
-    return kernel_cache.build_entry(key, compile_into, label).file(LIBRARY)
+    try:
+        entry = kernel_cache.build_entry(key, compile_into, label)
+    except kernel_cache.Unwritable as e:  # Note [Cache faults] in attncc.runtime.cache
+        kernel_cache.uncached(e)
+        entry = kernel_cache.build_private(key, compile_into, label)
+    return entry.file(LIBRARY)
+
+
+_loaded: list[int] = []  # loaded libraries' in-memory files, open for good (Note [Loading checked bytes])
 
 
 @cache
 def load(path: Path) -> ctypes.CDLL:
-    """The shared object at ``path``, loaded once per process."""
-    return ctypes.CDLL(str(path))
+    """The shared object at ``path`` (a ``kernel.so`` that :func:`build` returned), loaded once
+    per process from the bytes its entry's check read (Note [Loading checked bytes])."""
+    folder = path.parent
+    try:
+        _, contents = kernel_cache.read_entry(folder, folder.parent.name, folder.name)
+        data = contents[path.name]
+    except (OSError, KeyError, kernel_cache.Corrupt) as e:
+        why = f"{type(e).__name__}: {e}" if isinstance(e, (OSError, KeyError)) else str(e)
+        raise BuildError(
+            f"the shared object {path} fails its check ({why}); only a kernel.so in a cache entry "
+            "loads: run again, and a new process rebuilds a damaged entry (`attncc cache ls` lists it)"
+        ) from None
+    fd = os.memfd_create(f"attncc-{folder.name[:16]}.so", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        with open(fd, "wb", closefd=False) as f:
+            f.write(data)
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        library = ctypes.CDLL(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        os.close(fd)
+        raise BuildError(f"the shared object {path} could not be loaded from memory: {e}") from None
+    _loaded.append(fd)
+    return library
