@@ -15,7 +15,7 @@ from attncc.autotune.command import tune_cmd
 from attncc.autotune.report import model_pick
 from attncc.bench.command import bench_cmd
 from attncc.cache_cli import cache_cmd
-from attncc.errors import AttnccError, PatternError, field_error
+from attncc.errors import AttnccError, PatternError, field_error, form_error
 from attncc.ir.analysis import Analysis, HeadGroup, analyze, head_groups
 from attncc.ir.canonical import pattern_hash
 from attncc.ir.spec import Spec, load_spec
@@ -32,12 +32,18 @@ _DEFAULT_TILES = {
 }
 
 
+MAX_TILE = 2**31 - 1  # token indices are int32 in the kernels, and in numpy's analyses
+
+
 def parse_tile(text: str, name: str) -> int | tuple[int, ...]:
     """``"128"`` (flat run of tokens) or ``"8x16"`` (a box, one size per axis)."""
     parts = text.lower().split("x")
-    if not all(p.strip().isdigit() for p in parts):
-        raise field_error(PatternError, name, text, "a size like 128 (flat) or a box like 8x16")
+    allowed = f"a size like 128 (flat) or a box like 8x16, each size 1..{MAX_TILE:,}"
+    if not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
+        raise field_error(PatternError, name, text, allowed)
     sizes = tuple(int(p) for p in parts)
+    if not all(1 <= s <= MAX_TILE for s in sizes):  # a tile wider than any grid is a mistyped one
+        raise field_error(PatternError, name, text, allowed)
     return sizes[0] if len(sizes) == 1 else sizes
 
 
@@ -162,6 +168,8 @@ def cli() -> None:
 )
 def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, ...], png: str | None) -> None:
     """Exact density, ideal speedup and tile map of the pattern in SPEC (YAML/JSON)."""
+    if png and not Path(png).resolve().parent.is_dir():  # before the work, not after it
+        raise form_error(AttnccError, "--png", png, "a file in an existing directory")
     spec = load_spec(spec_path)
     q_list = list(q_tiles) or _DEFAULT_TILES[spec.grid.rank]
     if kv_tiles and len(kv_tiles) not in (1, len(q_list)):

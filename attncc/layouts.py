@@ -54,6 +54,9 @@ def to_sdpa_layout(
     qs, ks, vs = found(q), found(k), found(v)
     b, h, n, d = qs.shape
     h_kv = ks.shape[1]
+    for name, size in (("B", b), ("H", h), ("H_kv", h_kv), ("D", d)):
+        if size < 1:  # a head count of 0 would divide by zero, a head dim of 0 scale by 1 / 0
+            raise field_error(AttnccError, f"{name} (of q/k/v [B, H, N, D])", size, "an integer >= 1")
     if ks.shape[0] != b or ks.shape[2] != n or ks.shape[3] != d or h % h_kv:
         allowed = f"[{b}, H_kv, {n}, {d}] with H_kv dividing {h}"
         raise field_error(AttnccError, "k shape", tuple(k.shape), allowed)

@@ -23,6 +23,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure, SubFigure
 
+from attncc.errors import AttnccError, form_error
 from attncc.ir.analysis import EMPTY, FULL, PARTIAL, Analysis, HeadGroup, Tiling, analyze, keys_of
 from attncc.ir.canonical import resolve_heads
 from attncc.ir.grid import Grid
@@ -49,8 +50,14 @@ def draw(
     """Write :func:`figure` as a PNG."""
     with plt.rc_context(_STYLE):  # ticks are made as the figure is drawn: keep the style until then
         fig = figure(spec, tiled, plans)
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
+        try:
+            fig.savefig(path, dpi=110)
+        except OSError as e:
+            raise form_error(
+                AttnccError, "png path", str(path), "a writable file", e.strerror or str(e)
+            ) from None
+        finally:
+            plt.close(fig)
 
 
 def figure(spec: Spec, tiled: Analysis, plans: Sequence[tuple[HeadGroup, KernelPlan]]) -> Figure:
@@ -75,11 +82,19 @@ def figure(spec: Spec, tiled: Analysis, plans: Sequence[tuple[HeadGroup, KernelP
         if grid.rank > 1:
             _keys_panel(axes[3], spec.pattern, grid, head)
         if len(plans) > 1:
-            row.suptitle(f"{group.label}: {_short(format_pattern(written[head]))}", fontsize="medium")
+            label = f"{group.label}: {_short(format_pattern(written[head]))}"
+            row.suptitle(_literal(label), fontsize="medium")
     shown = sum(len(group.heads) for group, _ in plans)
     more = f" (the first {len(plans)} head patterns: {shown} of the heads)" if shown < spec.heads else ""
-    fig.suptitle(f"{spec.name}: grid {grid}, {_plural(spec.heads, 'head')}{more}", fontweight="bold")
+    title = f"{_literal(spec.name)}: grid {grid}, {_plural(spec.heads, 'head')}{more}"
+    fig.suptitle(title, fontweight="bold")
     return fig
+
+
+def _literal(text: str) -> str:
+    """``text`` drawn as written: a ``$`` would start matplotlib's mathtext (and a bad formula,
+    such as ``$\\frac{a}$``, fail the whole picture)."""
+    return text.replace("$", r"\$")
 
 
 def _plural(n: int, word: str) -> str:

@@ -7,6 +7,13 @@ few thousand tokens.
 Note [Queries with no keys]: a query that sees no key (possible with e.g.
 ``strided`` intersected with a band) gets an output row of zeros and a
 log-sum-exp of ``-inf``; it never produces NaN. Kernels must do the same.
+
+Note [Masked keys never touch v]: a row's output depends only on the keys it
+keeps. ``probs @ v`` would multiply a masked key's probability (exactly 0) by
+its value, and ``0 * inf`` is NaN, so an ``inf`` or NaN in v would reach rows
+that never look at it. :func:`_weighted_sum` multiplies only the finite part
+of v and adds each kept non-finite value by IEEE's rules (``p * inf = inf``
+for ``p > 0``; NaN, or ``inf`` and ``-inf`` together, give NaN).
 """
 
 from __future__ import annotations
@@ -61,9 +68,24 @@ def attention(
     scores = scores.masked_fill(~keep[None], -math.inf)
     if score == "sigmoid":
         bias = -math.log(scores.shape[-1]) if sigmoid_bias is None else sigmoid_bias
-        return found.output((torch.sigmoid(scores + bias) @ vc).to(q.dtype))  # sigmoid(-inf) = 0
+        weights = torch.sigmoid(scores + bias)  # sigmoid(-inf) = 0
+        return found.output(_weighted_sum(weights, vc, keep).to(q.dtype))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row keeps nothing
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    out = (probs @ vc).to(q.dtype)
+    out = _weighted_sum(probs, vc, keep).to(q.dtype)
     out, lse = found.output(out), found.lse(lse)
     return (out, lse) if return_lse else out
+
+
+def _weighted_sum(weights: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``weights @ v`` over the kept keys only (Note [Masked keys never touch v]):
+    weights ``[B, H, N, N]``, v ``[B, H, N, D]``, keep ``[1 or H, N, N]``."""
+    finite = torch.isfinite(v)
+    out = weights @ v.masked_fill(~finite, 0.0)
+    if bool(finite.all()):
+        return out
+    kept = keep[None].to(v.dtype)
+    seen = {name: kept @ hit.to(v.dtype) > 0 for name, hit in
+            (("inf", v == math.inf), ("-inf", v == -math.inf), ("nan", v.isnan()))}  # fmt: skip
+    out = out.masked_fill(seen["inf"], math.inf).masked_fill(seen["-inf"], -math.inf)
+    return out.masked_fill(seen["nan"] | (seen["inf"] & seen["-inf"]), math.nan)

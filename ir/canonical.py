@@ -99,7 +99,7 @@ def _rewrite(node: Pattern, grid: Grid, memo: dict[Pattern, Pattern]) -> Pattern
     if isinstance(node, Strided):
         if grid.rank == 1:  # the flat index is axis 0
             return _congruent(Congruent(0, node.stride, node.offset), grid)
-        return Dense() if node.stride == 1 else node
+        return _flat_strided(node, grid)
     if isinstance(node, Band):
         return _axis_band(node.axis, *_interval(node, grid)[1:], grid)  # type: ignore[misc]
     if isinstance(node, KeyRange):
@@ -245,6 +245,23 @@ def _congruent(node: Congruent, grid: Grid) -> Pattern:
     if not offsets:
         return Band(node.axis, lo=length)
     return _union([_axis_band(node.axis, d, d, grid) for d in offsets], grid)
+
+
+def _flat_strided(node: Strided, grid: Grid) -> Pattern:
+    """Note [Huge strides]: on a 2-D or 3-D grid the flat offset ``k - q`` takes the ``2n - 1``
+    values ``-(n - 1)..n - 1``; a stride larger than that keeps at most one of them, and
+    ``strided(2n - 1, ...)`` keeps the same one. The kernels compute the stride in int32, so
+    a stride of 2**31 would overflow there; rewritten, it never reaches them."""
+    if node.stride == 1:
+        return Dense()
+    n = grid.size
+    span = 2 * n - 1
+    if node.stride <= span:
+        return node
+    kept = [d for d in (-node.offset, node.stride - node.offset) if -(n - 1) <= d <= n - 1]
+    if not kept:
+        return Band(0, lo=grid.shape[0])  # keeps nothing (as _axis_band writes it)
+    return Dense() if span == 1 else Strided(span, (-kept[0]) % span)
 
 
 def _is_empty(op: Pattern, grid: Grid) -> bool:

@@ -10,11 +10,20 @@ grid are checked here; those that need the grid are checked by
 Note [Union flattening]: ``a | (b | c)`` and ``(a | b) | c`` build the same
 n-ary :class:`Union` (likewise for ``&``). The text form cannot show the
 brackets the user meant to be irrelevant, so the nodes must not keep them.
+
+Note [Nesting limit]: combinators nest at most :data:`MAX_DEPTH` deep. The
+text form, the parser and every pass over a pattern recurse once per level,
+and Python's stack (and its parser's) is bounded; a pattern nested deeper
+than any real one (a few levels) is refused when it is built, with the limit
+named, instead of failing later with a RecursionError. Width is not limited:
+a union of thousands of operands is one level (Note [Wide combinators] in
+attncc.ir.text).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -22,6 +31,7 @@ from typing import Any, ClassVar
 from attncc.errors import PatternError, field_error, form_error
 
 IntOrTuple = int | tuple[int, ...]
+MAX_DEPTH = 64  # Note [Nesting limit]
 BoolOrTuple = bool | tuple[bool, ...]
 
 
@@ -44,6 +54,20 @@ class Pattern:
     @property
     def children(self) -> tuple[Pattern, ...]:
         return ()
+
+    @property
+    def depth(self) -> int:
+        """Combinator levels above the primitives: 0 for a primitive (Note [Nesting limit])."""
+        return self.__dict__.get("_depth", 0)
+
+
+def _set_depth(node: Pattern) -> None:
+    """Record ``node``'s depth, from its operands' (already recorded: they were built first)."""
+    depth = 1 + max(child.depth for child in node.children)
+    if depth > MAX_DEPTH:
+        allowed = f"at most {MAX_DEPTH} levels of union/intersection/per_head (Note [Nesting limit])"
+        raise field_error(PatternError, f"{node.NAME} nesting depth", depth, allowed)
+    object.__setattr__(node, "_depth", depth)
 
 
 # --- parameter checks (grid-independent) -----------------------------------
@@ -220,19 +244,30 @@ class BlockSparse(Pattern):
             )
         mats = self.layout if depth == 3 else (self.layout,)
         rows, cols = len(mats[0]), len(mats[0][0])
-        for mat in mats:
+        for h, mat in enumerate(mats):
             if not isinstance(mat, tuple) or len(mat) != rows:
                 raise field_error(
                     PatternError, "block_sparse.layout", "<ragged>", f"{rows} rows in every head"
                 )
-            for row in mat:
+            for i, row in enumerate(mat):
                 if not isinstance(row, tuple) or len(row) != cols:
                     raise field_error(
                         PatternError, "block_sparse.layout", "<ragged>", f"{cols} columns per row"
                     )
-                for v in row:
-                    if isinstance(v, bool) or v not in (0, 1):
-                        raise field_error(PatternError, "block_sparse.layout entry", v, "0 or 1")
+                for j, v in enumerate(row):
+                    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v not in (0, 1):
+                        where = f"[{h}][{i}][{j}]" if depth == 3 else f"[{i}][{j}]"
+                        raise field_error(
+                            PatternError, f"block_sparse.layout{where}", v, "0 or 1 (an integer)"
+                        )
+        # Note [Layout entries]: numpy integers are taken as the ints they equal, so the node,
+        # its text and every memo keyed by it see plain 0/1 (np.int64(1) has no text form).
+        # Floats are refused above even where they equal 0 or 1: 1.0 == 1 shares a dict key,
+        # so a float layout must never get as far as a memo.
+        if depth == 3:
+            _set(self, "layout", tuple(tuple(tuple(int(v) for v in row) for row in m) for m in mats))
+        else:
+            _set(self, "layout", tuple(tuple(int(v) for v in row) for row in self.layout))
 
     @property
     def per_head(self) -> bool:
@@ -387,6 +422,7 @@ class Union(Pattern):
         _set(self, "operands", _flatten(Union, self.operands))
         if len(self.operands) < 2:
             raise field_error(PatternError, "union.operands", len(self.operands), "2 or more")
+        _set_depth(self)
 
     @property
     def children(self) -> tuple[Pattern, ...]:
@@ -404,6 +440,7 @@ class Intersection(Pattern):
         _set(self, "operands", _flatten(Intersection, self.operands))
         if len(self.operands) < 2:
             raise field_error(PatternError, "intersection.operands", len(self.operands), "2 or more")
+        _set_depth(self)
 
     @property
     def children(self) -> tuple[Pattern, ...]:
@@ -427,6 +464,7 @@ class PerHead(Pattern):
             if isinstance(p, PerHead):
                 raise field_error(PatternError, f"per_head.patterns[{i}]", str(p), "no nested per_head")
         _set(self, "patterns", pats)
+        _set_depth(self)
 
     @property
     def children(self) -> tuple[Pattern, ...]:

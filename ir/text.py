@@ -3,6 +3,15 @@
 The text is a tiny expression language with Python's syntax and precedence
 (``&`` binds tighter than ``|``), read with :mod:`ast` so that no user text is
 ever executed. ``parse(format_pattern(p)) == p`` for every pattern.
+
+Note [Wide combinators]: ``a | b | c`` is a left-nested chain in Python's
+syntax tree, one level per operand, and Python's parser (and any recursive
+walk of the tree) runs out of stack on chains of a few thousand. A union or
+intersection of more than :data:`MAX_INFIX` operands is therefore written as
+one call, ``union(a, b, ...)``, which the parser reads flat however wide it
+is; narrower ones keep the infix form people write. The builder reads infix
+chains with a loop, not one call per operand. Depth is bounded where nodes
+are built (Note [Nesting limit] in attncc.ir.nodes).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from attncc.ir.nodes import (
 )
 
 _COMBINATOR_CALLS = {"union": union, "intersection": intersection}
+MAX_INFIX = 16  # Note [Wide combinators]
+_SHOWN = 80  # characters of a bad sub-expression quoted in an error
 
 
 def _format_value(value: Any) -> str:
@@ -35,13 +46,21 @@ def _format_value(value: Any) -> str:
     return repr(value)
 
 
+def _wide(p: Pattern) -> bool:
+    """Written as one call rather than infix (Note [Wide combinators])."""
+    return isinstance(p, (Union, Intersection)) and len(p.operands) > MAX_INFIX
+
+
 def format_pattern(p: Pattern) -> str:
     """Render ``p`` in the text form, omitting parameters left at their default."""
+    if _wide(p):
+        return f"{p.NAME}({', '.join(format_pattern(op) for op in p.operands)})"  # type: ignore[attr-defined]
     if isinstance(p, Union):
         return " | ".join(format_pattern(op) for op in p.operands)
     if isinstance(p, Intersection):
         return " & ".join(
-            f"({format_pattern(op)})" if isinstance(op, Union) else format_pattern(op) for op in p.operands
+            f"({format_pattern(op)})" if isinstance(op, Union) and not _wide(op) else format_pattern(op)
+            for op in p.operands
         )
     if isinstance(p, PerHead):
         return f"per_head([{', '.join(format_pattern(op) for op in p.patterns)}])"
@@ -71,14 +90,19 @@ class _Builder:
 
     def fail(self, node: ast.AST, what: str, allowed: str) -> ParseError:
         col = getattr(node, "col_offset", 0) + 1
-        return ParseError(f"pattern text {self.text!r}: {what} at column {col}; allowed: {allowed}")
+        text = self.text if len(self.text) <= 4 * _SHOWN else self.text[: 4 * _SHOWN - 3] + "..."
+        return ParseError(f"pattern text {text!r}: {what} at column {col}; allowed: {allowed}")
+
+    def source(self, node: ast.AST) -> str:
+        """The text of ``node`` as the user wrote it, cut to a readable length."""
+        text = ast.get_source_segment(self.text.strip(), node) or ""
+        return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
     def pattern(self, node: ast.AST) -> Pattern:
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd)):
-            left, right = self.pattern(node.left), self.pattern(node.right)
-            return union(left, right) if isinstance(node.op, ast.BitOr) else intersection(left, right)
+            return self.chain(node)
         if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
-            raise self.fail(node, f"unexpected {ast.unparse(node)!r}", "primitive calls joined by | and &")
+            raise self.fail(node, f"unexpected {self.source(node)!r}", "primitive calls joined by | and &")
         name = node.func.id
         if name in _COMBINATOR_CALLS:
             if node.keywords or not node.args:
@@ -90,6 +114,18 @@ class _Builder:
             known = ", ".join(sorted([*PRIMITIVES, "per_head", *_COMBINATOR_CALLS]))
             raise self.fail(node, f"unknown primitive {name!r}", known)
         return self.primitive(node, PRIMITIVES[name])
+
+    def chain(self, node: ast.BinOp) -> Pattern:
+        """``a | b | c`` (or with ``&``): the left-nested chain of one operator, read with a loop
+        (Note [Wide combinators])."""
+        op = type(node.op)
+        operands: list[ast.AST] = []
+        while isinstance(node, ast.BinOp) and isinstance(node.op, op):
+            operands.append(node.right)
+            node = node.left
+        operands.append(node)
+        built = [self.pattern(o) for o in reversed(operands)]
+        return union(*built) if op is ast.BitOr else intersection(*built)
 
     def per_head(self, node: ast.Call) -> Pattern:
         values = list(node.args) + [kw.value for kw in node.keywords if kw.arg == "patterns"]
@@ -132,6 +168,6 @@ class _Builder:
             return tuple(self.literal(e) for e in node.elts)
         raise self.fail(
             node,
-            f"unexpected value {ast.unparse(node)!r}",
+            f"unexpected value {self.source(node)!r}",
             "integers, true/false, None, tuples or lists of them",
         )

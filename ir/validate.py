@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from attncc.errors import PatternError, field_error
+from attncc.errors import PatternError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
@@ -60,11 +60,28 @@ def required_heads(p: Pattern) -> int | None:
     return counts.pop() if counts else None
 
 
+def _shown(value: object) -> object:
+    """``value`` as an error quotes it: short texts whole, anything else by its type."""
+    if value is None or (isinstance(value, str) and len(value) <= 200):
+        return value
+    return f"<{type(value).__name__}>"
+
+
+def _pattern_hint(value: object) -> str:
+    if isinstance(value, str):
+        return "text is read with attncc.ir.parse(text)"
+    if callable(value):
+        return "a predicate function becomes one with @attncc.jit; a builder such as causal must be called"
+    return "build one with attncc.ir (causal(), neighborhood(7), ...) or attncc.ir.parse(text)"
+
+
 def validate(p: Pattern, grid: Grid, heads: int | None = None) -> int:
     """Raise a :class:`PatternError` if ``p`` does not fit; return the head count.
 
     The head count is ``heads`` if given, else what the pattern fixes, else 1.
     """
+    if not isinstance(p, Pattern):
+        raise form_error(PatternError, "pattern", _shown(p), "an attncc pattern", _pattern_hint(p))
     fixed = required_heads(p)
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
         raise field_error(PatternError, "heads", heads, "an integer >= 1")

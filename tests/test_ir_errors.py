@@ -66,7 +66,7 @@ def test_grid_checks(pattern, grid, match):
         (lambda: neighborhood(3, causal=1), r"neighborhood.causal = 1 .*true/false"),
         (lambda: strided(4, 4), r"strided.offset = 4 .*0..3"),
         (lambda: block_sparse([[1, 0], [1]], 8), r"block_sparse.layout.*2 columns"),
-        (lambda: block_sparse([[1, 2], [1, 0]], 8), r"block_sparse.layout entry = 2 .*0 or 1"),
+        (lambda: block_sparse([[1, 2], [1, 0]], 8), r"block_sparse.layout\[0\]\[1\] = 2 .*0 or 1"),
         (lambda: block_sparse([1, 0], 8), r"block_sparse.layout.*2-D"),
         (
             lambda: block_sparse(torch.ones(2, 2), 8),

@@ -19,13 +19,14 @@ Python objects, and lowering and rendering happen inside the op on first use.
 from __future__ import annotations
 
 import math
+import numbers
 from functools import cache
 
 import torch
 from torch.library import custom_op, register_autograd, register_fake, triton_op, wrap_triton
 
 from attncc import settings
-from attncc.errors import AttnccError, field_error
+from attncc.errors import AttnccError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.ir.text import format_pattern, parse
@@ -179,10 +180,12 @@ def attention(
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
     _, h, n, d = qs.shape
     validate(pattern, grid, h)
-    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    scale = 1.0 / math.sqrt(d) if scale is None else _real("scale", scale)
     if not (math.isfinite(scale) and scale > 0):  # Note [Scale] in the Triton template
         raise field_error(AttnccError, "scale", scale, "a finite number > 0 (or None: 1 / sqrt(head dim))")
-    bias = -math.log(n) if sigmoid_bias is None else float(sigmoid_bias)
+    bias = -math.log(n) if sigmoid_bias is None else _real("sigmoid_bias", sigmoid_bias)
+    if not math.isfinite(bias):
+        raise field_error(AttnccError, "sigmoid_bias", bias, "a finite number (or None: -ln(N))")
     visible = q.device.type == "cuda" and settings.backend() == "triton"
     op = torch.ops.attncc.fwd if visible else torch.ops.attncc.fwd_opaque
     # Note [bf16 on the CPU]: Triton's interpreter computes bf16 dots wrongly (off by orders of
@@ -198,6 +201,13 @@ def attention(
     if not return_lse:
         return result
     return result, found.lse(lse)
+
+
+def _real(name: str, value: object) -> float:
+    """A real number as a float; a string or a bool (which float() would take) is refused."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymFloat)):
+        raise form_error(AttnccError, name, value, "a real number (a float or an int)")
+    return float(value)
 
 
 @torch.compiler.assume_constant_result  # read once per trace, like the pattern's text
