@@ -15,7 +15,7 @@ from attncc.autotune.command import tune_cmd
 from attncc.autotune.report import model_pick
 from attncc.bench.command import bench_cmd
 from attncc.cache_cli import cache_cmd
-from attncc.errors import AttnccError, PatternError, field_error, form_error
+from attncc.errors import AttnccError, PatternError, field_error
 from attncc.ir.analysis import Analysis, HeadGroup, analyze, head_groups
 from attncc.ir.canonical import pattern_hash
 from attncc.ir.spec import Spec, load_spec
@@ -23,6 +23,7 @@ from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
 from attncc.lower.plan import RANK, KernelPlan
 from attncc.machine.command import inspect_cmd
+from attncc.outputs import output_file
 from attncc.runtime import progress
 
 _DEFAULT_TILES = {
@@ -164,12 +165,11 @@ def cli() -> None:
 @click.option(
     "--png",
     type=click.Path(dir_okay=False),
+    callback=output_file,
     help="Draw the mask, the tile maps of the first tiling and of the kernel's boxes, one query's keys.",
 )
 def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, ...], png: str | None) -> None:
     """Exact density, ideal speedup and tile map of the pattern in SPEC (YAML/JSON)."""
-    if png and not Path(png).resolve().parent.is_dir():  # before the work, not after it
-        raise form_error(AttnccError, "--png", png, "a file in an existing directory")
     spec = load_spec(spec_path)
     q_list = list(q_tiles) or _DEFAULT_TILES[spec.grid.rank]
     if kv_tiles and len(kv_tiles) not in (1, len(q_list)):
@@ -243,7 +243,8 @@ cli.add_command(inspect_cmd)
 
 
 def main() -> None:
-    """Entry point: attncc errors print as one line, no traceback, exit status 2."""
+    """Entry point: attncc errors (and a file that cannot be read or written) print as one line,
+    no traceback, exit status 2."""
     try:
         cli.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -251,6 +252,6 @@ def main() -> None:
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
-    except AttnccError as e:
+    except (AttnccError, OSError) as e:  # OSError: a file the command reads or writes, in the system's words
         click.echo(f"attncc: error: {e}", err=True)
         sys.exit(2)

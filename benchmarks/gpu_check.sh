@@ -4,7 +4,7 @@
 # into the repository (benchmarks/RESULTS.md, plots in benchmarks/plots/) and, on the lent
 # machine, copied to $OUT so they come back to be committed. A device command may run 10
 # minutes at most, so each part runs on its own; in order of priority:
-#   bash benchmarks/gpu_check.sh smoke | tests | tests-bwd | bench-issue3 | bench-bwd | cutlass |
+#   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | bench-issue3 | bench-bwd | cutlass |
 #        bench-cutlass | bench-grids | bench-flat | bench-models | extras | examples | tune
 #   (all = every part but smoke, bench = every bench-*)
 # A session that gets a GPU runs `smoke` first: one call under 8 minutes, every kernel family
@@ -42,6 +42,11 @@ status=0
     # The timm drop-in check (unmarked: it runs on the CPU too, where timm is installed).
     timeout 300 python3 -P -m pytest -q -p no:cacheprovider tests/test_dropin_timm.py 2>&1 |
       tee -a "$out/gpu_tests.txt" || status=1; }
+# The front doors on CUDA (unmarked tests that take the GPU when there is one): the NATTEN and
+# FlexAttention drop-ins, and export / AOTInductor through the triton_op path.
+[[ $part == all || $part == tests-front ]] &&
+  { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_natten_shim.py tests/test_flex.py \
+    tests/test_deploy.py tests/test_progress.py 2>&1 | tee "$out/gpu_tests_front.txt" || status=1; }
 [[ $part == all || $part == tests-bwd ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }

@@ -1,12 +1,15 @@
 """`attncc analyze` end to end."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner
 
+from attncc import AttnccError
 from attncc.cli import cli
+from attncc.runtime import cache
 
 
 def _attncc(*args: str, cwd) -> subprocess.CompletedProcess:
@@ -77,3 +80,40 @@ def test_bad_spec_prints_one_error_line_and_exits_nonzero(tmp_path, content, mes
 def test_bad_tile_is_an_attncc_error(specs_dir, tmp_path):
     proc = _attncc("analyze", str(specs_dir / "na2d.yaml"), "--q-tile", "8x16x4", cwd=tmp_path)
     assert proc.returncode == 2 and "q_tile = (8, 16, 4)" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["bench", "tiny", "--device", "cpu", "--json", "{missing}/r.json"],
+        ["bench", "tiny", "--device", "cpu", "--plot", "{missing}/r.png"],
+        ["bench", "tiny", "--device", "cpu", "--markdown", "{missing}/R.md"],
+        ["inspect", "{specs}/causal.yaml", "--json", "{missing}/r.json"],
+        ["analyze", "{specs}/causal.yaml", "--png", "{missing}/r.png"],
+    ],
+    ids=["bench-json", "bench-plot", "bench-markdown", "inspect-json", "analyze-png"],
+)
+def test_an_output_in_a_missing_folder_fails_before_the_work(args, specs_dir, tmp_path):
+    # bench used to run every case, then die in a FileNotFoundError traceback when it wrote.
+    args = [a.format(missing=tmp_path / "no" / "such", specs=specs_dir) for a in args]
+    result = CliRunner().invoke(cli, args)
+    assert isinstance(result.exception, AttnccError), result.output
+    assert f"{args[-2]} = '{args[-1]}' is not a file in an existing directory" in str(result.exception)
+    assert "attncc ok" not in result.output  # nothing was run
+
+
+def test_the_command_line_prints_an_os_error_as_one_line(tmp_path, monkeypatch):
+    # /proc exists, but no file can be made in it: the write fails with an OSError.
+    env = {**os.environ, "ATTNCC_CACHE_DIR": str(tmp_path / "cache")}
+    monkeypatch.setenv("ATTNCC_CACHE_DIR", env["ATTNCC_CACHE_DIR"])
+    monkeypatch.setattr(cache, "_memo", {})
+    cache.put_record("tuning", {"pattern": "dense()", "grid": [16]}, {"block_m": 64}, label="dense 16")
+    run = subprocess.run(
+        [sys.executable, "-m", "attncc", "cache", "export", "/proc/bundle.tar.gz"],
+        cwd=tmp_path, env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert (
+        run.returncode == 2
+        and run.stderr.startswith("attncc: error: [Errno")
+        and "Traceback" not in run.stderr
+    )

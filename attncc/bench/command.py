@@ -11,6 +11,7 @@ from rich.console import Console
 
 from attncc import settings
 from attncc.errors import AttnccError, field_error
+from attncc.outputs import output_file
 
 if TYPE_CHECKING:
     from attncc.bench.suite import Case
@@ -66,10 +67,26 @@ def _listing(parts: list[tuple[str, list[Case]]]) -> list[str]:
     help="Comma-separated: sdpa, flex, naive, natten.",
 )
 @click.option("-k", "select", default="", help="Only cases whose name contains this text.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write every raw figure here.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Draw speedups, efficiency (PNG).")
 @click.option(
-    "--markdown", "markdown_path", type=click.Path(dir_okay=False), help="Prepend a results section here."
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    callback=output_file,
+    help="Write every raw figure here.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    type=click.Path(dir_okay=False),
+    callback=output_file,
+    help="Draw speedups, efficiency (PNG).",
+)
+@click.option(
+    "--markdown",
+    "markdown_path",
+    type=click.Path(dir_okay=False),
+    callback=output_file,
+    help="Prepend a results section here.",
 )
 @click.option("--plot-link", help="How the Markdown section links the plot (default: the --plot path).")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), help="Default: cuda when available.")

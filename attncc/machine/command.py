@@ -12,6 +12,7 @@ from attncc.autotune.command import parse_shape
 from attncc.errors import AttnccError
 from attncc.ir.spec import DTYPES, load_spec
 from attncc.ir.validate import validate
+from attncc.outputs import output_file
 
 
 @click.command("inspect")
@@ -26,7 +27,13 @@ from attncc.ir.validate import validate
 @click.option(
     "--cutlass", is_flag=True, help="Also build the CUTLASS forward (nvcc, a minute or more) and read it."
 )
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the profile as JSON.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(dir_okay=False),
+    callback=output_file,
+    help="Also write the profile as JSON.",
+)
 def inspect_cmd(
     spec_path: str,
     shape: str | None,
