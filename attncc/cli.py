@@ -18,6 +18,7 @@ from attncc.cache_cli import cache_cmd
 from attncc.errors import AttnccError, PatternError, field_error
 from attncc.ir.analysis import Analysis, HeadGroup, analyze, head_groups
 from attncc.ir.canonical import pattern_hash
+from attncc.ir.score import Score
 from attncc.ir.spec import Spec, load_spec
 from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
@@ -99,6 +100,8 @@ def _summary(spec: Spec, a: Analysis) -> Table:
         ("ideal speedup", f"{a.ideal_speedup:.2f}x (1 / density)"),
         ("FLOPs kept (fwd, B=1)", f"{a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense"),
     ]
+    if spec.score != Score():
+        rows.insert(2, ("score", spec.score.text))
     for key, value in rows:
         table.add_row(key, escape(value))
     return table
@@ -228,7 +231,7 @@ def compile_cmd(spec_path: str, out_dir: str, device: str, force: bool) -> None:
     """Write SPEC's kernels as a standalone package (needs only torch and triton)."""
     from attncc.lower.emit import write_package
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path).softmax_only("attncc compile")
     start = time.perf_counter()
     with progress.step(f"compiling {Path(spec_path).name} into {out_dir}"):
         path = write_package(spec, out_dir, device, force)

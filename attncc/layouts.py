@@ -105,11 +105,3 @@ def _ambiguous(shape: tuple[int, ...], why: str) -> str:
         f"{shape[2]} tokens, a 1-D spatial [B, L, H, D] (NATTEN's) {shape[1]} tokens in {shape[2]} "
         "heads; pass layout='sdpa' or layout='spatial' (Note [Ambiguous layouts])"
     )
-
-
-def check_score(score: str, return_lse: bool) -> None:
-    """Score variants: softmax, or sigmoid (which has no log-sum-exp)."""
-    if score not in ("softmax", "sigmoid"):
-        raise field_error(AttnccError, "score", score, "softmax, sigmoid")
-    if score == "sigmoid" and return_lse:
-        raise field_error(AttnccError, "return_lse", True, "False with score='sigmoid' (no normaliser)")

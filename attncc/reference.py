@@ -25,7 +25,8 @@ import torch
 from attncc.ir.grid import Grid
 from attncc.ir.mask import mask as brute_force_mask
 from attncc.ir.nodes import Pattern
-from attncc.layouts import check_score, to_sdpa_layout
+from attncc.ir.score import Score, checked
+from attncc.layouts import to_sdpa_layout
 
 
 def attention(
@@ -36,7 +37,7 @@ def attention(
     scale: float | None = None,
     return_lse: bool = False,
     grid: Grid | tuple[int, ...] | None = None,
-    score: str = "softmax",
+    score: str | Score = "softmax",
     sigmoid_bias: float | None = None,
     layout: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -53,20 +54,28 @@ def attention(
     log-sum-exp (natural log, ``[B, H, N]`` or ``[B, *grid, H]``) is float32/64.
     See Note [Queries with no keys]. ``score="sigmoid"`` sums
     ``sigmoid(scale * q.k + sigmoid_bias) * v`` over kept keys (FlashSigmoid;
-    the bias defaults to ``-ln(N)``); it has no log-sum-exp.
+    the bias defaults to ``-ln(N)``); it has no log-sum-exp. A :class:`attncc.ir.Score` (or its
+    text) adds its terms to the scaled scores first (Note [Score terms] in attncc.ir.score).
     """
-    check_score(score, return_lse)
     grid, (q, k, v), found = to_sdpa_layout(q, k, v, grid, layout)
     d = q.shape[-1]
     h, h_kv = q.shape[1], k.shape[1]
+    terms = checked(score, grid, h, return_lse)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (t.to(compute) for t in (q, k, v))
     kc, vc = (t.repeat_interleave(h // h_kv, dim=1) for t in (kc, vc))
     keep = brute_force_mask(pattern, grid, heads=h, device=q.device)  # [1 or H, N, N]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = (qc @ kc.transpose(-1, -2)) * scale
+    if terms.softcap is not None:
+        scores = terms.softcap * torch.tanh(scores / terms.softcap)
+    if terms.alibi is not None:
+        position = torch.arange(grid.size, device=q.device, dtype=compute)
+        distance = (position[:, None] - position[None, :]).abs()
+        slopes = torch.tensor(terms.alibi, device=q.device, dtype=compute)
+        scores = scores - slopes[:, None, None] * distance
     scores = scores.masked_fill(~keep[None], -math.inf)
-    if score == "sigmoid":
+    if terms.kind == "sigmoid":
         bias = -math.log(scores.shape[-1]) if sigmoid_bias is None else sigmoid_bias
         weights = torch.sigmoid(scores + bias)  # sigmoid(-inf) = 0
         return found.output(_weighted_sum(weights, vc, keep).to(q.dtype))

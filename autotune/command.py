@@ -55,7 +55,7 @@ def tune_cmd(
 ) -> None:
     """Tune SPEC's kernels: the cost model ranks every candidate, the device times the top ones,
     and the fastest is recorded, so attncc.attention uses it for this shape from then on."""
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path).softmax_only("attncc tune")
     batch, heads, grid = parse_shape(shape) if shape else (1, spec.heads, spec.grid)
     heads = validate(spec.pattern, grid, heads)
     device = device or _default_device()

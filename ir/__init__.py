@@ -6,6 +6,9 @@ Build a pattern with the functions below (or ``parse`` its text), bind it to a
     from attncc.ir import Grid, neighborhood, causal, analyze
     p = neighborhood(window=(7, 7), dilation=(2, 1)) & causal()
     a = analyze(p, Grid((64, 64)), q_tile=(8, 16), kv_tile=(8, 16))
+
+A score (softmax, sigmoid, and terms such as ``softcap(c)``, ``alibi(slopes)``) is in
+:mod:`attncc.ir.score`.
 """
 
 from attncc.ir.analysis import Analysis, Tiling, analyze
@@ -46,6 +49,7 @@ from attncc.ir.nodes import (
     strided,
     union,
 )
+from attncc.ir.score import Score, alibi, parse_score, sigmoid, softcap
 from attncc.ir.spec import Spec, load_spec
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
@@ -67,11 +71,13 @@ __all__ = [
     "Neighborhood",
     "Pattern",
     "PerHead",
+    "Score",
     "SlidingWindow",
     "Spec",
     "Strided",
     "Tiling",
     "Union",
+    "alibi",
     "analyze",
     "axial",
     "band",
@@ -89,10 +95,13 @@ __all__ = [
     "load_spec",
     "neighborhood",
     "parse",
+    "parse_score",
     "pattern_hash",
     "per_head",
     "resolve_heads",
+    "sigmoid",
     "sliding_window",
+    "softcap",
     "strided",
     "to_graph",
     "union",

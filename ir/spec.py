@@ -7,6 +7,7 @@ YAML or JSON, e.g.::
     heads: 16
     head_dim: 128
     dtype: bfloat16
+    score: softcap(50.0)    # optional: a score's text (attncc.ir.score), softmax by default
 
 ``pattern`` is the text form, or the same tree as mappings, which suits long
 block layouts: ``{block_sparse: {layout: [[1, 0], [1, 1]], block: 64}}``,
@@ -23,14 +24,15 @@ from typing import Any
 
 import yaml
 
-from attncc.errors import AttnccError, SpecError, field_error
+from attncc.errors import AttnccError, SpecError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import PRIMITIVES, Pattern, intersection, per_head, union
+from attncc.ir.score import Score, parse_score
 from attncc.ir.text import parse
 from attncc.ir.validate import validate
 
 DTYPES = ("float16", "bfloat16", "float32")
-_FIELDS = ("pattern", "grid", "heads", "head_dim", "dtype", "name", "description")
+_FIELDS = ("pattern", "grid", "heads", "head_dim", "dtype", "score", "name", "description")
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -63,6 +65,15 @@ class Spec:
     head_dim: int = 128
     dtype: str = "bfloat16"
     name: str = ""
+    score: Score = dataclasses.field(default_factory=Score)  # softmax, no terms
+
+    def softmax_only(self, command: str) -> Spec:
+        """This spec, for a command that builds plain softmax kernels only: a spec whose score
+        it would drop is refused (never run as another score)."""
+        if self.score != Score():
+            allowed = "softmax (no score: field) until this command takes score terms"
+            raise field_error(SpecError, f"score (for {command})", self.score.text, allowed)
+        return self
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -111,7 +122,13 @@ def spec_from_data(data: Any, default_name: str = "") -> Spec:
     dtype = data.get("dtype", "bfloat16")
     if dtype not in DTYPES:
         raise field_error(SpecError, "dtype", dtype, ", ".join(DTYPES))
-    return Spec(pattern, grid, heads, head_dim, dtype, str(data.get("name", default_name)))
+    score_text = data.get("score", "softmax")
+    if not isinstance(score_text, str):
+        expected = "a score's text, e.g. 'softcap(50.0) + alibi(0.5, 0.25)'"
+        raise form_error(SpecError, "score", score_text, expected)
+    score = parse_score(score_text)
+    score.check(grid, heads)
+    return Spec(pattern, grid, heads, head_dim, dtype, str(data.get("name", default_name)), score)
 
 
 def pattern_from_data(data: Any) -> Pattern:

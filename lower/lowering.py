@@ -36,6 +36,7 @@ from attncc.ir.nodes import (
     Strided,
     Union,
 )
+from attncc.ir.score import Score, as_score
 from attncc.ir.symbolic import AllOf, AnyOf, FlatRange, GridBox, Predicate, Progression, Rule, rules
 from attncc.ir.validate import neighborhood_axes
 from attncc.lower.plan import RANK, AxisForm, Congruence, KernelPlan, Lookup, pad3
@@ -55,20 +56,21 @@ def lower(
     dtype: str,
     q_tile: tuple[int, ...] | None = None,
     kv_tile: tuple[int, ...] | None = None,
-    score: str = "softmax",
+    score: str | Score = "softmax",
     config: LaunchConfig | None = None,
 ) -> KernelPlan:
     """Plan the forward kernel of a head-independent ``pattern`` on ``grid``.
 
-    Explicit ``q_tile``/``kv_tile`` boxes override the config's token counts.
+    Explicit ``q_tile``/``kv_tile`` boxes override the config's token counts. ``score`` is a
+    score's text form (``"softmax"``, ``"sigmoid"``, ``"softcap(30.0)"``, ...: attncc.ir.score).
     """
     config = config or LaunchConfig()
     if dtype not in SUPPORTED_DTYPES:
         raise field_error(PatternError, "dtype", dtype, ", ".join(SUPPORTED_DTYPES))
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
         raise field_error(PatternError, "head_dim", head_dim, f"1..{MAX_HEAD_DIM} (padded to a power of two)")
-    if score not in ("softmax", "sigmoid"):
-        raise field_error(PatternError, "score", score, "softmax, sigmoid")
+    scored = as_score(score)
+    scored.check(grid)
     canon = canonicalize(pattern, grid)
     ranged = _range_terms(canon, grid)
     dilation = ranged[0] if ranged else (1, 1, 1)
@@ -85,7 +87,9 @@ def lower(
         head_dim=head_dim,
         head_dim_padded=head_dim_padded,
         dtype=dtype,
-        score=score,
+        score=scored.kind,
+        softcap=scored.softcap,
+        alibi=scored.alibi or (),
         num_warps=config.num_warps,
         num_stages=config.num_stages or DEEP_PIPELINE,
     )

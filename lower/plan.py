@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from attncc.ir.grid import Grid
 
 RANK = 3
+LOG2E = 1.4426950408889634
 SHARED_PER_BLOCK = 227 * 1024  # sm_90 (H100, H200): the most shared memory one block may use
 
 
@@ -122,13 +123,28 @@ class KernelPlan:
     split_full: bool  # one such term: its full tiles form a sub-box, walked in an unmasked loop
     mask_expr: str  # table plans: keep(q, k) as a Triton expression, see spell_rule
     lookups: tuple[Lookup, ...]
-    score: str = "softmax"  # or "sigmoid"
+    score: str = "softmax"  # the normaliser, or "sigmoid"
+    # Score terms (Note [Score terms] in attncc.ir.score): the cap c of the scaled score, and
+    # one ALiBi slope per query head (indexed by the launch's real head ids, 1-D grids).
+    softcap: float | None = None
+    alibi: tuple[float, ...] = ()
     num_warps: int = 4
     num_stages: int = 2
     # Range plans whose first term can mark tiles full: whether some Q tile's walk (forward,
     # dQ) and some KV tile's (dK/dV) has one. A walk with none has no full-tile loop.
     full_walk: bool = True
     full_inverse: bool = True
+
+    @property
+    def score_terms(self) -> bool:
+        """Whether the kernels apply score terms between the dot and the normaliser."""
+        return self.softcap is not None or bool(self.alibi)
+
+    @property
+    def score_units(self) -> float:
+        """What the kernels multiply a natural-unit score by: log2(e) for softmax, which works
+        in base 2, 1 for sigmoid."""
+        return LOG2E if self.score == "softmax" else 1.0
 
     def full_loop(self, inverse: bool) -> bool:
         """Whether the walk (dK/dV's with ``inverse``) has a full-tile loop (Note [Loops])."""

@@ -164,7 +164,7 @@ def load_parts(target: str) -> list[tuple[str, list[Case]]]:
         return [(target, PARTS[target]())]
     path = Path(target)
     if path.suffix in (".yaml", ".yml", ".json"):
-        spec = load_spec(path)
+        spec = load_spec(path).softmax_only("attncc bench")
         name = spec.name or path.stem
         return [(target, [Case(name, spec.pattern, spec.grid, spec.heads, spec.head_dim, spec.dtype)])]
     allowed = ", ".join(suite_names()) + ", or a spec file (.yaml, .yml, .json)"

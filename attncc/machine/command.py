@@ -56,7 +56,7 @@ def inspect_cmd(
     from attncc.machine import profile
     from attncc.machine.report import problems, table, write_json
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path).softmax_only("attncc inspect")
     batch, heads, grid = parse_shape(shape) if shape else (1, spec.heads, spec.grid)
     validate(spec.pattern, grid, heads)
     console = Console(width=None if sys.stdout.isatty() else 160)

@@ -11,8 +11,9 @@ and torch.compile see one operator with a registered backward:
   (a C call torch.compile cannot see into): on a GPU they are used whenever
   ``ATTNCC_BACKEND`` lets CUTLASS run (:func:`attncc.settings.backend`).
 
-The pattern travels as its text (``attncc.ir.text``) and the grid as a list of
-ints, so an op's arguments are tensors and constants only: the graph holds no
+The pattern travels as its text (``attncc.ir.text``), the score as its text
+(``attncc.ir.score``: ``"softmax"``, ``"softcap(30.0) + alibi(0.5, 0.25)"``, ...) and the grid
+as a list of ints, so an op's arguments are tensors and constants only: the graph holds no
 Python objects, and lowering and rendering happen inside the op on first use.
 """
 
@@ -29,9 +30,10 @@ from attncc import settings
 from attncc.errors import AttnccError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
+from attncc.ir.score import Score, checked, parse_score
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
-from attncc.layouts import check_score, to_sdpa_layout
+from attncc.layouts import to_sdpa_layout
 from attncc.lower.render import load
 from attncc.runtime import cutlass_kernel, ops
 
@@ -52,7 +54,7 @@ def forget_kernels() -> None:
 def _fwd(q, k, v, pattern, grid, scale, score, bias, wrap):
     b, h, _, d = q.shape
     plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
-    return ops.forward(q, k, v, plan, scale, bias, score == "softmax", wrap)
+    return ops.forward(q, k, v, plan, scale, bias, parse_score(score).kind == "softmax", wrap)
 
 
 def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, wrap):
@@ -151,7 +153,7 @@ def attention(
     return_lse: bool = False,
     grid: Grid | tuple[int, ...] | None = None,
     out: torch.Tensor | None = None,
-    score: str = "softmax",
+    score: str | Score = "softmax",
     sigmoid_bias: float | None = None,
     layout: str | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -164,10 +166,14 @@ def attention(
     natural-log log-sum-exp in float32 (differentiable too). ``out`` (same
     shape and dtype as ``q``) receives a copy of the result when given.
     ``score="sigmoid"`` computes sigmoid attention (bias default ``-ln(N)``,
-    no log-sum-exp). Gradients flow to q, k and v. ``layout`` ('sdpa' or 'spatial') says how
-    a 4-D q reads where its shape does not (Note [Ambiguous layouts] in attncc.layouts).
+    no log-sum-exp). ``score`` also takes a :class:`attncc.ir.Score` with terms, built by
+    ``attncc.ir.softcap(c)`` (``c * tanh(s / c)`` of the scaled score ``s``, Gemma-2),
+    ``attncc.ir.alibi(slopes)`` (``- slopes[h] * |q - k|``, one slope per query head, 1-D
+    grids) and ``attncc.ir.sigmoid()``, composed with ``+`` (Note [Score terms] in
+    attncc.ir.score), e.g. ``score=softcap(50.0) + alibi(slopes)``. Gradients flow to q, k and
+    v. ``layout`` ('sdpa' or 'spatial') says how a 4-D q reads where its shape does not (Note
+    [Ambiguous layouts] in attncc.layouts).
     """
-    check_score(score, return_lse)
     grid, (qs, ks, vs), found = to_sdpa_layout(q, k, v, grid, layout)
     if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         allowed = "float16, bfloat16 or float32, the same for q, k and v"
@@ -180,6 +186,7 @@ def attention(
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
     _, h, n, d = qs.shape
     validate(pattern, grid, h)
+    score_text = _score_text(score, tuple(grid.shape), h, return_lse)
     scale = 1.0 / math.sqrt(d) if scale is None else _real("scale", scale)
     if not (math.isfinite(scale) and scale > 0):  # Note [Scale] in the Triton template
         raise field_error(AttnccError, "scale", scale, "a finite number > 0 (or None: 1 / sqrt(head dim))")
@@ -194,7 +201,7 @@ def attention(
     wide = q.device.type == "cpu" and q.dtype == torch.bfloat16
     if wide:
         qs, ks, vs = qs.float(), ks.float(), vs.float()
-    o, lse = op(qs, ks, vs, _text(pattern), list(grid.shape), scale, score, bias)
+    o, lse = op(qs, ks, vs, _text(pattern), list(grid.shape), scale, score_text, bias)
     result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)
@@ -230,6 +237,12 @@ def _check_interpreter() -> None:
             "only half on; set it before the first `import triton` (in the shell, or at the top "
             "of the script before importing torch extensions, attncc or triton)"
         )
+
+
+@torch.compiler.assume_constant_result  # like the pattern's text: the op takes a constant
+def _score_text(score: str | Score, grid: tuple[int, ...], heads: int, return_lse: bool) -> str:
+    """The text of the call's score, checked against it (attncc.ir.score.checked)."""
+    return checked(score, Grid(grid), heads, return_lse).text
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once and keeps the text
