@@ -146,6 +146,17 @@ class KernelPlan:
         in base 2, 1 for sigmoid."""
         return LOG2E if self.score == "softmax" else 1.0
 
+    @property
+    def softcap_in_units(self) -> float:
+        """The soft-cap c in the kernels' units (:attr:`score_units`)."""
+        assert self.softcap is not None, "a plan without a soft-cap has no cap to spell"
+        return self.softcap * self.score_units
+
+    @property
+    def alibi_in_units(self) -> tuple[float, ...]:
+        """Each query head's ALiBi slope in the kernels' units (:attr:`score_units`)."""
+        return tuple(a * self.score_units for a in self.alibi)
+
     def full_loop(self, inverse: bool) -> bool:
         """Whether the walk (dK/dV's with ``inverse``) has a full-tile loop (Note [Loops])."""
         return 0 in self.full_terms and (self.full_inverse if inverse else self.full_walk)

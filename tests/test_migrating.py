@@ -110,6 +110,7 @@ def test_block_runs_and_checks_its_result(block: Block, outcomes: dict[int, str 
 def test_a_failing_block_is_reported_at_its_line(tmp_path: Path):
     """The runner itself: a block that raises gives a traceback naming the page's line."""
     blocks, results = tmp_path / "b.json", tmp_path / "r.json"
+    # A block that fails on purpose (its assert is on the page's line 8), then one that passes.
     blocks.write_text(json.dumps([(7, "x = 1\nassert x == 2\n"), (20, "assert True\n")]))
     command = [sys.executable, "-c", _RUNNER, str(blocks), str(results), "page.md"]
     subprocess.run(command, check=True, timeout=60)
