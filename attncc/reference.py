@@ -22,10 +22,12 @@ import math
 
 import torch
 
+from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
+from attncc.ir.mask import coordinates
 from attncc.ir.mask import mask as brute_force_mask
 from attncc.ir.nodes import Pattern
-from attncc.ir.score import Score, checked
+from attncc.ir.score import Score, as_score, checked, table_units
 from attncc.layouts import to_sdpa_layout
 
 
@@ -40,6 +42,9 @@ def attention(
     score: str | Score = "softmax",
     sigmoid_bias: float | None = None,
     layout: str | None = None,
+    score_mod: Score | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax (or sigmoid) attention, computed naively.
 
@@ -54,36 +59,77 @@ def attention(
     log-sum-exp (natural log, ``[B, H, N]`` or ``[B, *grid, H]``) is float32/64.
     See Note [Queries with no keys]. ``score="sigmoid"`` sums
     ``sigmoid(scale * q.k + sigmoid_bias) * v`` over kept keys (FlashSigmoid;
-    the bias defaults to ``-ln(N)``); it has no log-sum-exp. A :class:`attncc.ir.Score` (or its
-    text) adds its terms to the scaled scores first (Note [Score terms] in attncc.ir.score).
+    the bias defaults to ``-ln(N)``); it has no log-sum-exp. ``score_mod`` (or ``score``) adds
+    score terms (Note [Score terms] in attncc.ir.score), computed here from their definitions,
+    differentiably in their tensors. ``dropout_mask`` (bool ``[B, H, N, N]``, True where kept)
+    with ``dropout_p`` drops probabilities as the kernels do: kept ones are divided by
+    ``1 - dropout_p``, the normaliser (and the log-sum-exp) sums them undropped.
     """
     grid, (q, k, v), found = to_sdpa_layout(q, k, v, grid, layout)
     d = q.shape[-1]
     h, h_kv = q.shape[1], k.shape[1]
-    terms = checked(score, grid, h, return_lse)
+    terms = checked(score if score_mod is None else as_score(score) + score_mod, grid, h, return_lse)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (t.to(compute) for t in (q, k, v))
     kc, vc = (t.repeat_interleave(h // h_kv, dim=1) for t in (kc, vc))
     keep = brute_force_mask(pattern, grid, heads=h, device=q.device)  # [1 or H, N, N]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    scores = (qc @ kc.transpose(-1, -2)) * scale
-    if terms.softcap is not None:
-        scores = terms.softcap * torch.tanh(scores / terms.softcap)
-    if terms.alibi is not None:
-        position = torch.arange(grid.size, device=q.device, dtype=compute)
-        distance = (position[:, None] - position[None, :]).abs()
-        slopes = torch.tensor(terms.alibi, device=q.device, dtype=compute)
-        scores = scores - slopes[:, None, None] * distance
+    scores = _scores(qc @ kc.transpose(-1, -2) * scale, terms, pattern, grid)
     scores = scores.masked_fill(~keep[None], -math.inf)
+    keep_drop = 1.0 if dropout_mask is None else dropout_mask.to(compute) / (1.0 - dropout_p)
     if terms.kind == "sigmoid":
         bias = -math.log(scores.shape[-1]) if sigmoid_bias is None else sigmoid_bias
         weights = torch.sigmoid(scores + bias)  # sigmoid(-inf) = 0
-        return found.output(_weighted_sum(weights, vc, keep).to(q.dtype))
+        return found.output(_weighted_sum(weights * keep_drop, vc, keep).to(q.dtype))
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row keeps nothing
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    out = _weighted_sum(probs, vc, keep).to(q.dtype)
+    out = _weighted_sum(probs * keep_drop, vc, keep).to(q.dtype)
     out, lse = found.output(out), found.lse(lse)
     return (out, lse) if return_lse else out
+
+
+def _scores(s: torch.Tensor, terms: Score, pattern: Pattern, grid: Grid) -> torch.Tensor:
+    """The scaled scores ``[B, H, N, N]`` with the score's terms applied, in the order of Note
+    [Score terms] (attncc.ir.score), from their definitions."""
+    h, n, device, dtype = s.shape[1], s.shape[-1], s.device, s.dtype
+
+    def data(name: str) -> torch.Tensor:
+        value = terms.value(name)
+        return torch.as_tensor(value, device=device).to(dtype)
+
+    coords = coordinates(grid, device)  # [N, rank]
+    offset = coords[None, :, :] - coords[:, None, :]  # [q, k, rank]: the key less the query
+    flat = torch.arange(n, device=device)
+    flat_offset = (flat[None, :] - flat[:, None]).to(dtype)
+    if terms.temperature:
+        s = s * data("temperature").reshape(-1, 1, 1)
+    if terms.softcap is not None:
+        s = terms.softcap * torch.tanh(s / terms.softcap)
+    if terms.alibi == "signed":
+        s = s + data("alibi").reshape(h, 1, 1) * flat_offset
+    elif terms.alibi == "axes" and grid.rank > 1:
+        slopes = data("alibi").reshape(h, -1).expand(h, grid.rank)
+        s = s - torch.einsum("ha,qka->hqk", slopes, offset.abs().to(dtype))
+    elif terms.alibi is not None:
+        s = s - data("alibi").reshape(h, 1, 1) * flat_offset.abs()
+    if terms.rel_pos_bias is not None:
+        table = data("rel_pos_bias")
+        per_head = []
+        for head_pattern in resolve_heads(pattern, h):
+            units = torch.tensor(table_units(canonicalize(head_pattern, grid), grid), device=device)
+            sizes = torch.tensor(terms.rel_pos_bias, device=device)
+            index = (torch.div(offset, units, rounding_mode="floor") + sizes // 2).clamp(min=0)
+            index = torch.minimum(index, sizes - 1)  # past the reach: never kept (lowering checks)
+            per_head.append(index)
+        rows = table.expand(h, *table.shape[1:])
+        s = s + torch.stack([rows[i][tuple(per_head[i].unbind(-1))] for i in range(h)])
+    for name in ("query_bias", "key_bias"):
+        if terms.has(name):
+            b = data(name)
+            s = s + (b[..., :, None] if name == "query_bias" else b[..., None, :])
+    if terms.bias:
+        s = s + data("bias")
+    return s
 
 
 def _weighted_sum(weights: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

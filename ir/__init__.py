@@ -7,8 +7,8 @@ Build a pattern with the functions below (or ``parse`` its text), bind it to a
     p = neighborhood(window=(7, 7), dilation=(2, 1)) & causal()
     a = analyze(p, Grid((64, 64)), q_tile=(8, 16), kv_tile=(8, 16))
 
-A score (softmax, sigmoid, and terms such as ``softcap(c)``, ``alibi(slopes)``) is in
-:mod:`attncc.ir.score`.
+A score (softmax, sigmoid, and terms such as ``softcap(c)``, ``alibi(slopes)``,
+``rel_pos_bias(table)``, ``key_bias(b)``) is in :mod:`attncc.ir.score`.
 """
 
 from attncc.ir.analysis import Analysis, Tiling, analyze
@@ -49,7 +49,18 @@ from attncc.ir.nodes import (
     strided,
     union,
 )
-from attncc.ir.score import Score, alibi, parse_score, sigmoid, softcap
+from attncc.ir.score import (
+    Score,
+    alibi,
+    bias,
+    key_bias,
+    parse_score,
+    query_bias,
+    rel_pos_bias,
+    sigmoid,
+    softcap,
+    temperature,
+)
 from attncc.ir.spec import Spec, load_spec
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
@@ -81,6 +92,7 @@ __all__ = [
     "analyze",
     "axial",
     "band",
+    "bias",
     "block_diagonal",
     "block_sparse",
     "canonicalize",
@@ -91,6 +103,7 @@ __all__ = [
     "format_pattern",
     "global_tokens",
     "intersection",
+    "key_bias",
     "key_range",
     "load_spec",
     "neighborhood",
@@ -98,11 +111,14 @@ __all__ = [
     "parse_score",
     "pattern_hash",
     "per_head",
+    "query_bias",
+    "rel_pos_bias",
     "resolve_heads",
     "sigmoid",
     "sliding_window",
     "softcap",
     "strided",
+    "temperature",
     "to_graph",
     "union",
     "validate",

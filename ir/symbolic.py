@@ -229,6 +229,32 @@ def _axis_progression(p: Band | BlockDiagonal | Congruent | KeyRange, length: Nu
     return strided_progression(length, p.modulus, p.offset)
 
 
+def offset_reach(rule: Rule, grid: Grid) -> tuple[int, ...]:
+    """Per grid axis, a bound on ``|k_a - q_a|`` over the pairs ``rule`` keeps: exact for a
+    box of progressions (the largest offset any query's keys reach on that axis), the axis's
+    length less one where the rule does not bound it (flat ranges on a grid of rank > 1,
+    predicates); the least over an intersection's rules, the greatest over a union's."""
+    if isinstance(rule, GridBox):
+        return tuple(_progression_reach(p, size) for p, size in zip(rule.axes, grid.shape))
+    if isinstance(rule, FlatRange) and grid.rank == 1:
+        return (_progression_reach(rule.range, grid.size),)
+    if isinstance(rule, (AnyOf, AllOf)):
+        parts = [offset_reach(r, grid) for r in rule.rules]
+        pick = max if isinstance(rule, AnyOf) else min
+        return tuple(pick(p[a] for p in parts) for a in range(grid.rank))
+    return tuple(size - 1 for size in grid.shape)
+
+
+def _progression_reach(prog: Progression, length: int) -> int:
+    """The largest ``|k - q|`` of a key ``k`` in the progression of some ``q`` in ``[0, length)``."""
+    qs = np.arange(length, dtype=np.int64)
+    first, last = (to_numpy(e)(qs) for e in (prog.first, prog.last))
+    kept = first <= last
+    if not kept.any():
+        return 0
+    return int(max((qs - first)[kept].max(), (last - qs)[kept].max(), 0))
+
+
 # --- printing ----------------------------------------------------------------------
 
 

@@ -36,8 +36,19 @@ from attncc.ir.nodes import (
     Strided,
     Union,
 )
-from attncc.ir.score import Score, as_score
-from attncc.ir.symbolic import AllOf, AnyOf, FlatRange, GridBox, Predicate, Progression, Rule, rules
+from attncc.ir.score import INPUTS, Score, as_score, table_units
+from attncc.ir.symbolic import (
+    AllOf,
+    AnyOf,
+    FlatRange,
+    GridBox,
+    Predicate,
+    Progression,
+    Rule,
+    offset_reach,
+    rules,
+)
+from attncc.ir.text import format_pattern
 from attncc.ir.validate import neighborhood_axes
 from attncc.lower.plan import RANK, AxisForm, Congruence, KernelPlan, Lookup, pad3
 
@@ -58,11 +69,14 @@ def lower(
     kv_tile: tuple[int, ...] | None = None,
     score: str | Score = "softmax",
     config: LaunchConfig | None = None,
+    device_type: str = "cuda",
 ) -> KernelPlan:
     """Plan the forward kernel of a head-independent ``pattern`` on ``grid``.
 
     Explicit ``q_tile``/``kv_tile`` boxes override the config's token counts. ``score`` is a
-    score's text form (``"softmax"``, ``"sigmoid"``, ``"softcap(30.0)"``, ...: attncc.ir.score).
+    score or its text form (``"softmax"``, ``"sigmoid"``, ``"softcap(30.0) + key_bias"``, ...:
+    attncc.ir.score); only its form counts (term values are kernel inputs). ``device_type``
+    is where the kernel runs ("cuda", or "cpu" for Triton's interpreter).
     """
     config = config or LaunchConfig()
     if dtype not in SUPPORTED_DTYPES:
@@ -87,9 +101,7 @@ def lower(
         head_dim=head_dim,
         head_dim_padded=head_dim_padded,
         dtype=dtype,
-        score=scored.kind,
-        softcap=scored.softcap,
-        alibi=scored.alibi or (),
+        **_term_fields(scored, canon, grid, dilation, dtype, device_type),
         num_warps=config.num_warps,
         num_stages=config.num_stages or DEEP_PIPELINE,
     )
@@ -123,6 +135,44 @@ def lower(
         mask_expr=mask_expr,
         lookups=lookups,
         **common,
+    )
+
+
+def _term_fields(
+    score: Score, canon: Pattern, grid: Grid, dilation: tuple, dtype: str, device_type: str
+) -> dict:
+    """The plan's score fields (Note [Score terms] in attncc.ir.score): the kernel's form of
+    ``score``, with the relative position table checked against the offsets ``canon`` keeps."""
+    table = None
+    if score.rel_pos_bias is not None:
+        table = pad3(score.rel_pos_bias, 1)
+        units = table_units(canon, grid)
+        if units != dilation[RANK - grid.rank :]:
+            raise field_error(
+                PatternError, "rel_pos_bias pattern", format_pattern(canon),
+                "a pattern without dilation, or one that lowers to closed-form ranges",
+                "the table counts offsets in units of the dilation, which a tile table does not keep",
+            )  # fmt: skip
+        reach = offset_reach(rules(canon, grid), grid)
+        needed = tuple(2 * -(-r // d) + 1 for r, d in zip(reach, units))
+        if any(s < n for s, n in zip(score.rel_pos_bias, needed)):
+            raise field_error(
+                PatternError, "rel_pos_bias sizes", score.rel_pos_bias,
+                f"at least {needed}: the pattern keeps offsets up to {reach} (in units of dilation {units})",
+                "Note [Table gradient] in attncc.lower.plan",
+            )  # fmt: skip
+    return dict(
+        score=score.kind,
+        softcap=score.softcap,
+        temperature=score.temperature,
+        alibi="flat" if score.alibi == "axes" and grid.rank == 1 else score.alibi,
+        rel_pos_bias=table,
+        query_bias=score.query_bias,
+        key_bias=score.key_bias,
+        bias=score.bias,
+        dropout=score.dropout,
+        grads=tuple(name for name in INPUTS if name in score.grads),
+        fast_tanh=score.softcap is not None and device_type == "cuda" and dtype != "float32",
     )
 
 

@@ -46,6 +46,30 @@ that see that key (its partial tiles' mask). A KV tile lies in a Q tile's box ex
 when that Q tile lies in the KV tile's inverse box, so both directions visit the same
 tile pairs; the walk is that of Note [Loops] over Q tiles. Table plans use the lists
 transposed (``tile_table_by_kv``).
+
+Note [Term inputs]: the kernels take each tensor term of the score as a pointer followed by
+its strides, in the order of :attr:`KernelPlan.inputs`: temperature ``[H]``, alibi's slopes
+``[H, A]`` (A = 1, or 3 for the 'axes' distance, padded like the grid), the relative
+position table ``[Ht, S0, S1, S2]`` (padded like the grid; a table shared by the heads has a
+head stride of 0), and the biases as broadcast views ``[B, H, N]`` and ``[B, H, N, N]``
+(stride 0 on a broadcast dimension), then, with dropout, the seed (``[1]`` int64), the
+drop probability and the number of query heads. The backward kernels take, after those,
+one float32 buffer and its strides per learned input they differentiate, in the same
+order (Note [Term gradients] in attncc.runtime.terms). Table values are read in the
+tensor's own dtype and widened to float32.
+
+Note [Table gradient]: the gradient of a relative position table's entry at offset ``o``
+sums the score gradients of the kept pairs at that offset. In the dQ kernel the pairs of
+one tile pair lie at offsets ``base + r``, ``r`` in a box of ``TQ + TK - 1`` per axis
+(:attr:`KernelPlan.offset_box`): the kernel gathers each query row's score gradient at each
+``r`` (``tl.gather``, ``[BLOCK_M, offset_block]``) and sums over the rows, then adds that
+vector, by a second gather, into a register copy of the table's gradient indexed by entry
+(``table_block`` entries). Every entry is summed by one thread in a fixed order, so the
+result is deterministic with no atomics and no ``[N, N]`` intermediate; each program writes
+its copy to its own row of a float32 buffer that the host sums. The second gather is exact
+because each entry has one offset: lowering refuses a table that does not reach every kept
+pair's offset (an offset past the edge would share the edge entry, a scatter with
+collisions).
 """
 
 from __future__ import annotations
@@ -55,6 +79,7 @@ import math
 from dataclasses import dataclass
 
 from attncc.ir.grid import Grid
+from attncc.ir.score import INPUTS
 
 RANK = 3
 LOG2E = 1.4426950408889634
@@ -124,10 +149,21 @@ class KernelPlan:
     mask_expr: str  # table plans: keep(q, k) as a Triton expression, see spell_rule
     lookups: tuple[Lookup, ...]
     score: str = "softmax"  # the normaliser, or "sigmoid"
-    # Score terms (Note [Score terms] in attncc.ir.score): the cap c of the scaled score, and
-    # one ALiBi slope per query head (indexed by the launch's real head ids, 1-D grids).
+    # Score terms (Note [Score terms] in attncc.ir.score, Note [Term inputs] below): the cap c
+    # of the scaled score; the terms whose data the kernels read at run time (temperature,
+    # alibi's distance, the relative position table's sizes padded to rank 3, the biases);
+    # dropout; the learned inputs whose gradients the backward computes; and whether tanh is
+    # the GPU's tanh.approx (else 2 sigmoid(2x) - 1: the interpreter, and float32's exact path).
     softcap: float | None = None
-    alibi: tuple[float, ...] = ()
+    temperature: bool = False
+    alibi: str | None = None
+    rel_pos_bias: tuple[int, int, int] | None = None
+    query_bias: bool = False
+    key_bias: bool = False
+    bias: bool = False
+    dropout: bool = False
+    grads: tuple[str, ...] = ()
+    fast_tanh: bool = False
     num_warps: int = 4
     num_stages: int = 2
     # Range plans whose first term can mark tiles full: whether some Q tile's walk (forward,
@@ -138,7 +174,36 @@ class KernelPlan:
     @property
     def score_terms(self) -> bool:
         """Whether the kernels apply score terms between the dot and the normaliser."""
-        return self.softcap is not None or bool(self.alibi)
+        return self.softcap is not None or bool(self.inputs) or self.dropout
+
+    def has(self, name: str) -> bool:
+        """Whether the tensor term ``name`` (attncc.ir.score.INPUTS) is in the plan."""
+        return getattr(self, name) not in (None, False)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The tensor terms the kernels read, in the order the ops pass them (Note [Term inputs])."""
+        return tuple(name for name in INPUTS if self.has(name))
+
+    @property
+    def table_entries(self) -> int:
+        """Entries of the relative position table (0 without one)."""
+        return math.prod(self.rel_pos_bias) if self.rel_pos_bias else 0
+
+    @property
+    def table_block(self) -> int:
+        """The power of two the dQ kernel holds the table's gradient in (Note [Table gradient])."""
+        return max(16, 1 << (self.table_entries - 1).bit_length())
+
+    @property
+    def offset_box(self) -> tuple[int, int, int]:
+        """Per axis, the key-minus-query offsets inside one tile pair: ``TQ + TK - 1``."""
+        return tuple(tq + tk - 1 for tq, tk in zip(self.q_tile, self.kv_tile))  # type: ignore[return-value]
+
+    @property
+    def offset_block(self) -> int:
+        """The power of two the dQ kernel gathers a tile pair's offsets into (Note [Table gradient])."""
+        return max(16, 1 << (math.prod(self.offset_box) - 1).bit_length())
 
     @property
     def score_units(self) -> float:
@@ -151,11 +216,6 @@ class KernelPlan:
         """The soft-cap c in the kernels' units (:attr:`score_units`)."""
         assert self.softcap is not None, "a plan without a soft-cap has no cap to spell"
         return self.softcap * self.score_units
-
-    @property
-    def alibi_in_units(self) -> tuple[float, ...]:
-        """Each query head's ALiBi slope in the kernels' units (:attr:`score_units`)."""
-        return tuple(a * self.score_units for a in self.alibi)
 
     def full_loop(self, inverse: bool) -> bool:
         """Whether the walk (dK/dV's with ``inverse``) has a full-tile loop (Note [Loops])."""

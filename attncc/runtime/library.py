@@ -19,6 +19,7 @@ Python objects, and lowering and rendering happen inside the op on first use.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from functools import cache
@@ -30,12 +31,12 @@ from attncc import settings
 from attncc.errors import AttnccError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
-from attncc.ir.score import Score, checked, parse_score
+from attncc.ir.score import Score, as_score, checked, parse_score
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
 from attncc.layouts import to_sdpa_layout
 from attncc.lower.render import load
-from attncc.runtime import cutlass_kernel, ops
+from attncc.runtime import cutlass_kernel, ops, terms
 
 
 @cache
@@ -51,16 +52,17 @@ def forget_kernels() -> None:
         memo.cache_clear()
 
 
-def _fwd(q, k, v, pattern, grid, scale, score, bias, wrap):
+def _fwd(q, k, v, pattern, grid, scale, score, bias, params, dropout_p, wrap):
     b, h, _, d = q.shape
     plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
-    return ops.forward(q, k, v, plan, scale, bias, parse_score(score).kind == "softmax", wrap)
+    write_lse = parse_score(score).kind == "softmax"
+    return ops.forward(q, k, v, plan, scale, bias, write_lse, params, dropout_p, wrap)
 
 
-def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, wrap):
+def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, params, dropout_p, wrap):
     b, h, _, d = q.shape
     plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
-    return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, wrap)
+    return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, params, dropout_p, wrap)
 
 
 @triton_op("attncc::fwd", mutates_args=())
@@ -73,18 +75,23 @@ def fwd(
     scale: float,
     score: str,
     bias: float,
+    params: list[torch.Tensor],
+    dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward on ``[B, H, N, D]`` tensors: (out, lse float32 ``[B, H, N]``)."""
-    return _fwd(q, k, v, pattern, grid, scale, score, bias, wrap_triton)
+    """Forward on ``[B, H, N, D]`` tensors: (out, lse float32 ``[B, H, N]``). ``score`` is the
+    score's form (its text: attncc.ir.score), ``params`` its term tensors and dropout's seed."""
+    return _fwd(q, k, v, pattern, grid, scale, score, bias, params, dropout_p, wrap_triton)
 
 
 @triton_op("attncc::bwd", mutates_args=())
 def bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
     dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Backward: (dq, dk, dv), given the gradients of out (``do``) and of lse (``dlse``)."""
-    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, wrap_triton)
+    params: list[torch.Tensor], dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """Backward: (dq, dk, dv, the gradients of the score's ``grad=True`` terms), given the
+    gradients of out (``do``) and of lse (``dlse``)."""
+    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, params, dropout_p, wrap_triton)
 
 
 @custom_op("attncc::fwd_opaque", mutates_args=())
@@ -97,45 +104,55 @@ def fwd_opaque(
     scale: float,
     score: str,
     bias: float,
+    params: list[torch.Tensor],
+    dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fwd` as an opaque op (the CPU interpreter)."""
-    return _fwd(q, k, v, pattern, grid, scale, score, bias, None)
+    return _fwd(q, k, v, pattern, grid, scale, score, bias, params, dropout_p, None)
 
 
 @custom_op("attncc::bwd_opaque", mutates_args=())
 def bwd_opaque(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
     dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    params: list[torch.Tensor], dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """:func:`bwd` as an opaque op."""
-    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, None)
+    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, params, dropout_p, None)
 
 
 @register_fake("attncc::fwd_opaque")
-def _fwd_fake(q, k, v, pattern, grid, scale, score, bias):
+def _fwd_fake(q, k, v, pattern, grid, scale, score, bias, params, dropout_p):
     b, h, n, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
 
 
 @register_fake("attncc::bwd_opaque")
-def _bwd_fake(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _bwd_fake(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, params, dropout_p):
+    form = parse_score(score)
+    grads = [torch.empty_like(params[form.inputs.index(name)]) for name in form.grads]
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grads
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, pattern, grid, scale, score, bias = inputs
+    q, k, v, pattern, grid, scale, score, bias, params, dropout_p = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.save_for_backward(q, k, v, o, lse, *params)
     ctx.args = (pattern, grid, scale, score, bias)
+    ctx.dropout_p = dropout_p
 
 
 def _backward_with(op):
     def backward(ctx, do, dlse):
-        q, k, v, o, lse = ctx.saved_tensors
+        q, k, v, o, lse, *params = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
         dlse = torch.zeros_like(lse) if dlse is None else dlse
-        dq, dk, dv = op(q, k, v, o, lse, do, dlse, *ctx.args)
-        return dq, dk, dv, None, None, None, None, None
+        dq, dk, dv, grads = op(q, k, v, o, lse, do, dlse, *ctx.args, params, ctx.dropout_p)
+        form = parse_score(ctx.args[3])
+        dparams: list[torch.Tensor | None] = [None] * len(params)
+        for name, grad in zip(form.grads, grads):
+            dparams[form.inputs.index(name)] = grad
+        return dq, dk, dv, None, None, None, None, None, dparams, None
 
     return backward
 
@@ -156,6 +173,9 @@ def attention(
     score: str | Score = "softmax",
     sigmoid_bias: float | None = None,
     layout: str | None = None,
+    score_mod: Score | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of ``pattern`` with fused, pattern-specialised kernels (differentiable).
 
@@ -166,13 +186,18 @@ def attention(
     natural-log log-sum-exp in float32 (differentiable too). ``out`` (same
     shape and dtype as ``q``) receives a copy of the result when given.
     ``score="sigmoid"`` computes sigmoid attention (bias default ``-ln(N)``,
-    no log-sum-exp). ``score`` also takes a :class:`attncc.ir.Score` with terms, built by
-    ``attncc.ir.softcap(c)`` (``c * tanh(s / c)`` of the scaled score ``s``, Gemma-2),
-    ``attncc.ir.alibi(slopes)`` (``- slopes[h] * |q - k|``, one slope per query head, 1-D
-    grids) and ``attncc.ir.sigmoid()``, composed with ``+`` (Note [Score terms] in
-    attncc.ir.score), e.g. ``score=softcap(50.0) + alibi(slopes)``. Gradients flow to q, k and
-    v. ``layout`` ('sdpa' or 'spatial') says how a 4-D q reads where its shape does not (Note
-    [Ambiguous layouts] in attncc.layouts).
+    no log-sum-exp). ``score_mod`` (or ``score``) takes score terms (Note [Score terms] in
+    attncc.ir.score), composed with ``+``: ``attncc.ir.softcap(c)`` (``c * tanh(s / c)`` of the
+    scaled score ``s``, Gemma-2), ``temperature(t)`` (``[H]``), ``alibi(slopes)`` (one slope
+    per query head; ``distance=`` 'flat', 'signed' or 'axes'), ``rel_pos_bias(table)``
+    (``[H or 1, 2 r + 1, ...]``, NATTEN's and Swin's), ``query_bias``/``key_bias``
+    (``[B or 1, H or 1, N]``) and ``bias`` (``[B or 1, H or 1, N, N]``), e.g.
+    ``score_mod=softcap(50.0) + rel_pos_bias(table)``. Gradients flow to q, k, v and every
+    term tensor that requires grad. ``dropout_p`` drops attention probabilities (the kept ones
+    scaled by ``1 / (1 - p)``) by a Philox stream of ``dropout_seed`` (drawn from torch's
+    generator when None); the backward regenerates the same mask. ``layout`` ('sdpa' or
+    'spatial') says how a 4-D q reads where its shape does not (Note [Ambiguous layouts] in
+    attncc.layouts).
     """
     grid, (qs, ks, vs), found = to_sdpa_layout(q, k, v, grid, layout)
     if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -184,9 +209,14 @@ def attention(
         _check_interpreter()
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
-    _, h, n, d = qs.shape
+    b, h, n, d = qs.shape
     validate(pattern, grid, h)
-    score_text = _score_text(score, tuple(grid.shape), h, return_lse)
+    terms_ = checked(_combined(score, score_mod), grid, h, return_lse)
+    params = terms.inputs(terms_, b, h, grid, q.device)
+    dropout_p = _probability(dropout_p)
+    if dropout_p > 0:
+        params.append(terms.seed_for(dropout_seed, q.device))
+    score_text = _form_text(terms_.form.text, terms.needs_grad(terms_), dropout_p > 0)
     scale = 1.0 / math.sqrt(d) if scale is None else _real("scale", scale)
     if not (math.isfinite(scale) and scale > 0):  # Note [Scale] in the Triton template
         raise field_error(AttnccError, "scale", scale, "a finite number > 0 (or None: 1 / sqrt(head dim))")
@@ -201,7 +231,7 @@ def attention(
     wide = q.device.type == "cpu" and q.dtype == torch.bfloat16
     if wide:
         qs, ks, vs = qs.float(), ks.float(), vs.float()
-    o, lse = op(qs, ks, vs, _text(pattern), list(grid.shape), scale, score_text, bias)
+    o, lse = op(qs, ks, vs, _text(pattern), list(grid.shape), scale, score_text, bias, params, dropout_p)
     result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)
@@ -239,10 +269,39 @@ def _check_interpreter() -> None:
         )
 
 
+def _combined(score: str | Score, score_mod: Score | None) -> Score:
+    """The call's score: ``score`` (a normaliser, or terms) and the terms of ``score_mod``."""
+    found = Score(*_parsed(score)) if isinstance(score, str) else as_score(score)
+    if score_mod is None:
+        return found
+    if not isinstance(score_mod, Score):
+        expected = "score terms (attncc.ir.softcap, alibi, rel_pos_bias, ... composed with +)"
+        raise form_error(AttnccError, "score_mod", score_mod, expected)
+    return found + score_mod
+
+
+def _probability(p: object) -> float:
+    value = _real("dropout_p", p)
+    if not 0.0 <= value < 1.0:
+        raise field_error(AttnccError, "dropout_p", value, "a number in [0, 1)")
+    return value
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads a score's text once, not its parser
+def _parsed(text: str) -> tuple:
+    """The fields of the score ``text`` reads as (Note [Constants under torch.compile] at
+    :func:`_form_text`: a constant is plain data, the Score is made from it in the graph)."""
+    return dataclasses.astuple(parse_score(text))
+
+
 @torch.compiler.assume_constant_result  # like the pattern's text: the op takes a constant
-def _score_text(score: str | Score, grid: tuple[int, ...], heads: int, return_lse: bool) -> str:
-    """The text of the call's score, checked against it (attncc.ir.score.checked)."""
-    return checked(score, Grid(grid), heads, return_lse).text
+def _form_text(form: str, grads: tuple[str, ...], dropout: bool) -> str:
+    """The text of the kernels' form of the call's score: its terms (``form``, the text of a
+    score without values), which of them the backward differentiates, and dropout (Note
+    [Score terms] in attncc.ir.score). Note [Constants under torch.compile]: it takes text,
+    not a Score: an object made inside a compiled region reaches an
+    ``assume_constant_result`` function without its fields."""
+    return dataclasses.replace(parse_score(form), grads=grads, dropout=dropout).text
 
 
 @torch.compiler.assume_constant_result  # torch.compile calls it once and keeps the text

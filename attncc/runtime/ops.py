@@ -30,7 +30,7 @@ from attncc.ir.text import format_pattern
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.plan import KernelPlan
 from attncc.lower.render import load
-from attncc.runtime import cutlass_kernel, progress
+from attncc.runtime import cutlass_kernel, progress, terms
 from attncc.runtime.progress import log
 
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
@@ -121,7 +121,7 @@ def compiled(
         log.info("%s: the tuning record's CUTLASS config declined (ATTNCC_BACKEND=triton)", what)
         config = default
     if config.backend == "cutlass":
-        plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
+        plan = lower(pattern, grid, head_dim, dtype, score=score, config=config, device_type=device_type)
         cplan = cutlass_kernel.plan_for(pattern, grid, plan)
         reason = cplan if isinstance(cplan, str) else cutlass_kernel.unavailable(device_type)
         if reason is None:
@@ -149,15 +149,9 @@ def kernel_for(
 ) -> Kernel:
     """The Triton kernels of one head-independent pattern: forward and dQ in ``config``'s
     tiles, dK/dV in its own (Note [Backward tiles] in attncc.lower.lowering)."""
-    plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
-    dkdv = lower(
-        pattern,
-        grid,
-        head_dim,
-        dtype,
-        score=score,
-        config=LaunchConfig.default_dkdv(device_type, head_dim, dtype),
-    )
+    plan = lower(pattern, grid, head_dim, dtype, score=score, config=config, device_type=device_type)
+    dkdv_config = LaunchConfig.default_dkdv(device_type, head_dim, dtype)
+    dkdv = lower(pattern, grid, head_dim, dtype, score=score, config=dkdv_config, device_type=device_type)
     tables, dkdv_tables = kernel_tables(pattern, grid, plan), kernel_tables(pattern, grid, dkdv)
     return Kernel(plan, load(plan), tables, dkdv, load(dkdv), dkdv_tables)
 
@@ -205,8 +199,21 @@ def head_groups(pattern: Pattern, grid: Grid, heads: int) -> list[tuple[Pattern,
 Wrap = Callable | None  # torch.library.wrap_triton under triton_op, else None
 
 
-def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, wrap: Wrap = None):
-    """(out, lse) of ``[B, H, N, D]`` views; ``lse`` is float32 ``[B, H, N]``."""
+def _term_args(plan: KernelPlan, params: list[torch.Tensor], dropout_p: float, heads: int) -> list:
+    """The score terms' kernel arguments (Note [Term inputs] in attncc.lower.plan): each tensor
+    (the seed last, with dropout) and its strides, then dropout's p and the head count."""
+    args: list = [x for t in params for x in (t, *t.stride())]
+    if plan.dropout:
+        args.append(dropout_p)
+    if plan.dropout or plan.grads:
+        args.append(heads)
+    return args
+
+
+def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, params=(),
+            dropout_p: float = 0.0, wrap: Wrap = None):  # fmt: skip
+    """(out, lse) of ``[B, H, N, D]`` views; ``lse`` is float32 ``[B, H, N]``. ``params``: the
+    score terms' tensors (attncc.runtime.terms.inputs) and, with dropout, the seed."""
     b, h, n, _ = q.shape
     o = _output_like(q)
     # Sigmoid attention writes no log-sum-exp: the op still returns a defined tensor.
@@ -217,14 +224,31 @@ def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, 
             continue
         values, offsets, entries, _, _ = _tables(launch.kernel, q)
         head_map = _int32(launch.heads, q)
+        terms = _term_args(launch.kernel.plan, list(params), dropout_p, h)
         launch.kernel.module.launch(
-            q, k, v, o, lse, values, offsets, entries, head_map, scale, write_lse, bias, wrap=wrap
+            q,
+            k,
+            v,
+            o,
+            lse,
+            values,
+            offsets,
+            entries,
+            head_map,
+            scale,
+            write_lse,
+            bias,
+            wrap=wrap,
+            terms=terms,
         )
     return o, lse
 
 
-def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float, wrap: Wrap = None):
-    """(dq, dk, dv) in the inputs' dtype. Deterministic: no atomics (see the template).
+def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float, params=(),
+             dropout_p: float = 0.0, wrap: Wrap = None):  # fmt: skip
+    """(dq, dk, dv, term gradients) in the inputs' dtypes. Deterministic: no atomics (see the
+    template). The term gradients are those of the plan's ``grads``, in its order, shaped as
+    the views in ``params`` (Note [Term gradients] in attncc.runtime.terms).
 
     The score gradient is ``p * (dp - delta)`` with ``delta = rowsum(dO * O)``;
     a gradient of the log-sum-exp adds ``p * dlse``, so it enters as ``delta - dlse``.
@@ -233,20 +257,37 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
     several launches (per-head patterns) feed the same KV head, they add in
     turn, on one stream, into float32 buffers.
     """
+    b, h, n, _ = q.shape
     h_kv = k.shape[1]
-    group = q.shape[1] // h_kv
+    group = h // h_kv
     delta = ((do.float() * o.float()).sum(-1) - dlse).contiguous()  # [B, H, N], laid out like lse
     lse = lse.contiguous()
     dq = _output_like(q)
     accumulate = len(plan_launches) > 1
     dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32) if accumulate else _output_like(k)
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if accumulate else _output_like(v)
+    params = list(params)
+    first = plan_launches[0].kernel.plan
+    parts = terms.buffers(first, params, b, h, n, q.device)
     for launch in plan_launches:
+        plan, module = launch.kernel.plan, launch.kernel.module
         values, offsets, entries, _, _ = _tables(launch.kernel, q)
         head_map = _int32(launch.heads, q)
-        launch.kernel.module.launch_dq(
-            q, k, v, do, lse, delta, dq, values, offsets, entries, head_map, scale, bias, wrap=wrap
-        )
+        args = _term_args(plan, params, dropout_p, h)
+        table = None
+        if "rel_pos_bias" in plan.grads:  # Note [Table gradient]: a row per program, summed here
+            rows = b * len(launch.heads) * module.GROUPS * module.Q_TILES
+            table = torch.zeros(rows, plan.table_entries, device=q.device, dtype=torch.float32)
+        dq_parts = [
+            table if name == "rel_pos_bias" else parts[name] for name in plan.grads if name != "key_bias"
+        ]
+        module.launch_dq(
+            q, k, v, do, lse, delta, dq, values, offsets, entries, head_map, scale, bias, wrap=wrap,
+            terms=args + dq_parts,
+        )  # fmt: skip
+        if table is not None:
+            sums = table.view(b, len(launch.heads), -1, plan.table_entries).sum(2)
+            parts["rel_pos_bias"][:, list(launch.heads)] = sums
         values, _, _, kv_offsets, kv_entries = _tables(launch.kernel, q, dkdv=True)
         slots = (_int32(t, q) for t in _slots(launch.heads, group, h_kv, accumulate))
         launch.kernel.dkdv.launch_dkdv(
@@ -266,10 +307,15 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
             accumulate,
             bias,
             wrap=wrap,
+            terms=_term_args(launch.kernel.dkdv_plan, params, dropout_p, h)
+            + ([parts["key_bias"]] if "key_bias" in plan.grads else []),
         )
     if accumulate:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
-    return dq, dk, dv
+    grads = [
+        terms.gradient(name, parts[name], params[first.inputs.index(name)], scale) for name in first.grads
+    ]
+    return dq, dk, dv, grads
 
 
 @cache
