@@ -161,6 +161,12 @@ def _term_fields(
                 f"at least {needed}: the pattern keeps offsets up to {reach} (in units of dilation {units})",
                 "Note [Table gradient] in attncc.lower.plan",
             )  # fmt: skip
+        entries = math.prod(score.rel_pos_bias)
+        if "rel_pos_bias" in score.grads and grid.size * entries >= 2**31:
+            raise field_error(
+                PatternError, "rel_pos_bias gradient", f"{grid.size} tokens x {entries} entries",
+                "under 2^31 (Note [Table gradient] in attncc.lower.plan: a float32 row of entries per query)",
+            )  # fmt: skip
     return dict(
         score=score.kind,
         softcap=score.softcap,

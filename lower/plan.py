@@ -50,26 +50,30 @@ transposed (``tile_table_by_kv``).
 Note [Term inputs]: the kernels take each tensor term of the score as a pointer followed by
 its strides, in the order of :attr:`KernelPlan.inputs`: temperature ``[H]``, alibi's slopes
 ``[H, A]`` (A = 1, or 3 for the 'axes' distance, padded like the grid), the relative
-position table ``[Ht, S0, S1, S2]`` (padded like the grid; a table shared by the heads has a
-head stride of 0), and the biases as broadcast views ``[B, H, N]`` and ``[B, H, N, N]``
-(stride 0 on a broadcast dimension), then, with dropout, the seed (``[1]`` int64), the
-drop probability and the number of query heads. The backward kernels take, after those,
-one float32 buffer and its strides per learned input they differentiate, in the same
-order (Note [Term gradients] in attncc.runtime.terms). Table values are read in the
-tensor's own dtype and widened to float32.
+position table ``[Ht, S0, S1, S2]`` (padded like the grid, each head's table contiguous, so
+only its head stride is passed: 0 for a table shared by the heads), and the biases as
+broadcast views ``[B, H, N]`` and ``[B, H, N, N]`` (stride 0 on a broadcast dimension),
+then, with dropout, the seed (``[1]`` int64), the drop threshold on 32 random bits and
+``1 / (1 - p)``, and the number of query heads. The backward kernels take, after those,
+one float32 buffer per learned input they differentiate, in the same order (dQ takes the
+temperature's, the slopes', the query bias's and the dense bias's, dK/dV the table's and
+the key bias's: Note [Term gradients] in attncc.runtime.terms). Term values are read in
+the tensor's own dtype and widened to float32.
 
 Note [Table gradient]: the gradient of a relative position table's entry at offset ``o``
-sums the score gradients of the kept pairs at that offset. In the dQ kernel the pairs of
-one tile pair lie at offsets ``base + r``, ``r`` in a box of ``TQ + TK - 1`` per axis
-(:attr:`KernelPlan.offset_box`): the kernel gathers each query row's score gradient at each
-``r`` (``tl.gather``, ``[BLOCK_M, offset_block]``) and sums over the rows, then adds that
-vector, by a second gather, into a register copy of the table's gradient indexed by entry
-(``table_block`` entries). Every entry is summed by one thread in a fixed order, so the
-result is deterministic with no atomics and no ``[N, N]`` intermediate; each program writes
-its copy to its own row of a float32 buffer that the host sums. The second gather is exact
-because each entry has one offset: lowering refuses a table that does not reach every kept
-pair's offset (an offset past the edge would share the edge entry, a scatter with
-collisions).
+sums the score gradients of the kept pairs ``(q, q + o)``. Summing them inside a tile would
+reduce along its diagonals (a pair's entry depends on both its row and its column), which
+register tiles do not do cheaply: a gather of each row's offsets (``tl.gather``) costs a
+tile's worth of shuffles per offset box and spilled 40 KB on sm_90, and atomics would make
+the sum depend on the order threads arrive in. Instead the dK/dV kernel (whose tiles are
+the smaller: the same stores spilled in dQ's) stores each kept pair's score gradient at
+``[b, h, q, entry]`` of a zeroed float32 buffer ``[B, H, N, entries]``: for one query each
+entry has at most one key, so every element has one writer (deterministic, no atomics),
+and the host sums over the queries in a fixed order. The
+buffer is ``N x entries``, not ``N x N`` (``4 N x entries`` bytes per batch element and
+head: 41 MB for a 128 x 128 grid and a 25 x 25 table). Only kept pairs are stored: lowering
+refuses a table that does not reach every kept pair's offset, so none is clamped onto an
+edge entry another pair of its row owns.
 """
 
 from __future__ import annotations
@@ -189,21 +193,6 @@ class KernelPlan:
     def table_entries(self) -> int:
         """Entries of the relative position table (0 without one)."""
         return math.prod(self.rel_pos_bias) if self.rel_pos_bias else 0
-
-    @property
-    def table_block(self) -> int:
-        """The power of two the dQ kernel holds the table's gradient in (Note [Table gradient])."""
-        return max(16, 1 << (self.table_entries - 1).bit_length())
-
-    @property
-    def offset_box(self) -> tuple[int, int, int]:
-        """Per axis, the key-minus-query offsets inside one tile pair: ``TQ + TK - 1``."""
-        return tuple(tq + tk - 1 for tq, tk in zip(self.q_tile, self.kv_tile))  # type: ignore[return-value]
-
-    @property
-    def offset_block(self) -> int:
-        """The power of two the dQ kernel gathers a tile pair's offsets into (Note [Table gradient])."""
-        return max(16, 1 << (math.prod(self.offset_box) - 1).bit_length())
 
     @property
     def score_units(self) -> float:

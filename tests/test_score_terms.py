@@ -218,8 +218,6 @@ def test_slopes_must_match_the_query_heads():
             fn(q, k, v, causal(), score=alibi((0.5, 0.25)))
 
 
-
-
 def test_sigmoid_with_terms_has_no_lse():
     q, k, v, _ = _inputs(37, torch.float32)
     with pytest.raises(AttnccError, match="return_lse = True"):

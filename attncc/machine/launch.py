@@ -29,7 +29,8 @@ from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
 from attncc.errors import AttnccError
-from attncc.runtime import ops
+from attncc.ir.score import parse_score
+from attncc.runtime import ops, terms
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -71,16 +72,21 @@ def capture(
     backward: bool,
     score: str = "softmax",
 ) -> list[Call]:
-    """The kernel launches of a forward (and backward) on contiguous ``[B, H, N, D]`` tensors."""
+    """The kernel launches of a forward (and backward) on contiguous ``[B, H, N, D]`` tensors
+    (and contiguous score-term tensors: attncc.runtime.terms.placeholders)."""
     b, h, n, d = shape
     q = torch.empty((b, h, n, d), dtype=dtype, device="meta")
     k, v = (torch.empty((b, kv_heads, n, d), dtype=dtype, device="meta") for _ in range(2))
     recorder = _Recorder()
     scale, bias = d**-0.5, 0.0
-    o, lse = ops.forward(q, k, v, launches, scale, bias, score == "softmax", wrap=recorder)
+    params = terms.placeholders(launches[0].kernel.plan, b, h, n, "meta")
+    dropout_p = 0.1 if launches[0].kernel.plan.dropout else 0.0
+    write_lse = parse_score(score).kind == "softmax"
+    o, lse = ops.forward(q, k, v, launches, scale, bias, write_lse, params, dropout_p, wrap=recorder)
     if backward:
         do = torch.empty_like(q)
-        ops.backward(q, k, v, o, lse, do, torch.zeros_like(lse), launches, scale, bias, wrap=recorder)
+        dlse = torch.zeros_like(lse)
+        ops.backward(q, k, v, o, lse, do, dlse, launches, scale, bias, params, dropout_p, wrap=recorder)
     return recorder.calls
 
 

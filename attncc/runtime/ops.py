@@ -33,6 +33,9 @@ from attncc.lower.render import load
 from attncc.runtime import cutlass_kernel, progress, terms
 from attncc.runtime.progress import log
 
+# The term gradients the dK/dV kernel writes (it holds a key's column of score gradients, and its
+# tiles are the smaller: the table's per-pair stores spilled in dQ); dQ writes the others.
+DKDV_GRADS = ("rel_pos_bias", "key_bias")
 DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32"}
 
 
@@ -201,10 +204,13 @@ Wrap = Callable | None  # torch.library.wrap_triton under triton_op, else None
 
 def _term_args(plan: KernelPlan, params: list[torch.Tensor], dropout_p: float, heads: int) -> list:
     """The score terms' kernel arguments (Note [Term inputs] in attncc.lower.plan): each tensor
-    (the seed last, with dropout) and its strides, then dropout's p and the head count."""
-    args: list = [x for t in params for x in (t, *t.stride())]
-    if plan.dropout:
-        args.append(dropout_p)
+    (the seed last, with dropout) and its strides, then dropout's threshold and the kept
+    probabilities' factor, and the head count."""
+    args: list = []
+    for name, t in zip((*plan.inputs, "seed"), params):
+        args += [t, *(t.stride()[:1] if name == "rel_pos_bias" else t.stride())]  # a head's table: contiguous
+    if plan.dropout:  # Note [Dropout] in the template: p as a threshold on Philox's 32 bits
+        args += [min(int(dropout_p * 2**32), 2**32 - 1), 1.0 / (1.0 - dropout_p)]
     if plan.dropout or plan.grads:
         args.append(heads)
     return args
@@ -270,24 +276,28 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
     first = plan_launches[0].kernel.plan
     parts = terms.buffers(first, params, b, h, n, q.device)
     for launch in plan_launches:
-        plan, module = launch.kernel.plan, launch.kernel.module
+        plan = launch.kernel.plan
         values, offsets, entries, _, _ = _tables(launch.kernel, q)
         head_map = _int32(launch.heads, q)
-        args = _term_args(plan, params, dropout_p, h)
-        table = None
-        if "rel_pos_bias" in plan.grads:  # Note [Table gradient]: a row per program, summed here
-            rows = b * len(launch.heads) * module.GROUPS * module.Q_TILES
-            table = torch.zeros(rows, plan.table_entries, device=q.device, dtype=torch.float32)
-        dq_parts = [
-            table if name == "rel_pos_bias" else parts[name] for name in plan.grads if name != "key_bias"
-        ]
-        module.launch_dq(
-            q, k, v, do, lse, delta, dq, values, offsets, entries, head_map, scale, bias, wrap=wrap,
-            terms=args + dq_parts,
-        )  # fmt: skip
-        if table is not None:
-            sums = table.view(b, len(launch.heads), -1, plan.table_entries).sum(2)
-            parts["rel_pos_bias"][:, list(launch.heads)] = sums
+        dq_parts = [parts[n] for n in plan.grads if n not in DKDV_GRADS]
+        args = _term_args(plan, params, dropout_p, h) + dq_parts
+        launch.kernel.module.launch_dq(
+            q,
+            k,
+            v,
+            do,
+            lse,
+            delta,
+            dq,
+            values,
+            offsets,
+            entries,
+            head_map,
+            scale,
+            bias,
+            wrap=wrap,
+            terms=args,
+        )
         values, _, _, kv_offsets, kv_entries = _tables(launch.kernel, q, dkdv=True)
         slots = (_int32(t, q) for t in _slots(launch.heads, group, h_kv, accumulate))
         launch.kernel.dkdv.launch_dkdv(
@@ -308,7 +318,7 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
             bias,
             wrap=wrap,
             terms=_term_args(launch.kernel.dkdv_plan, params, dropout_p, h)
-            + ([parts["key_bias"]] if "key_bias" in plan.grads else []),
+            + [parts[n] for n in plan.grads if n in DKDV_GRADS],
         )
     if accumulate:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)

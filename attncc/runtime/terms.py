@@ -16,8 +16,8 @@ term is itself ``[N, N]``):
   slopes) written by the dQ kernel per query (per axis for 'axes');
 - key bias: column sums written by the dK/dV kernel per key and query head;
 - bias: the score gradient of each visited pair, written by the dQ kernel;
-- the relative position table: per program partial tables (Note [Table gradient] in
-  attncc.lower.plan).
+- the relative position table: each kept pair's score gradient at its query's row and its
+  table entry, written by the dK/dV kernel (Note [Table gradient] in attncc.lower.plan).
 
 Every buffer is float32 with one writer per element; the host sums them over queries and
 programs in a fixed order and casts to the tensor's dtype. The ops take the term tensors as
@@ -35,6 +35,7 @@ from attncc.ir.score import Score
 from attncc.lower.plan import RANK, KernelPlan
 
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+MAX_BIAS_TOKENS = 46340  # the largest N with N * N < 2^31
 
 
 def inputs(score: Score, batch: int, heads: int, grid: Grid, device: torch.device) -> list[torch.Tensor]:
@@ -86,8 +87,15 @@ def _view(
         if len(shape) != 1 + rank or shape[0] not in (1, heads) or shape[1:] != sizes:
             allowed = f"({heads} or 1, {', '.join(map(str, sizes))})"
             raise field_error(AttnccError, "rel_pos_bias shape", shape, allowed)
-        return t.reshape(shape[0], *(1,) * (RANK - rank), *sizes).expand(heads, *(1,) * (RANK - rank), *sizes)
+        # Note [Term inputs]: each head's table contiguous (the kernels index it with constants).
+        padded = t.contiguous().reshape(shape[0], *(1,) * (RANK - rank), *sizes)
+        return padded.expand(heads, *(1,) * (RANK - rank), *sizes)
     full = (batch, heads, n) if name != "bias" else (batch, heads, n, n)
+    if name == "bias" and n > MAX_BIAS_TOKENS:
+        why = "a dense bias is N x N; the kernels index it with 32-bit offsets"
+        raise field_error(
+            AttnccError, "bias tokens", n, f"1..{MAX_BIAS_TOKENS} (or query_bias/key_bias)", why
+        )
     if (
         len(shape) != len(full)
         or any(s not in (1, f) for s, f in zip(shape[:2], full[:2]))
@@ -96,7 +104,10 @@ def _view(
         dims = ", ".join(map(str, full[2:]))
         allowed = f"({batch} or 1, {heads} or 1, {dims}) (the SDPA layout's flat positions)"
         raise field_error(AttnccError, f"{name} shape", shape, allowed)
-    return t.expand(full)
+    view = t.expand(full)
+    if name == "bias" and (n - 1) * (abs(view.stride(2)) + abs(view.stride(3))) >= 2**31:
+        view = t.contiguous().expand(full)  # a dense [N, N] slice's offsets fit 32 bits
+    return view
 
 
 _CONSTANTS: dict[tuple, torch.Tensor] = {}
@@ -110,6 +121,23 @@ def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     if key not in _CONSTANTS:
         _CONSTANTS[key] = torch.tensor(values, dtype=torch.float32, device=device)
     return _CONSTANTS[key]
+
+
+def placeholders(plan: KernelPlan, batch: int, heads: int, n: int, device: str) -> list[torch.Tensor]:
+    """Tensors shaped as a call's term views (and the seed) of ``plan``, contiguous: what the
+    static profile launches with (attncc.machine.launch; ``device="meta"``)."""
+    shapes = {
+        "temperature": (heads,),
+        "alibi": (heads, RANK if plan.alibi == "axes" else 1),
+        "rel_pos_bias": (heads, *(plan.rel_pos_bias or ())),
+        "query_bias": (batch, heads, n),
+        "key_bias": (batch, heads, n),
+        "bias": (batch, heads, n, n),
+    }
+    out = [torch.empty(shapes[name], device=device, dtype=torch.float32) for name in plan.inputs]
+    if plan.dropout:
+        out.append(torch.empty(1, device=device, dtype=torch.int64))
+    return out
 
 
 def needs_grad(score: Score) -> tuple[str, ...]:
@@ -135,16 +163,16 @@ def buffers(plan: KernelPlan, params: list[torch.Tensor], batch: int, heads: int
             device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
     """Zeroed float32 buffers the backward kernels write each learned input's parts into
     (Note [Term gradients]): ``[B, H, N]`` rows (``[B, H, N, A]`` for the slopes), the dense
-    bias's ``[B, H, N, N]``, and the table's ``[B, H, T]`` sums (its per-program rows are
-    allocated per launch: attncc.runtime.ops)."""
+    bias's ``[B, H, N, N]``, and the table's ``[B, H, N, T]`` (a row of entries per query:
+    Note [Table gradient] in attncc.lower.plan)."""
     out = {}
     for name in plan.grads:
         if name == "bias":
             shape: tuple[int, ...] = (batch, heads, n, n)
         elif name == "alibi":
             shape = (batch, heads, n, params[plan.inputs.index("alibi")].shape[1])
-        elif name == "rel_pos_bias":
-            shape = (batch, heads, plan.table_entries)
+        elif name == "rel_pos_bias":  # Note [Table gradient] in attncc.lower.plan: a row per query
+            shape = (batch, heads, n, plan.table_entries)
         else:
             shape = (batch, heads, n)
         out[name] = torch.zeros(shape, device=device, dtype=torch.float32)
@@ -159,7 +187,7 @@ def gradient(name: str, part: torch.Tensor, like: torch.Tensor, scale: float) ->
     elif name == "alibi":
         grad = part.sum(dim=(0, 2))  # [H, A]
     elif name == "rel_pos_bias":
-        grad = part.sum(dim=0).reshape(like.shape)  # [H, S0, S1, S2]
+        grad = part.sum(dim=(0, 2)).reshape(like.shape)  # [H, S0, S1, S2]
     else:
         grad = part
     return grad.to(like.dtype)
