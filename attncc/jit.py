@@ -59,7 +59,7 @@ from attncc.ir.grid import MAX_RANK, Grid
 from attncc.ir.nodes import Band, Pattern, dense
 from attncc.layouts import to_sdpa_layout
 from attncc.predicate import Matcher
-from attncc.runtime.library import attention
+from attncc.runtime.library import attend, checked_text
 from attncc.trace import Cond, trace
 
 __all__ = ["JitAttention", "jit", "match"]
@@ -114,10 +114,16 @@ class JitAttention:
                 "or [B, heads, N, D] with grid=(sizes)"
             )
             raise field_error(TraceError, "grid", found.shape, allowed)
-        return attention(q, k, v, self.pattern(found), grid=found, layout=layout, **kwargs)
+        return attend(q, k, v, functools.partial(_text, self), grid=found, layout=layout, **kwargs)
 
     def __repr__(self) -> str:
         return f"<attncc.jit {self.fn.__name__} over ({', '.join(self.names)})>"
+
+
+@torch.compiler.assume_constant_result  # Note [Patterns under torch.compile] in attncc.runtime.dynamo
+def _text(jitted: JitAttention, grid: tuple[int, ...], heads: int) -> str:
+    """The text of ``jitted``'s pattern on ``grid``, checked (torch.compile traces once and keeps it)."""
+    return checked_text(jitted.pattern(grid), grid, heads)
 
 
 def match(cond: Cond | bool, grid: Grid, names: tuple[str, ...], where: str) -> Pattern:

@@ -19,8 +19,10 @@ Python objects, and lowering and rendering happen inside the op on first use.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+from collections.abc import Callable
 from functools import cache
 
 import torch
@@ -35,7 +37,7 @@ from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
 from attncc.layouts import to_sdpa_layout
 from attncc.lower.render import load
-from attncc.runtime import cutlass_kernel, ops
+from attncc.runtime import cutlass_kernel, dynamo, ops  # noqa: F401 (dynamo: registers the nodes)
 
 
 @cache
@@ -174,6 +176,27 @@ def attention(
     v. ``layout`` ('sdpa' or 'spatial') says how a 4-D q reads where its shape does not (Note
     [Ambiguous layouts] in attncc.layouts).
     """
+    text_of = functools.partial(_text, pattern)
+    return attend(q, k, v, text_of, scale, return_lse, grid, out, score, sigmoid_bias, layout)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_of: Callable[[tuple[int, ...], int], str],
+    scale: float | None = None,
+    return_lse: bool = False,
+    grid: Grid | tuple[int, ...] | None = None,
+    out: torch.Tensor | None = None,
+    score: str | Score = "softmax",
+    sigmoid_bias: float | None = None,
+    layout: str | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention`, the pattern given as ``text_of(grid shape, heads)``: its text, checked
+    against the call's grid and head count. The front doors (a pattern, ``@attncc.jit``,
+    ``attncc.flex``) differ only in that function, which torch.compile calls at trace time
+    (Note [Patterns under torch.compile] in attncc.runtime.dynamo)."""
     grid, (qs, ks, vs), found = to_sdpa_layout(q, k, v, grid, layout)
     if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         allowed = "float16, bfloat16 or float32, the same for q, k and v"
@@ -185,7 +208,7 @@ def attention(
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
     _, h, n, d = qs.shape
-    validate(pattern, grid, h)
+    pattern_text = text_of(grid.shape, h)
     score_text = _score_text(score, tuple(grid.shape), h, return_lse)
     scale = 1.0 / math.sqrt(d) if scale is None else _real("scale", scale)
     if not (math.isfinite(scale) and scale > 0):  # Note [Scale] in the Triton template
@@ -201,7 +224,7 @@ def attention(
     wide = q.device.type == "cpu" and q.dtype == torch.bfloat16
     if wide:
         qs, ks, vs = qs.float(), ks.float(), vs.float()
-    o, lse = op(qs, ks, vs, _text(pattern), list(grid.shape), scale, score_text, bias)
+    o, lse = op(qs, ks, vs, pattern_text, list(grid.shape), scale, score_text, bias)
     result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)
@@ -245,11 +268,21 @@ def _score_text(score: str | Score, grid: tuple[int, ...], heads: int, return_ls
     return checked(score, Grid(grid), heads, return_lse).text
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once and keeps the text
-def _text(pattern: Pattern) -> str:
-    return _cached_text(pattern)
+@torch.compiler.assume_constant_result  # Note [Patterns under torch.compile] in attncc.runtime.dynamo
+def _text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:
+    """:func:`checked_text`, which torch.compile calls once per trace and keeps: the graph holds
+    the text, and no pattern is inspected in it."""
+    return checked_text(pattern, grid, heads)
 
 
-@cache  # eager calls pay for formatting once
-def _cached_text(pattern: Pattern) -> str:
+def checked_text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:
+    """The text of ``pattern``, after checking it against the call's grid and head count."""
+    if not isinstance(pattern, Pattern):  # perhaps unhashable: the check says what it is instead
+        validate(pattern, Grid(grid), heads)
+    return _checked_text(pattern, grid, heads)
+
+
+@cache  # eager calls pay for checking and formatting once
+def _checked_text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:
+    validate(pattern, Grid(grid), heads)
     return format_pattern(pattern)
