@@ -53,6 +53,7 @@ from typing import Any
 
 import torch
 
+from attncc import settings
 from attncc.errors import TraceError, field_error
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import MAX_RANK, Grid
@@ -74,7 +75,8 @@ class JitAttention:
         except TypeError:
             raise TraceError(f"{fn.__name__} must take two arguments (q, k)") from None
         self.fn, self.names = fn, names
-        self._patterns: dict[Grid, Pattern] = {}
+        # Traced once per grid, the last ATTNCC_MEMO_SIZE grids kept (attncc.memo).
+        self._patterns = functools.lru_cache(maxsize=settings.memo_size())(self._match)
         functools.update_wrapper(self, fn)
 
     def pattern(self, grid: Grid | tuple[int, ...]) -> Pattern:
@@ -84,9 +86,7 @@ class JitAttention:
             raise field_error(
                 TraceError, "grid", grid.shape, f"{len(self.names)} sizes, for axes {', '.join(self.names)}"
             )
-        if grid not in self._patterns:
-            self._patterns[grid] = self._match(grid)
-        return self._patterns[grid]
+        return self._patterns(grid)
 
     def _match(self, grid: Grid) -> Pattern:
         where = f"@attncc.jit {self.fn.__name__} on grid {grid}"

@@ -30,10 +30,10 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 
 from attncc.errors import AttnccError, ParseError, PatternError, field_error, form_error
 from attncc.ir.grid import Grid
+from attncc.memo import memo
 
 KINDS = ("softmax", "sigmoid")
 
@@ -142,7 +142,7 @@ def as_score(value: object) -> Score:
     raise form_error(PatternError, "score", value, "a Score (attncc.ir.softcap, alibi, sigmoid) or its text")
 
 
-@cache
+@memo
 def parse_score(text: str) -> Score:
     """Read the text form, e.g. ``'softcap(30.0) + alibi(0.5, 0.25)'`` or ``'sigmoid'``."""
     allowed = "softmax, sigmoid, softcap(c), alibi(slope, ...), joined by +"

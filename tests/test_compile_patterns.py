@@ -137,7 +137,7 @@ _DOC = torch.tensor([0] * 6 + [1] * 10)
 def test_every_front_door_compiles_on_an_empty_kernel_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("ATTNCC_CACHE_DIR", str(tmp_path))
     forget_kernels()
-    _local._patterns.clear()  # the predicate is traced afresh too
+    _local._patterns.cache_clear()  # the predicate is traced afresh too
     q, k, v = _qkv()
     spatial = tuple(t.transpose(1, 2) for t in (q, k, v))  # NATTEN's [B, N, heads, D]
     doors = {

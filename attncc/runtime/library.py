@@ -23,7 +23,6 @@ import functools
 import math
 import numbers
 from collections.abc import Callable
-from functools import cache
 
 import torch
 from torch.library import custom_op, register_autograd, register_fake, triton_op, wrap_triton
@@ -36,11 +35,11 @@ from attncc.ir.score import Score, checked, parse_score
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
 from attncc.layouts import to_sdpa_layout
-from attncc.lower.render import load
-from attncc.runtime import cutlass_kernel, dynamo, ops  # noqa: F401 (dynamo: registers the nodes)
+from attncc.memo import forget_all, memo
+from attncc.runtime import dynamo, ops  # noqa: F401 (dynamo: registers the nodes)
 
 
-@cache
+@memo
 def _launches(pattern: str, grid: tuple[int, ...], batch: int, heads: int, head_dim: int, dtype: torch.dtype,
               device: str, score: str) -> tuple[ops.Launch, ...]:  # fmt: skip
     return ops.launches(parse(pattern), Grid(grid), batch, heads, head_dim, ops.DTYPES[dtype], device, score)
@@ -49,8 +48,7 @@ def _launches(pattern: str, grid: tuple[int, ...], batch: int, heads: int, head_
 def forget_kernels() -> None:
     """Drop every per-process memo of compiled kernels (the next call looks in the cache and
     the tuning records again): for tests, and after ``attncc cache clear`` in a live process."""
-    for memo in (_launches, ops.launches, ops.compiled, load, cutlass_kernel.load):
-        memo.cache_clear()
+    forget_all()
 
 
 def _fwd(q, k, v, pattern, grid, scale, score, bias, wrap):
@@ -282,7 +280,7 @@ def checked_text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:
     return _checked_text(pattern, grid, heads)
 
 
-@cache  # eager calls pay for checking and formatting once
+@memo  # eager calls pay for checking and formatting once
 def _checked_text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:
     validate(pattern, Grid(grid), heads)
     return format_pattern(pattern)
