@@ -45,6 +45,7 @@ pattern. A loop that reuses one mask can call :func:`pattern` once and
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -56,8 +57,8 @@ from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern, dense, per_head
 from attncc.jit import match
-from attncc.runtime.library import attention
-from attncc.trace import Int, Opaque, Used, run
+from attncc.runtime.library import attend, checked_text
+from attncc.trace import Int, Opaque, Used, run, tensor_reads
 
 __all__ = ["flex_attention", "pattern"]
 
@@ -185,5 +186,27 @@ def flex_attention(
                 f"({n}, {n}): a BlockMask built for these shapes",
             )
         mask_mod = block_mask.mask_mod
-    found = dense() if mask_mod is None else pattern(mask_mod, n, heads=query.shape[1])
-    return attention(query, key, value, found, scale=scale, return_lse=return_lse, layout="sdpa")
+    text_of = functools.partial(_text, mask_mod, torch.compiler.is_compiling())
+    return attend(query, key, value, text_of, scale=scale, return_lse=return_lse, layout="sdpa")
+
+
+@torch.compiler.assume_constant_result  # Note [Patterns under torch.compile] in attncc.runtime.dynamo
+def _text(mask_mod: Callable | None, compiling: bool, grid: tuple[int, ...], heads: int) -> str:
+    """The checked text of ``mask_mod``'s pattern (dense for None) on a sequence of ``grid[0]``
+    tokens, traced afresh (Note [No trace cache]); ``compiling`` while torch.compile traces."""
+    if mask_mod is None:
+        return checked_text(dense(), grid, heads)
+    with tensor_reads() as reads:
+        found = pattern(mask_mod, grid[0], heads=heads)
+    if compiling and reads:
+        # Note [Tensors under torch.compile]: the compiled graph keeps the pattern of its
+        # first trace and nothing guards the values of a tensor the mask_mod reads, so a
+        # later call with other values would silently reuse the old pattern.
+        raise TraceError(
+            f"attncc.flex mask_mod {getattr(mask_mod, '__name__', type(mask_mod).__name__)} reads the "
+            f"values of {', '.join(dict.fromkeys(reads))} inside torch.compile, where the graph would keep "
+            "the pattern of its first call; build the pattern outside the compiled region, "
+            "attncc.flex.pattern(mask_mod, N, heads), and call attncc.attention(q, k, v, pattern) "
+            "inside it (another pattern recompiles)"
+        )
+    return checked_text(found, grid, heads)

@@ -53,13 +53,14 @@ from typing import Any
 
 import torch
 
+from attncc import settings
 from attncc.errors import TraceError, field_error
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import MAX_RANK, Grid
 from attncc.ir.nodes import Band, Pattern, dense
 from attncc.layouts import to_sdpa_layout
 from attncc.predicate import Matcher
-from attncc.runtime.library import attention
+from attncc.runtime.library import attend, checked_text
 from attncc.trace import Cond, trace
 
 __all__ = ["JitAttention", "jit", "match"]
@@ -74,7 +75,8 @@ class JitAttention:
         except TypeError:
             raise TraceError(f"{fn.__name__} must take two arguments (q, k)") from None
         self.fn, self.names = fn, names
-        self._patterns: dict[Grid, Pattern] = {}
+        # Traced once per grid, the last ATTNCC_MEMO_SIZE grids kept (attncc.memo).
+        self._patterns = functools.lru_cache(maxsize=settings.memo_size())(self._match)
         functools.update_wrapper(self, fn)
 
     def pattern(self, grid: Grid | tuple[int, ...]) -> Pattern:
@@ -84,9 +86,7 @@ class JitAttention:
             raise field_error(
                 TraceError, "grid", grid.shape, f"{len(self.names)} sizes, for axes {', '.join(self.names)}"
             )
-        if grid not in self._patterns:
-            self._patterns[grid] = self._match(grid)
-        return self._patterns[grid]
+        return self._patterns(grid)
 
     def _match(self, grid: Grid) -> Pattern:
         where = f"@attncc.jit {self.fn.__name__} on grid {grid}"
@@ -114,10 +114,16 @@ class JitAttention:
                 "or [B, heads, N, D] with grid=(sizes)"
             )
             raise field_error(TraceError, "grid", found.shape, allowed)
-        return attention(q, k, v, self.pattern(found), grid=found, layout=layout, **kwargs)
+        return attend(q, k, v, functools.partial(_text, self), grid=found, layout=layout, **kwargs)
 
     def __repr__(self) -> str:
         return f"<attncc.jit {self.fn.__name__} over ({', '.join(self.names)})>"
+
+
+@torch.compiler.assume_constant_result  # Note [Patterns under torch.compile] in attncc.runtime.dynamo
+def _text(jitted: JitAttention, grid: tuple[int, ...], heads: int) -> str:
+    """The text of ``jitted``'s pattern on ``grid``, checked (torch.compile traces once and keeps it)."""
+    return checked_text(jitted.pattern(grid), grid, heads)
 
 
 def match(cond: Cond | bool, grid: Grid, names: tuple[str, ...], where: str) -> Pattern:

@@ -6,6 +6,7 @@ view of the same memory (flatten the grid, swap two axes), so no copy is made.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -79,7 +80,7 @@ def _detect(q: torch.Tensor, grid: Grid | tuple[int, ...] | None, layout: str | 
         raise field_error(
             AttnccError, "q.dim()", q.dim(), "4 ([B, H, N, D] or [B, L, H, D]), 5 or 6 ([B, *grid, H, D])"
         )
-    shape = tuple(q.shape)
+    shape = static_shape(q)
     if q.dim() > 4 or layout == "spatial":
         if q.dim() > 4 and layout == "sdpa":
             raise field_error(AttnccError, "layout", layout, f"'spatial' or None for a {q.dim()}-D q")
@@ -97,6 +98,20 @@ def _detect(q: torch.Tensor, grid: Grid | tuple[int, ...] | None, layout: str | 
     if grid.size != shape[2]:
         raise field_error(AttnccError, "grid", grid.shape, f"a grid of {shape[2]} tokens (q.shape[2])")
     return Layout(grid, False)
+
+
+def static_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s shape with every size but the batch's (dim 0) a Python int (Note [Static shapes])."""
+    return (t.shape[0], *(operator.index(size) for size in t.shape[1:]))
+
+
+# Note [Static shapes]: the kernel is specialised to the grid, the head count and the head dim,
+# and the pattern's text is checked against them at trace time (Note [Patterns under
+# torch.compile] in attncc.runtime.dynamo), so under torch.compile those sizes must be Python
+# ints. When torch.compile's automatic dynamic shapes make a size symbolic (the second length a
+# compiled function sees), ``operator.index`` specialises it: the graph guards on the size and
+# a new one traces once more, where a symbolic size would fail the trace. The batch size is left
+# alone: the kernel launches for any batch, so it may stay symbolic (one graph for every batch).
 
 
 def _ambiguous(shape: tuple[int, ...], why: str) -> str:

@@ -19,6 +19,10 @@ setting, never a silent default.
 ``ATTNCC_LOCK_TIMEOUT``   seconds a process waits for another's build of the same cache
                           entry before it gives up with an error naming the lock and its
                           holder (default 600: a CUTLASS build can take minutes)
+``ATTNCC_MEMO_SIZE``      entries each per-process memo keeps (kernels, launch plans, tile
+                          tables, pattern texts), least recently used dropped first
+                          (default 256, 1 to 1048576; read when attncc is imported:
+                          :mod:`attncc.memo`)
 ========================  ==============================================================
 """
 
@@ -29,7 +33,7 @@ import math
 import os
 from pathlib import Path
 
-from attncc.errors import CacheError, PatternError, field_error
+from attncc.errors import AttnccError, CacheError, PatternError, field_error
 
 BACKENDS = ("triton", "auto", "cutlass")
 
@@ -96,3 +100,18 @@ def progress() -> bool:
     if value not in ("0", "1"):
         raise field_error(PatternError, "ATTNCC_PROGRESS", value, "0 or 1")
     return value == "1"
+
+
+MEMO_SIZE = 256
+MAX_MEMO_SIZE = 1 << 20
+
+
+def memo_size() -> int:
+    """``ATTNCC_MEMO_SIZE``: entries per per-process memo (default 256, 1 to 1048576)."""
+    value = os.environ.get("ATTNCC_MEMO_SIZE", "")
+    if not value:
+        return MEMO_SIZE
+    size = int(value) if value.strip().isdigit() else 0
+    if not 1 <= size <= MAX_MEMO_SIZE:
+        raise field_error(AttnccError, "ATTNCC_MEMO_SIZE", value, f"an integer from 1 to {MAX_MEMO_SIZE}")
+    return size

@@ -30,7 +30,9 @@ from __future__ import annotations
 import operator
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -219,7 +221,31 @@ def _is_integer_tensor(value: Any) -> bool:
 
 def _constant(value: Any) -> Any:
     """A 0-d integer or bool tensor as the Python number it holds; anything else unchanged."""
-    return value.item() if _is_integer_tensor(value) and value.dim() == 0 else value
+    if not (_is_integer_tensor(value) and value.dim() == 0):
+        return value
+    _read(value)
+    return value.item()
+
+
+_READS: ContextVar[list[str] | None] = ContextVar("attncc_tensor_reads", default=None)
+
+
+@contextmanager
+def tensor_reads() -> Iterator[list[str]]:
+    """The names of the tensors whose values the predicates traced in this block read (0-d
+    constants and lookups), in order: what a pattern built from them depends on besides code."""
+    reads: list[str] = []
+    token = _READS.set(reads)
+    try:
+        yield reads
+    finally:
+        _READS.reset(token)
+
+
+def _read(tensor: torch.Tensor, name: str | None = None) -> None:
+    reads = _READS.get()
+    if reads is not None:
+        reads.append(name or _name_of(tensor) or "tensor")
 
 
 def _int(value: Any, left: Int, op: str) -> Int:
@@ -429,6 +455,7 @@ def _lookup(table: Any, index: Any) -> Int:
         raise TraceError(f"{shown}: the index is not one traced integer; " + _LOOKUP_HELP)
     if not _is_integer_tensor(table) or table.dim() != 1:
         raise TraceError(f"{shown}: {name} is {_shown(table)}; " + _LOOKUP_HELP)
+    _read(table, name)
     values = tuple(int(v) for v in table.tolist())
     return Int("lookup", (Table(values, name), index), shown)
 

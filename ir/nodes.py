@@ -55,6 +55,13 @@ class Pattern:
     def children(self) -> tuple[Pattern, ...]:
         return ()
 
+    def __fx_repr__(self) -> tuple[str, dict[str, Any]]:
+        """An expression that rebuilds the node, for torch.compile's graph code (Note [Patterns
+        under torch.compile] in attncc.runtime.dynamo): its text, parsed."""
+        from attncc.ir.text import format_pattern, parse
+
+        return f"parse({format_pattern(self)!r})", {"parse": parse}
+
     @property
     def depth(self) -> int:
         """Combinator levels above the primitives: 0 for a primitive (Note [Nesting limit])."""
@@ -491,6 +498,9 @@ PRIMITIVES: dict[str, type[Pattern]] = {
         KeyRange,
     )
 }
+
+NODES: tuple[type[Pattern], ...] = (*PRIMITIVES.values(), Union, Intersection, PerHead)
+"""Every concrete node class."""
 
 
 def dense() -> Pattern:

@@ -57,12 +57,12 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 
 from attncc.errors import AttnccError, ParseError, PatternError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Neighborhood, Pattern
 from attncc.ir.validate import neighborhood_axes
+from attncc.memo import memo
 
 KINDS = ("softmax", "sigmoid")
 DISTANCES = ("flat", "signed", "axes")
@@ -352,7 +352,7 @@ _ALLOWED = (
 )
 
 
-@cache
+@memo
 def parse_score(text: str) -> Score:
     """Read the text form, e.g. ``'softcap(30.0) + alibi(0.5, 0.25)'`` or ``'sigmoid'``."""
     try:

@@ -24,13 +24,13 @@ import dataclasses
 import functools
 import hashlib
 import linecache
-from functools import cache
 from pathlib import Path
 from types import ModuleType
 
 import jinja2
 
 from attncc.lower.plan import KernelPlan
+from attncc.memo import memo
 from attncc.runtime import cache as kernel_cache
 
 KERNELS = "kernels"  # the cache kind of rendered modules
@@ -55,7 +55,7 @@ def render(plan: KernelPlan) -> str:
     return ENV.get_template("attention.py.j2").render(plan=plan)
 
 
-@cache
+@memo
 def load(plan: KernelPlan) -> ModuleType:
     """Render ``plan``, keep its module file in the kernel cache (built once) and run it
     (Note [Verified code]).

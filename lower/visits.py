@@ -13,19 +13,19 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
-from functools import cache
 from types import CodeType, SimpleNamespace
 
 import numpy as np
 
 from attncc.ir.analysis import EMPTY, FULL, PARTIAL
 from attncc.lower.plan import AxisForm, KernelPlan
+from attncc.memo import memo
 
 # The range forms are Triton expressions; on the host tl.minimum/maximum are numpy's.
 _HOST = {"tl": SimpleNamespace(minimum=np.minimum, maximum=np.maximum)}
 
 
-@cache
+@memo
 def _code(expr: str) -> CodeType:
     return compile(expr, "<range form>", "eval")  # forms printed by lowering
 

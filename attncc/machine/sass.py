@@ -18,10 +18,11 @@ import subprocess
 import tempfile
 from collections import Counter
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 from triton import knobs
+
+from attncc.memo import memo
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
 _LINE = re.compile(r'//## File "(.*)", line (\d+)')
@@ -124,7 +125,7 @@ def _kinds(body: list[Instruction], back_edge: Instruction) -> dict[str, int]:
     return {kind: counts[kind] for kind in (*_KIND_PATTERNS, "branches")}
 
 
-@cache
+@memo
 def _marked_loops(source_file: str) -> tuple[tuple[str, int, int], ...]:
     """``(name, first line, last line)`` of every ``for`` marked ``# loop: NAME`` in a module."""
     text = Path(source_file).read_text()

@@ -136,7 +136,7 @@ def root() -> Path:
     return Path(platformdirs.user_cache_dir("attncc"))
 
 
-@functools.cache
+@functools.cache  # one value per process (unbounded memo of no arguments)
 def template_version() -> str:
     """A hash of every template file's name and text: a template edit changes every key."""
     h = hashlib.sha256()
@@ -153,7 +153,7 @@ def _templates(folder, prefix: str) -> Iterator[tuple[str, bytes]]:
             yield prefix + item.name, item.read_bytes()
 
 
-@functools.cache
+@functools.cache  # one value per process (unbounded memo of no arguments)
 def versions() -> tuple[tuple[str, str], ...]:
     """The toolchain every key includes: attncc, templates, torch, triton."""
     import torch

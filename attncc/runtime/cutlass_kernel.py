@@ -27,6 +27,7 @@ from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.lower.cutlass import CutlassPlan, cutlass_plan, kv_order, q_order, refusal, render, render_example
 from attncc.lower.plan import KernelPlan
+from attncc.memo import memo
 from attncc.runtime import nvcc
 
 CAPABILITY = (9, 0)  # sm_90a: wgmma and TMA as the Hopper FMHA uses them
@@ -87,7 +88,7 @@ def prebuild(cplans: Iterable[CutlassPlan], workers: int | None = None) -> None:
             future.result()
 
 
-@cache
+@memo
 def plan_for(pattern: Pattern, grid: Grid, plan: KernelPlan) -> CutlassPlan | str:
     """The CUTLASS plan of ``plan`` (lowered from ``pattern`` on ``grid``), or why there is none.
     Kept per process: a table plan's tiles come from the exact analysis, which the tuner would
@@ -101,7 +102,7 @@ def plan_for(pattern: Pattern, grid: Grid, plan: KernelPlan) -> CutlassPlan | st
         return str(e)
 
 
-@cache
+@memo
 def load(cplan: CutlassPlan) -> CutlassKernel:
     """Build (once, in the kernel cache) and load the CUTLASS kernel of ``cplan``."""
     plan = cplan.plan
@@ -116,7 +117,7 @@ def load(cplan: CutlassPlan) -> CutlassKernel:
     return CutlassKernel(cplan, entry, error, _rows(q_order(cplan), tokens), _rows(kv_order(cplan), tokens))
 
 
-@cache
+@memo
 def _indices(kernel: CutlassKernel, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(kernel.q_rows).to(device), torch.from_numpy(kernel.kv_rows).to(device)
 
@@ -156,7 +157,7 @@ def forward(kernel: CutlassKernel, q, k, v, o, lse, scale: float) -> None:
 _EXAMPLE_ARGTYPES = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_void_p]
 
 
-@cache
+@cache  # unbounded: one entry per (dtype, head dim, causal) a benchmark asks for
 def example(dtype: str, head_dim: int, causal: bool) -> Callable[..., torch.Tensor]:
     """The CUTLASS example's own dense or causal forward as ``f(q, k, v) -> o`` on contiguous
     ``[B, H, N, D]`` tensors of one shape (scale 1/sqrt(D)): the benchmark's yardstick."""

@@ -20,9 +20,10 @@ Python objects, and lowering and rendering happen inside the op on first use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
-from functools import cache
+from collections.abc import Callable
 
 import torch
 from torch.library import custom_op, register_autograd, register_fake, triton_op, wrap_triton
@@ -35,11 +36,11 @@ from attncc.ir.score import Score, as_score, checked, parse_score
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
 from attncc.layouts import to_sdpa_layout
-from attncc.lower.render import load
-from attncc.runtime import cutlass_kernel, ops, terms
+from attncc.memo import forget_all, memo
+from attncc.runtime import dynamo, ops, terms  # noqa: F401 (dynamo: registers the nodes)
 
 
-@cache
+@memo
 def _launches(pattern: str, grid: tuple[int, ...], batch: int, heads: int, head_dim: int, dtype: torch.dtype,
               device: str, score: str) -> tuple[ops.Launch, ...]:  # fmt: skip
     return ops.launches(parse(pattern), Grid(grid), batch, heads, head_dim, ops.DTYPES[dtype], device, score)
@@ -48,8 +49,7 @@ def _launches(pattern: str, grid: tuple[int, ...], batch: int, heads: int, head_
 def forget_kernels() -> None:
     """Drop every per-process memo of compiled kernels (the next call looks in the cache and
     the tuning records again): for tests, and after ``attncc cache clear`` in a live process."""
-    for memo in (_launches, ops.launches, ops.compiled, load, cutlass_kernel.load):
-        memo.cache_clear()
+    forget_all()
 
 
 def _fwd(q, k, v, pattern, grid, scale, score, bias, params, dropout_p, wrap):
@@ -199,6 +199,33 @@ def attention(
     'spatial') says how a 4-D q reads where its shape does not (Note [Ambiguous layouts] in
     attncc.layouts).
     """
+    text_of = functools.partial(_text, pattern)
+    return attend(
+        q, k, v, text_of, scale, return_lse, grid, out, score, sigmoid_bias, layout, score_mod, dropout_p,
+        dropout_seed,
+    )  # fmt: skip
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    text_of: Callable[[tuple[int, ...], int], str],
+    scale: float | None = None,
+    return_lse: bool = False,
+    grid: Grid | tuple[int, ...] | None = None,
+    out: torch.Tensor | None = None,
+    score: str | Score = "softmax",
+    sigmoid_bias: float | None = None,
+    layout: str | None = None,
+    score_mod: Score | None = None,
+    dropout_p: float = 0.0,
+    dropout_seed: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention`, the pattern given as ``text_of(grid shape, heads)``: its text, checked
+    against the call's grid and head count. The front doors (a pattern, ``@attncc.jit``,
+    ``attncc.flex``) differ only in that function, which torch.compile calls at trace time
+    (Note [Patterns under torch.compile] in attncc.runtime.dynamo)."""
     grid, (qs, ks, vs), found = to_sdpa_layout(q, k, v, grid, layout)
     if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         allowed = "float16, bfloat16 or float32, the same for q, k and v"
@@ -210,7 +237,7 @@ def attention(
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
     b, h, n, d = qs.shape
-    validate(pattern, grid, h)
+    pattern_text = text_of(grid.shape, h)
     terms_ = checked(_combined(score, score_mod), grid, h, return_lse)
     params = terms.inputs(terms_, b, h, grid, q.device)
     dropout_p = _probability(dropout_p)
@@ -231,7 +258,7 @@ def attention(
     wide = q.device.type == "cpu" and q.dtype == torch.bfloat16
     if wide:
         qs, ks, vs = qs.float(), ks.float(), vs.float()
-    o, lse = op(qs, ks, vs, _text(pattern), list(grid.shape), scale, score_text, bias, params, dropout_p)
+    o, lse = op(qs, ks, vs, pattern_text, list(grid.shape), scale, score_text, bias, params, dropout_p)
     result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)
@@ -304,11 +331,21 @@ def _form_text(form: str, grads: tuple[str, ...], dropout: bool) -> str:
     return dataclasses.replace(parse_score(form), grads=grads, dropout=dropout).text
 
 
-@torch.compiler.assume_constant_result  # torch.compile calls it once and keeps the text
-def _text(pattern: Pattern) -> str:
-    return _cached_text(pattern)
+@torch.compiler.assume_constant_result  # Note [Patterns under torch.compile] in attncc.runtime.dynamo
+def _text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:
+    """:func:`checked_text`, which torch.compile calls once per trace and keeps: the graph holds
+    the text, and no pattern is inspected in it."""
+    return checked_text(pattern, grid, heads)
 
 
-@cache  # eager calls pay for formatting once
-def _cached_text(pattern: Pattern) -> str:
+def checked_text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:
+    """The text of ``pattern``, after checking it against the call's grid and head count."""
+    if not isinstance(pattern, Pattern):  # perhaps unhashable: the check says what it is instead
+        validate(pattern, Grid(grid), heads)
+    return _checked_text(pattern, grid, heads)
+
+
+@memo  # eager calls pay for checking and formatting once
+def _checked_text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:
+    validate(pattern, Grid(grid), heads)
     return format_pattern(pattern)

@@ -34,6 +34,7 @@ from importlib.util import find_spec
 from pathlib import Path
 
 from attncc.errors import BuildError
+from attncc.memo import memo
 from attncc.runtime import cache as kernel_cache
 from attncc.runtime import progress
 
@@ -89,7 +90,7 @@ def _nvcc() -> str:
     return path
 
 
-@cache
+@cache  # unbounded: one entry per nvcc on the machine
 def nvcc_version(path: str) -> str:
     """The last line of ``nvcc --version`` (the build id): part of every key."""
     out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
@@ -147,7 +148,7 @@ def build(source: str, label: str, parts: Mapping[str, object]) -> Path:
 _loaded: list[int] = []  # loaded libraries' in-memory files, open for good (Note [Loading checked bytes])
 
 
-@cache
+@memo
 def load(path: Path) -> ctypes.CDLL:
     """The shared object at ``path`` (a ``kernel.so`` that :func:`build` returned), loaded once
     per process from the bytes its entry's check read (Note [Loading checked bytes])."""

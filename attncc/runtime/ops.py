@@ -14,7 +14,6 @@ import dataclasses
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 from types import ModuleType
 
 import numpy as np
@@ -30,6 +29,7 @@ from attncc.ir.text import format_pattern
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.plan import KernelPlan
 from attncc.lower.render import load
+from attncc.memo import memo
 from attncc.runtime import cutlass_kernel, progress, terms
 from attncc.runtime.progress import log
 
@@ -77,7 +77,7 @@ def _int32(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=like.device)
 
 
-@cache
+@memo
 def _cached_int32(values: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=device)
 
@@ -92,7 +92,7 @@ def _tables(kernel: Kernel, like: torch.Tensor, dkdv: bool = False) -> tuple[tor
     )
 
 
-@cache
+@memo
 def _cached_tables(kernel: Kernel, device: torch.device, dkdv: bool) -> tuple[torch.Tensor, ...]:
     return tuple(torch.as_tensor(t, device=device) for t in (kernel.dkdv_tables if dkdv else kernel.tables))
 
@@ -102,7 +102,7 @@ def cutlass_config(head_dim: int) -> LaunchConfig:
     return LaunchConfig(128, 128 if head_dim >= 128 else 64, 8, 2, backend="cutlass")
 
 
-@cache
+@memo
 def compiled(
     pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str, batch_heads: int
 ) -> Kernel:
@@ -172,7 +172,7 @@ class Launch:
     heads: tuple[int, ...]
 
 
-@cache
+@memo
 def launches(
     pattern: Pattern,
     grid: Grid,
@@ -328,7 +328,7 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
     return dq, dk, dv, grads
 
 
-@cache
+@memo
 def _slots(heads: tuple[int, ...], group: int, h_kv: int, accumulate: bool):
     """CSR of query heads per KV head for the dK/dV kernel.
 
