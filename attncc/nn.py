@@ -3,7 +3,9 @@
 Vision and video models keep tokens as ``[B, *grid, C]`` (or flattened
 ``[B, N, C]``); the module projects them to heads, runs
 :func:`attncc.attention` in the spatial layout (no permute copies), and
-projects back. ``kv_heads < heads`` gives GQA/MQA.
+projects back. ``kv_heads < heads`` gives GQA/MQA. ``rel_pos_bias=True`` learns a
+relative position bias per head (NATTEN's and Swin's ``rpb``: attncc.ir.rel_pos_bias), and
+``attn_drop`` drops attention probabilities while training (timm's ``attn_drop``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,27 @@ import torch
 from torch import nn
 
 from attncc.errors import AttnccError, field_error
+from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
+from attncc.ir.score import rel_pos_bias as rel_pos_bias_term
+from attncc.ir.score import table_units
+from attncc.ir.symbolic import offset_reach, rules
 from attncc.ir.validate import validate
 from attncc.runtime.library import attention
+
+
+def table_sizes(pattern: Pattern, grid: Grid, heads: int) -> tuple[int, ...]:
+    """The smallest relative position table (``2 r + 1`` per axis) that reaches every offset
+    ``pattern`` keeps on ``grid``, in units of its dilation (Note [Score terms] in
+    attncc.ir.score): for a neighborhood of window ``w``, NATTEN's ``2 w - 1``."""
+    radius = [0] * grid.rank
+    for head in resolve_heads(pattern, heads):
+        canon = canonicalize(head, grid)
+        units = table_units(canon, grid)
+        for a, (reach, unit) in enumerate(zip(offset_reach(rules(canon, grid), grid), units)):
+            radius[a] = max(radius[a], -(-reach // unit))
+    return tuple(2 * r + 1 for r in radius)
 
 
 class SparseAttention(nn.Module):
@@ -34,6 +53,8 @@ class SparseAttention(nn.Module):
         kv_heads: int | None = None,
         qkv_bias: bool = True,
         proj_bias: bool = True,
+        rel_pos_bias: bool = False,
+        attn_drop: float = 0.0,
     ) -> None:
         super().__init__()
         kv_heads = heads if kv_heads is None else kv_heads
@@ -49,6 +70,14 @@ class SparseAttention(nn.Module):
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        if isinstance(attn_drop, bool) or not isinstance(attn_drop, (int, float)) or not 0 <= attn_drop < 1:
+            raise field_error(AttnccError, "attn_drop", attn_drop, "a number in [0, 1)")
+        self.attn_drop = float(attn_drop)
+        self.rpb: nn.Parameter | None = None
+        if rel_pos_bias:
+            # As NATTEN and Swin: one table per head reaching every kept offset, truncated normal.
+            self.rpb = nn.Parameter(torch.empty(heads, *table_sizes(pattern, self.grid, heads)))
+            nn.init.trunc_normal_(self.rpb, std=0.02)
 
     @classmethod
     def from_fused(
@@ -134,5 +163,9 @@ class SparseAttention(nn.Module):
         q = self.q(tokens).unflatten(-1, (self.heads, self.head_dim))
         k, v = self.kv(tokens).unflatten(-1, (2, self.kv_heads, self.head_dim)).unbind(-3)
         # [B, *grid, H, D]; a 1-D one could read as [B, H, N, D]: say which (Note [Ambiguous layouts])
-        out = attention(q, k, v, self.pattern, grid=self.grid, layout="spatial")
+        score = None if self.rpb is None else rel_pos_bias_term(self.rpb)
+        drop = self.attn_drop if self.training else 0.0
+        out = attention(
+            q, k, v, self.pattern, grid=self.grid, layout="spatial", score_mod=score, dropout_p=drop
+        )
         return self.proj(out.flatten(-2)).reshape(shape)

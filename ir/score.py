@@ -58,6 +58,8 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 from attncc.errors import AttnccError, ParseError, PatternError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Neighborhood, Pattern
@@ -329,7 +331,7 @@ def _tensor_term(name: str, value: object, expected: str) -> Score:
 
 
 def _is_tensor(value: object) -> bool:
-    return type(value).__module__.startswith("torch") and hasattr(value, "shape")
+    return isinstance(value, torch.Tensor)
 
 
 def sigmoid() -> Score:

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from conftest import DEVICE
 
 from attncc import AttnccError
-from attncc.ir import dense, neighborhood
-from attncc.nn import SparseAttention
+from attncc.ir import Grid, dense, neighborhood, rel_pos_bias
+from attncc.nn import SparseAttention, table_sizes
+from attncc.reference import attention as reference
 
 
 def _sdpa_attention(m: SparseAttention, x: torch.Tensor) -> torch.Tensor:
@@ -85,3 +86,43 @@ def test_compiled_training_step_of_a_small_vision_model():
         losses.append(loss.item())
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_rel_pos_bias_module_matches_the_reference():
+    """The module's table is NATTEN's [heads, 2w - 1, ...] (in units of the dilation), initialised
+    like NATTEN's and Swin's, and the output and its gradient to the table match the reference
+    attention with that table (float64; fp32 tolerance as in test_score_inputs.py). (Training
+    with a table under torch.compile: test_score_inputs.py.)"""
+    torch.manual_seed(0)
+    grid, pattern = (7, 11), neighborhood((3, 5), dilation=(2, 1))
+    m = SparseAttention(32, 2, pattern, grid, rel_pos_bias=True).to(DEVICE)
+    assert m.rpb.shape == (2, 5, 9) and 0 < m.rpb.abs().max() < 0.1
+    assert table_sizes(neighborhood(7, causal=True), Grid((20,)), 2) == (13,)
+    x = torch.randn(2, *grid, 32, device=DEVICE)
+    out = m(x)
+    out.square().sum().backward()
+    with torch.no_grad():
+        q = m.q(x).unflatten(-1, (2, 16)).double()
+        k, v = (t.double() for t in m.kv(x).unflatten(-1, (2, 2, 16)).unbind(-3))
+    table = m.rpb.detach().double().requires_grad_()
+    ref = reference(q, k, v, pattern, grid=grid, layout="spatial", score_mod=rel_pos_bias(table))
+    want = m.proj.double()(ref.flatten(-2))
+    m.proj.float()
+    want.square().sum().backward()
+    torch.testing.assert_close(out.double(), want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        m.rpb.grad.double(), table.grad, atol=1e-4 * table.grad.abs().max().item(), rtol=0
+    )
+
+
+def test_attn_drop_only_while_training():
+    torch.manual_seed(0)
+    m = SparseAttention(32, 2, neighborhood(3), (6, 7), attn_drop=0.5).to(DEVICE)
+    x = torch.randn(1, 6, 7, 32, device=DEVICE)
+    assert not torch.equal(m(x), m(x))
+    m.eval()
+    plain = SparseAttention(32, 2, neighborhood(3), (6, 7)).to(DEVICE)
+    plain.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x), plain(x), atol=0, rtol=0)
+    with pytest.raises(AttnccError, match=r"attn_drop = 1.0 is out of range"):
+        SparseAttention(32, 2, neighborhood(3), (6, 7), attn_drop=1.0)

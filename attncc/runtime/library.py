@@ -52,92 +52,101 @@ def forget_kernels() -> None:
     forget_all()
 
 
-def _fwd(q, k, v, pattern, grid, scale, score, bias, params, dropout_p, wrap):
+# Note [Term arguments]: the ops take the score terms' tensors (and dropout's seed) as one
+# optional tensor each, in the order of attncc.ir.score.INPUTS, not as a list: AOTInductor
+# hands an op an empty Tensor[] argument as None, which the op's schema refuses.
+TERMS = ("temperature", "alibi", "rel_pos_bias", "query_bias", "key_bias", "bias", "seed")
+Terms = tuple[torch.Tensor | None, ...]
+
+
+def _params(terms_: Terms) -> list[torch.Tensor]:
+    return [t for t in terms_ if t is not None]
+
+
+def _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, wrap):
     b, h, _, d = q.shape
     plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
     write_lse = parse_score(score).kind == "softmax"
-    return ops.forward(q, k, v, plan, scale, bias, write_lse, params, dropout_p, wrap)
+    return ops.forward(q, k, v, plan, scale, bias, write_lse, _params(terms_), dropout_p, wrap)
 
 
-def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, params, dropout_p, wrap):
+def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, wrap):
     b, h, _, d = q.shape
     plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
-    return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, params, dropout_p, wrap)
+    return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, _params(terms_), dropout_p, wrap)
 
 
 @triton_op("attncc::fwd", mutates_args=())
 def fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: str,
-    grid: list[int],
-    scale: float,
-    score: str,
-    bias: float,
-    params: list[torch.Tensor],
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, grid: list[int], scale: float,
+    score: str, bias: float, temperature: torch.Tensor | None, alibi: torch.Tensor | None,
+    rel_pos_bias: torch.Tensor | None, query_bias: torch.Tensor | None, key_bias: torch.Tensor | None,
+    dense_bias: torch.Tensor | None, seed: torch.Tensor | None, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward on ``[B, H, N, D]`` tensors: (out, lse float32 ``[B, H, N]``). ``score`` is the
-    score's form (its text: attncc.ir.score), ``params`` its term tensors and dropout's seed."""
-    return _fwd(q, k, v, pattern, grid, scale, score, bias, params, dropout_p, wrap_triton)
+    score's form (its text: attncc.ir.score); the tensors after ``bias`` are its terms' views
+    (attncc.runtime.terms.inputs) and dropout's seed, None where the score has none."""
+    terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
+    return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, wrap_triton)
 
 
 @triton_op("attncc::bwd", mutates_args=())
 def bwd(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
     dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
-    params: list[torch.Tensor], dropout_p: float,
+    temperature: torch.Tensor | None, alibi: torch.Tensor | None, rel_pos_bias: torch.Tensor | None,
+    query_bias: torch.Tensor | None, key_bias: torch.Tensor | None, dense_bias: torch.Tensor | None,
+    seed: torch.Tensor | None, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-    """Backward: (dq, dk, dv, the gradients of the score's ``grad=True`` terms), given the
-    gradients of out (``do``) and of lse (``dlse``)."""
-    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, params, dropout_p, wrap_triton)
+    """Backward: (dq, dk, dv, the gradients of the score's ``grad=True`` terms, in its order),
+    given the gradients of out (``do``) and of lse (``dlse``)."""
+    terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
+    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, wrap_triton)
 
 
 @custom_op("attncc::fwd_opaque", mutates_args=())
 def fwd_opaque(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pattern: str,
-    grid: list[int],
-    scale: float,
-    score: str,
-    bias: float,
-    params: list[torch.Tensor],
-    dropout_p: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, grid: list[int], scale: float,
+    score: str, bias: float, temperature: torch.Tensor | None, alibi: torch.Tensor | None,
+    rel_pos_bias: torch.Tensor | None, query_bias: torch.Tensor | None, key_bias: torch.Tensor | None,
+    dense_bias: torch.Tensor | None, seed: torch.Tensor | None, dropout_p: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`fwd` as an opaque op (the CPU interpreter)."""
-    return _fwd(q, k, v, pattern, grid, scale, score, bias, params, dropout_p, None)
+    terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
+    return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, None)
 
 
 @custom_op("attncc::bwd_opaque", mutates_args=())
 def bwd_opaque(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
     dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
-    params: list[torch.Tensor], dropout_p: float,
+    temperature: torch.Tensor | None, alibi: torch.Tensor | None, rel_pos_bias: torch.Tensor | None,
+    query_bias: torch.Tensor | None, key_bias: torch.Tensor | None, dense_bias: torch.Tensor | None,
+    seed: torch.Tensor | None, dropout_p: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """:func:`bwd` as an opaque op."""
-    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, params, dropout_p, None)
+    terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
+    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, None)
 
 
 @register_fake("attncc::fwd_opaque")
-def _fwd_fake(q, k, v, pattern, grid, scale, score, bias, params, dropout_p):
+def _fwd_fake(q, k, v, pattern, grid, scale, score, bias, *terms_and_p):
     b, h, n, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
 
 
 @register_fake("attncc::bwd_opaque")
-def _bwd_fake(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, params, dropout_p):
-    form = parse_score(score)
-    grads = [torch.empty_like(params[form.inputs.index(name)]) for name in form.grads]
+def _bwd_fake(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, *terms_and_p):
+    by_name = dict(zip(TERMS, terms_and_p))
+    grads = [torch.empty_like(by_name[name]) for name in parse_score(score).grads]
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grads
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, pattern, grid, scale, score, bias, params, dropout_p = inputs
+    q, k, v, pattern, grid, scale, score, bias, *terms_, dropout_p = inputs
     o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, *params)
+    ctx.given = tuple(t is not None for t in terms_)
+    ctx.save_for_backward(q, k, v, o, lse, *_params(terms_))
     ctx.args = (pattern, grid, scale, score, bias)
     ctx.dropout_p = dropout_p
 
@@ -147,12 +156,13 @@ def _backward_with(op):
         q, k, v, o, lse, *params = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
         dlse = torch.zeros_like(lse) if dlse is None else dlse
-        dq, dk, dv, grads = op(q, k, v, o, lse, do, dlse, *ctx.args, params, ctx.dropout_p)
-        form = parse_score(ctx.args[3])
-        dparams: list[torch.Tensor | None] = [None] * len(params)
-        for name, grad in zip(form.grads, grads):
-            dparams[form.inputs.index(name)] = grad
-        return dq, dk, dv, None, None, None, None, None, dparams, None
+        given = iter(params)
+        terms_ = [next(given) if here else None for here in ctx.given]
+        dq, dk, dv, grads = op(q, k, v, o, lse, do, dlse, *ctx.args, *terms_, ctx.dropout_p)
+        dterms: list[torch.Tensor | None] = [None] * len(TERMS)
+        for name, grad in zip(parse_score(ctx.args[3]).grads, grads):
+            dterms[TERMS.index(name)] = grad
+        return dq, dk, dv, None, None, None, None, None, *dterms, None
 
     return backward
 
@@ -258,7 +268,9 @@ def attend(
     wide = q.device.type == "cpu" and q.dtype == torch.bfloat16
     if wide:
         qs, ks, vs = qs.float(), ks.float(), vs.float()
-    o, lse = op(qs, ks, vs, pattern_text, list(grid.shape), scale, score_text, bias, params, dropout_p)
+    by_name = dict(zip((*terms_.inputs, "seed"), params))
+    terms_args = [by_name.get(name) for name in TERMS]  # Note [Term arguments]
+    o, lse = op(qs, ks, vs, pattern_text, list(grid.shape), scale, score_text, bias, *terms_args, dropout_p)
     result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)

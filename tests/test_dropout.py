@@ -1,0 +1,149 @@
+"""Dropout on attention probabilities (issue 17): the kernels' mask against the reference, and
+its statistics.
+
+Note [Reading the mask]: the kernels draw the mask themselves (Philox, regenerated in the
+backward), so a test reads it back: with ``v`` the identity (``N <= D``), the output row of
+query ``q`` is ``p[q, :] * keep[q, :] / (1 - p_drop)``, positive exactly where a kept pair
+survives. The same seed then runs with other values, and the reference applies that mask:
+outputs, log-sum-exp and gradients must match it as without dropout (fp32: 1e-4 of the
+largest magnitude; see test_score_inputs.py).
+"""
+
+import math
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+import attncc
+from attncc import AttnccError
+from attncc.ir import causal, neighborhood, sigmoid, softcap
+from attncc.ir.score import as_score
+from attncc.reference import attention as reference
+
+H, H_KV, D, N = 4, 2, 64, 48
+
+
+def _inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, H, N, D, generator=gen)
+    k = torch.randn(1, H_KV, N, D, generator=gen)
+    v = torch.randn(1, H_KV, N, D, generator=gen)
+    do = torch.randn(1, H, N, D, generator=gen)
+    return q, k, v, do
+
+
+def _kept(q, k, pattern, p, seed, score="softmax"):
+    """The mask the kernels draw for this call (Note [Reading the mask])."""
+    eye = torch.eye(N, D).expand(1, H_KV, N, D).contiguous()
+    out = attncc.attention(q, k, eye, pattern, dropout_p=p, dropout_seed=seed, score=score)
+    return out[..., :N] > 0
+
+
+@pytest.mark.parametrize(
+    "pattern,score",
+    [(causal(), "softmax"), (neighborhood(7), softcap(2.0)), (neighborhood(5), sigmoid())],
+    ids=["causal", "na1d+softcap", "na1d-sigmoid"],
+)
+def test_forward_and_backward_match_the_reference_with_the_kernels_mask(pattern, score):
+    q, k, v, do = _inputs()
+    p, seed = 0.3, 1234
+    mask = _kept(q, k, pattern, p, seed, score)
+    lse = as_score(score).kind == "softmax"
+
+    def run(fn, dtype, **kw):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        if lse:
+            out, l_ = fn(*leaves, pattern, score=score, return_lse=True, dropout_p=p, **kw)
+            loss = (out.double() * do.double()).sum() + l_.double().sum()
+            return [out, l_, *torch.autograd.grad(loss, leaves)]
+        out = fn(*leaves, pattern, score=score, dropout_p=p, **kw)
+        return [out, *torch.autograd.grad((out.double() * do.double()).sum(), leaves)]
+
+    got = run(attncc.attention, torch.float32, dropout_seed=seed)
+    want = run(reference, torch.float64, dropout_mask=mask)
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
+
+
+def test_a_seed_repeats_and_another_differs():
+    q, k, v, _ = _inputs()
+    one = attncc.attention(q, k, v, causal(), dropout_p=0.2, dropout_seed=7)
+    assert torch.equal(one, attncc.attention(q, k, v, causal(), dropout_p=0.2, dropout_seed=7))
+    assert not torch.equal(one, attncc.attention(q, k, v, causal(), dropout_p=0.2, dropout_seed=8))
+    torch.manual_seed(3)
+    drawn = attncc.attention(q, k, v, causal(), dropout_p=0.2)
+    torch.manual_seed(3)
+    assert torch.equal(drawn, attncc.attention(q, k, v, causal(), dropout_p=0.2))
+
+
+def test_keep_rate_per_head_and_batch_element():
+    """Over the kept pairs of 2 batch elements, 4 heads and 4 seeds (37632 draws), the keep rate
+    is 1 - p within 5 standard deviations (0.011), and so is each head's and batch element's
+    (their streams differ: no two of them draw the same mask). With the kept probabilities
+    scaled by 1 / (1 - p), the output's expectation is the undropped one: the reference above
+    computes exactly that with the kernels' mask."""
+    q, k, _, _ = _inputs()
+    q2 = torch.cat([q, torch.randn_like(q)])
+    k2 = torch.cat([k, k])
+    p = 0.25
+    eye = torch.eye(N, D).expand(2, H_KV, N, D).contiguous()
+    masks = torch.stack(
+        [attncc.attention(q2, k2, eye, causal(), dropout_p=p, dropout_seed=s)[..., :N] > 0 for s in range(4)]
+    )  # [seed, B, H, N, N]
+    pairs = torch.ones(N, N, dtype=torch.bool).tril()
+    kept = masks[..., pairs].float()  # [seed, B, H, pairs]
+
+    def within(rates: torch.Tensor, draws: int) -> bool:
+        return bool(((rates - (1 - p)).abs() <= 5 * math.sqrt(p * (1 - p) / draws)).all())
+
+    assert within(kept.mean().reshape(1), kept.numel())
+    assert within(kept.mean(dim=(0, 1, 3)), kept.numel() // H)
+    assert within(kept.mean(dim=(0, 2, 3)), kept.numel() // 2)
+    flat = kept.transpose(0, 2).reshape(H, -1)  # per head, every draw
+    assert len({tuple(row.tolist()) for row in flat}) == H
+
+
+def test_no_dropout_at_zero():
+    q, k, v, _ = _inputs()
+    torch.testing.assert_close(
+        attncc.attention(q, k, v, causal(), dropout_p=0.0),
+        attncc.attention(q, k, v, causal()),
+        atol=0,
+        rtol=0,
+    )
+
+
+def test_dropout_under_torch_compile_draws_per_call():
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    pattern = causal()
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def f(q, k, v):
+        return attncc.attention(q, k, v, pattern, dropout_p=0.2)
+
+    q, k, v, _ = _inputs()
+    torch.manual_seed(0)
+    a, b = f(q, k, v), f(q, k, v)
+    torch.manual_seed(0)
+    assert torch.equal(a, f(q, k, v)) and not torch.equal(a, b)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"dropout_p": 1.0}, r"dropout_p = 1.0 is out of range"),
+        ({"dropout_p": -0.1}, r"dropout_p = -0.1 is out of range"),
+        ({"dropout_p": "0.1"}, r"dropout_p = '0.1' is not a real number"),
+        ({"dropout_p": 0.1, "dropout_seed": -1}, r"dropout_seed = -1 is out of range"),
+        ({"dropout_p": 0.1, "dropout_seed": 2**63}, r"dropout_seed = 9223372036854775808 is out of range"),
+        ({"dropout_p": 0.1, "dropout_seed": 1.5}, r"dropout_seed = 1.5 is out of range"),
+    ],
+    ids=["p=1", "p<0", "p-str", "seed<0", "seed-big", "seed-float"],
+)
+def test_bad_dropout_arguments_are_refused(kwargs, match):
+    q, k, v, _ = _inputs()
+    with pytest.raises(AttnccError, match=match):
+        attncc.attention(q, k, v, causal(), **kwargs)
