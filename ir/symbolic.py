@@ -163,12 +163,24 @@ class AllOf:
     rules: tuple[Rule, ...]
 
 
-Rule = GridBox | FlatRange | Predicate | AnyOf | AllOf
+@dataclass(frozen=True)
+class Runtime:
+    """Keys decided by data given with each call (Note [Runtime plans] in attncc.lower.plan)."""
+
+    node: Pattern
+
+
+# The primitives whose data a call gives (by their NAME).
+RUNTIME_KINDS = ("block_mask", "topk_blocks", "documents", "key_lengths")
+
+Rule = GridBox | FlatRange | Predicate | Runtime | AnyOf | AllOf
 
 
 def rules(p: Pattern, grid: Grid) -> Rule:
     """The closed-form rule of a head-independent pattern on ``grid``."""
     n = grid.size
+    if getattr(p, "NAME", None) in RUNTIME_KINDS:
+        return Runtime(p)
     if isinstance(p, Dense):
         return GridBox(tuple(full_progression(s) for s in grid.shape))
     if isinstance(p, Neighborhood):

@@ -38,6 +38,7 @@ from attncc.ir.nodes import (
 )
 from attncc.ir.score import INPUTS, Score, as_score, table_units
 from attncc.ir.symbolic import (
+    RUNTIME_KINDS,
     AllOf,
     AnyOf,
     FlatRange,
@@ -45,12 +46,13 @@ from attncc.ir.symbolic import (
     Predicate,
     Progression,
     Rule,
+    Runtime,
     offset_reach,
     rules,
 )
 from attncc.ir.text import format_pattern
 from attncc.ir.validate import neighborhood_axes
-from attncc.lower.plan import RANK, AxisForm, Congruence, KernelPlan, Lookup, pad3
+from attncc.lower.plan import RANK, RUNTIME_ARGS, AxisForm, Congruence, KernelPlan, Lookup, RuntimeLeaf, pad3
 
 SUPPORTED_DTYPES = ("float16", "bfloat16", "float32")
 MAX_HEAD_DIM = 256
@@ -126,9 +128,12 @@ def lower(
         return plan
     mask_expr, lookups = spell_rule(rules(canon, grid), grid)
     common["num_stages"] = config.num_stages or DEEP_PIPELINE
+    leaves = runtime_leaves(canon, grid)
+    if leaves:  # Note [Runtime plans] in attncc.lower.plan
+        common.update(runtime=leaves, program=_program(canon))
     return KernelPlan(
         dilation=(1, 1, 1),
-        iteration="table",
+        iteration="runtime" if leaves else "table",
         terms=(),
         full_terms=(),
         split_full=False,
@@ -590,6 +595,8 @@ def spell_rule(rule: Rule, grid: Grid) -> tuple[str, tuple[Lookup, ...]]:
             )
         if isinstance(r, FlatRange):
             return _spell_progression(r.range, "qf", "kf")
+        if isinstance(r, Runtime):
+            return _spell_runtime(r.node, grid)
         if isinstance(r, Predicate):
             local = {}
             for name, values in r.tables:
@@ -603,6 +610,86 @@ def spell_rule(rule: Rule, grid: Grid) -> tuple[str, tuple[Lookup, ...]]:
         return "(" + joiner.join(spell(x) for x in r.rules) + ")"
 
     return spell(rule), tuple(lookups)
+
+
+# --- runtime plans (Note [Runtime plans] in attncc.lower.plan) ----------------------------
+
+
+def _runtime_nodes(p: Pattern) -> list[Pattern]:
+    if getattr(p, "NAME", None) in RUNTIME_KINDS:
+        return [p]
+    return [n for op in getattr(p, "operands", ()) for n in _runtime_nodes(op)]
+
+
+def _leaf(node: Pattern, grid: Grid) -> RuntimeLeaf:
+    if node.NAME not in ("block_mask", "topk_blocks"):
+        return RuntimeLeaf(node.NAME)
+    block = node.block  # type: ignore[attr-defined]
+    if isinstance(block, int):
+        return RuntimeLeaf(node.NAME, (1, 1, block), flat=True)
+    return RuntimeLeaf(node.NAME, pad3(tuple(block), 1))
+
+
+def runtime_leaves(canon: Pattern, grid: Grid) -> tuple[RuntimeLeaf, ...]:
+    """The runtime leaves of a canonical pattern, one per kind, in ``RUNTIME_KINDS`` order."""
+    leaves = {}
+    for node in _runtime_nodes(canon):
+        if node.NAME in leaves:
+            allowed = "one leaf of each kind whose data come with the call"
+            raise field_error(PatternError, f"{node.NAME} leaves", 2, allowed)
+        leaves[node.NAME] = _leaf(node, grid)
+    return tuple(leaves[k] for k in RUNTIME_KINDS if k in leaves)
+
+
+def _program(p: Pattern) -> tuple:
+    """How ``p`` combines its runtime leaves and its static parts (Note [Runtime plans]); the
+    static operands of one union or intersection form one static part (exact classes)."""
+    if not _runtime_nodes(p):
+        return ("static", format_pattern(p))
+    if getattr(p, "NAME", None) in RUNTIME_KINDS:
+        return ("leaf", p.NAME)
+    if not isinstance(p, (Union, Intersection)):
+        allowed = "unions and intersections of primitives"
+        raise field_error(PatternError, "pattern with data given per call", format_pattern(p), allowed)
+    static = [op for op in p.operands if not _runtime_nodes(op)]
+    children = [_program(op) for op in p.operands if _runtime_nodes(op)]
+    if static:
+        part = static[0] if len(static) == 1 else type(p)(tuple(static))
+        children.insert(0, ("static", format_pattern(part)))
+    return ("or" if isinstance(p, Union) else "and", tuple(children))
+
+
+def _spell_runtime(node: Pattern, grid: Grid) -> str:
+    """A runtime leaf's test of (q, k) as a load of its data (Note [Runtime plans])."""
+    leaf = _leaf(node, grid)
+    ptr, strides, _ = RUNTIME_ARGS[leaf.kind]
+    if leaf.kind in ("block_mask", "topk_blocks"):
+        if leaf.flat:
+            qb, kb = f"(qf // {leaf.block[2]})", f"(kf // {leaf.block[2]})"
+        else:
+            sizes = pad3(grid.shape, 1)
+            counts = [-(-g // b) for g, b in zip(sizes, leaf.block)]
+
+            def index(c: str) -> str:
+                b0, b1, b2 = leaf.block
+                return f"((({c}0 // {b0}) * {counts[1]} + {c}1 // {b1}) * {counts[2]} + {c}2 // {b2})"
+
+            qb, kb = index("qc"), index("kc")
+        return (
+            f"(tl.load({ptr} + b.to(tl.int64) * {strides}0 + h.to(tl.int64) * {strides}1 + "
+            f"{qb} * {strides}2 + {kb} * {strides}3) != 0)"
+        )
+    if leaf.kind == "documents":
+        base = f"{ptr} + b.to(tl.int64) * {strides}0"
+        return f"(tl.load({base} + qf * {strides}1) == tl.load({base} + kf * {strides}1))"
+    return f"(kf < tl.load({ptr} + b.to(tl.int64) * {strides}0))"  # key_lengths
+
+
+def static_classes(pattern: Pattern, grid: Grid, plan: KernelPlan) -> np.ndarray:
+    """``[H or 1, Q tiles, KV tiles]`` int8 tile classes of a static ``pattern`` in ``plan``'s tiles."""
+    q_box = plan.q_tile[RANK - grid.rank :]
+    kv_box = plan.kv_tile[RANK - grid.rank :]
+    return analyze(pattern, grid, q_box, kv_box).tile_classes.astype(np.int8)
 
 
 def table_values(pattern: Pattern, grid: Grid) -> np.ndarray:
@@ -668,8 +755,10 @@ def kernel_tables(pattern: Pattern, grid: Grid, plan: KernelPlan) -> tuple[np.nd
     A tile pair is walked unmasked only when both tiles are whole: the forward loads a
     full KV tile, and dK/dV a full Q tile, without bounds checks.
     """
-    if plan.iteration != "table":
+    if plan.iteration == "range":
         return (np.zeros(1, np.int32),) * 5
+    if plan.iteration == "runtime":  # the call builds its lists (Note [Runtime plans])
+        return table_values(pattern, grid), *(np.zeros(1, np.int32),) * 4
     offsets, entries = tile_table(pattern, grid, plan)
     q_idx = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     q_whole = _whole_tiles(plan, grid, plan.q_tile)

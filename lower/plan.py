@@ -60,6 +60,20 @@ temperature's, the slopes', the query bias's and the dense bias's, dK/dV the tab
 the key bias's: Note [Term gradients] in attncc.runtime.terms). Term values are read in
 the tensor's own dtype and widened to float32.
 
+Note [Runtime plans]: a pattern with primitives whose data come with each call (a block
+layout or top-k block indices per batch element and head, document ids, key lengths:
+``RUNTIME_KINDS``) lowers to a ``runtime`` plan: a table plan (box tiles, no dilation, the
+rule per element in partial tiles) whose tile lists are built on the device for every call
+from its data (attncc.runtime.tables) instead of once on the host. ``runtime`` lists those
+leaves; ``program`` says how the pattern combines them with its static parts, as nested
+tuples: ``("leaf", kind)``, ``("static", text)`` for a part with no such leaf (its tile
+classes come from the analysis, once per plan), ``("or" | "and", (children...))``. The
+kernels take, per leaf, its data and strides (``RT_BM``/``RT_TK`` the int8 layouts ``[B', H',
+QB, KB]``, ``RT_DC`` the ids ``[B', N]``, ``RT_KL`` the lengths ``[B]``), then the call's
+lists: counts ``[B', H', tiles, 2]`` (full, partial) and indices ``[B', H', tiles, other
+tiles]``, each with its strides (B', H' are 1 where the data broadcast: stride 0). Changing
+the data never re-lowers, re-renders or recompiles a kernel.
+
 Note [Table gradient]: the gradient of a relative position table's entry at offset ``o``
 sums the score gradients of the kept pairs ``(q, q + o)``. Summing them inside a tile would
 reduce along its diagonals (a pair's entry depends on both its row and its column), which
@@ -135,6 +149,27 @@ class Mask:
     element: tuple[tuple[int, str], ...]
 
 
+# Per runtime kind: the kernels' parameter for its data, the prefix of its strides, and their
+# count (Note [Runtime plans]).
+RUNTIME_ARGS = {
+    "block_mask": ("RT_BM", "rbm", 4),
+    "topk_blocks": ("RT_TK", "rtk", 4),
+    "documents": ("RT_DC", "rdc", 2),
+    "key_lengths": ("RT_KL", "rkl", 1),
+}
+
+
+@dataclass(frozen=True)
+class RuntimeLeaf:
+    """A primitive whose data a call gives (Note [Runtime plans]): its kind, and for block
+    layouts their block, a box padded to rank 3, or ``(1, 1, b)`` with ``flat`` for blocks of
+    ``b`` flat tokens."""
+
+    kind: str
+    block: tuple[int, int, int] = (1, 1, 1)
+    flat: bool = False
+
+
 @dataclass(frozen=True)
 class KernelPlan:
     """One forward kernel for one head-independent pattern (see the module notes)."""
@@ -146,7 +181,7 @@ class KernelPlan:
     head_dim: int  # real head dim
     head_dim_padded: int  # power of two the kernel computes with
     dtype: str
-    iteration: str  # "range" or "table" (Note [KV iteration])
+    iteration: str  # "range", "table" (Note [KV iteration]) or "runtime" (Note [Runtime plans])
     terms: tuple[tuple[AxisForm, AxisForm, AxisForm], ...]  # range plans: union of terms
     full_terms: tuple[int, ...]  # range plans: terms that can mark a tile full (no congruence)
     split_full: bool  # one such term: its full tiles form a sub-box, walked in an unmasked loop
@@ -168,6 +203,10 @@ class KernelPlan:
     dropout: bool = False
     grads: tuple[str, ...] = ()
     fast_tanh: bool = False
+    # Runtime plans: the leaves whose data come with each call, and how the pattern combines
+    # them with its static parts (Note [Runtime plans]).
+    runtime: tuple[RuntimeLeaf, ...] = ()
+    program: tuple = ()
     num_warps: int = 4
     num_stages: int = 2
     # Range plans whose first term can mark tiles full: whether some Q tile's walk (forward,

@@ -29,7 +29,7 @@ from types import ModuleType
 
 import jinja2
 
-from attncc.lower.plan import KernelPlan
+from attncc.lower.plan import RUNTIME_ARGS, KernelPlan
 from attncc.memo import memo
 from attncc.runtime import cache as kernel_cache
 
@@ -43,6 +43,7 @@ ENV = jinja2.Environment(
     lstrip_blocks=True,
     keep_trailing_newline=True,
 )
+ENV.globals["RUNTIME_ARGS"] = RUNTIME_ARGS  # the kernels' parameters of runtime data (a plan's names)
 
 
 def kernel_dir() -> Path:

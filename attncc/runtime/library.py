@@ -33,6 +33,7 @@ from attncc.errors import AttnccError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.ir.score import Score, as_score, checked, parse_score
+from attncc.ir.symbolic import RUNTIME_KINDS
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
 from attncc.layouts import to_sdpa_layout
@@ -57,23 +58,31 @@ def forget_kernels() -> None:
 # hands an op an empty Tensor[] argument as None, which the op's schema refuses.
 TERMS = ("temperature", "alibi", "rel_pos_bias", "query_bias", "key_bias", "bias", "seed")
 Terms = tuple[torch.Tensor | None, ...]
+# The data a call gives its pattern's runtime leaves (Note [Runtime plans] in attncc.lower.plan),
+# each an optional tensor of the ops for the same reason.
+DATA = RUNTIME_KINDS
 
 
 def _params(terms_: Terms) -> list[torch.Tensor]:
     return [t for t in terms_ if t is not None]
 
 
-def _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, wrap):
+def _data(data_: Terms) -> dict[str, torch.Tensor]:
+    return {name: t for name, t in zip(DATA, data_) if t is not None}
+
+
+def _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap):
     b, h, _, d = q.shape
     plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
     write_lse = parse_score(score).kind == "softmax"
-    return ops.forward(q, k, v, plan, scale, bias, write_lse, _params(terms_), dropout_p, wrap)
+    return ops.forward(q, k, v, plan, scale, bias, write_lse, _params(terms_), dropout_p, wrap, _data(data_))
 
 
-def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, wrap):
+def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap):
     b, h, _, d = q.shape
     plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
-    return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, _params(terms_), dropout_p, wrap)
+    params, data = _params(terms_), _data(data_)
+    return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, params, dropout_p, wrap, data)
 
 
 @triton_op("attncc::fwd", mutates_args=())
@@ -82,12 +91,15 @@ def fwd(
     score: str, bias: float, temperature: torch.Tensor | None, alibi: torch.Tensor | None,
     rel_pos_bias: torch.Tensor | None, query_bias: torch.Tensor | None, key_bias: torch.Tensor | None,
     dense_bias: torch.Tensor | None, seed: torch.Tensor | None, dropout_p: float,
+    block_mask: torch.Tensor | None, topk_blocks: torch.Tensor | None, documents: torch.Tensor | None,
+    key_lengths: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Forward on ``[B, H, N, D]`` tensors: (out, lse float32 ``[B, H, N]``). ``score`` is the
     score's form (its text: attncc.ir.score); the tensors after ``bias`` are its terms' views
     (attncc.runtime.terms.inputs) and dropout's seed, None where the score has none."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, wrap_triton)
+    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap_triton)
 
 
 @triton_op("attncc::bwd", mutates_args=())
@@ -96,12 +108,16 @@ def bwd(
     dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
     temperature: torch.Tensor | None, alibi: torch.Tensor | None, rel_pos_bias: torch.Tensor | None,
     query_bias: torch.Tensor | None, key_bias: torch.Tensor | None, dense_bias: torch.Tensor | None,
-    seed: torch.Tensor | None, dropout_p: float,
+    seed: torch.Tensor | None, dropout_p: float, block_mask: torch.Tensor | None,
+    topk_blocks: torch.Tensor | None, documents: torch.Tensor | None, key_lengths: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """Backward: (dq, dk, dv, the gradients of the score's ``grad=True`` terms, in its order),
     given the gradients of out (``do``) and of lse (``dlse``)."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, wrap_triton)
+    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    return _bwd(
+        q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap_triton
+    )
 
 
 @custom_op("attncc::fwd_opaque", mutates_args=())
@@ -110,10 +126,13 @@ def fwd_opaque(
     score: str, bias: float, temperature: torch.Tensor | None, alibi: torch.Tensor | None,
     rel_pos_bias: torch.Tensor | None, query_bias: torch.Tensor | None, key_bias: torch.Tensor | None,
     dense_bias: torch.Tensor | None, seed: torch.Tensor | None, dropout_p: float,
+    block_mask: torch.Tensor | None, topk_blocks: torch.Tensor | None, documents: torch.Tensor | None,
+    key_lengths: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`fwd` as an opaque op (the CPU interpreter)."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, None)
+    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, None)
 
 
 @custom_op("attncc::bwd_opaque", mutates_args=())
@@ -122,11 +141,13 @@ def bwd_opaque(
     dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
     temperature: torch.Tensor | None, alibi: torch.Tensor | None, rel_pos_bias: torch.Tensor | None,
     query_bias: torch.Tensor | None, key_bias: torch.Tensor | None, dense_bias: torch.Tensor | None,
-    seed: torch.Tensor | None, dropout_p: float,
+    seed: torch.Tensor | None, dropout_p: float, block_mask: torch.Tensor | None,
+    topk_blocks: torch.Tensor | None, documents: torch.Tensor | None, key_lengths: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
     """:func:`bwd` as an opaque op."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, None)
+    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, None)
 
 
 @register_fake("attncc::fwd_opaque")
@@ -137,16 +158,17 @@ def _fwd_fake(q, k, v, pattern, grid, scale, score, bias, *terms_and_p):
 
 @register_fake("attncc::bwd_opaque")
 def _bwd_fake(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, *terms_and_p):
-    by_name = dict(zip(TERMS, terms_and_p))
+    by_name = dict(zip(TERMS, terms_and_p))  # then dropout_p and the data
     grads = [torch.empty_like(by_name[name]) for name in parse_score(score).grads]
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), grads
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, pattern, grid, scale, score, bias, *terms_, dropout_p = inputs
+    q, k, v, pattern, grid, scale, score, bias, *rest = inputs
+    terms_, dropout_p, data_ = rest[: len(TERMS)], rest[len(TERMS)], rest[len(TERMS) + 1 :]
     o, lse = output
-    ctx.given = tuple(t is not None for t in terms_)
-    ctx.save_for_backward(q, k, v, o, lse, *_params(terms_))
+    ctx.given = tuple(t is not None for t in (*terms_, *data_))
+    ctx.save_for_backward(q, k, v, o, lse, *_params((*terms_, *data_)))
     ctx.args = (pattern, grid, scale, score, bias)
     ctx.dropout_p = dropout_p
 
@@ -157,12 +179,13 @@ def _backward_with(op):
         do = torch.zeros_like(o) if do is None else do
         dlse = torch.zeros_like(lse) if dlse is None else dlse
         given = iter(params)
-        terms_ = [next(given) if here else None for here in ctx.given]
-        dq, dk, dv, grads = op(q, k, v, o, lse, do, dlse, *ctx.args, *terms_, ctx.dropout_p)
+        both = [next(given) if here else None for here in ctx.given]
+        terms_, data_ = both[: len(TERMS)], both[len(TERMS) :]
+        dq, dk, dv, grads = op(q, k, v, o, lse, do, dlse, *ctx.args, *terms_, ctx.dropout_p, *data_)
         dterms: list[torch.Tensor | None] = [None] * len(TERMS)
         for name, grad in zip(parse_score(ctx.args[3]).grads, grads):
             dterms[TERMS.index(name)] = grad
-        return dq, dk, dv, None, None, None, None, None, *dterms, None
+        return dq, dk, dv, None, None, None, None, None, *dterms, None, *[None] * len(DATA)
 
     return backward
 
@@ -186,6 +209,7 @@ def attention(
     score_mod: Score | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    data: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of ``pattern`` with fused, pattern-specialised kernels (differentiable).
 
@@ -212,7 +236,7 @@ def attention(
     text_of = functools.partial(_text, pattern)
     return attend(
         q, k, v, text_of, scale, return_lse, grid, out, score, sigmoid_bias, layout, score_mod, dropout_p,
-        dropout_seed,
+        dropout_seed, data,
     )  # fmt: skip
 
 
@@ -231,6 +255,7 @@ def attend(
     score_mod: Score | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
+    data: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention`, the pattern given as ``text_of(grid shape, heads)``: its text, checked
     against the call's grid and head count. The front doors (a pattern, ``@attncc.jit``,
@@ -270,7 +295,21 @@ def attend(
         qs, ks, vs = qs.float(), ks.float(), vs.float()
     by_name = dict(zip((*terms_.inputs, "seed"), params))
     terms_args = [by_name.get(name) for name in TERMS]  # Note [Term arguments]
-    o, lse = op(qs, ks, vs, pattern_text, list(grid.shape), scale, score_text, bias, *terms_args, dropout_p)
+    runtime_data = dict(data or {})
+    data_args = [runtime_data.get(name) for name in DATA]
+    o, lse = op(
+        qs,
+        ks,
+        vs,
+        pattern_text,
+        list(grid.shape),
+        scale,
+        score_text,
+        bias,
+        *terms_args,
+        dropout_p,
+        *data_args,
+    )
     result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)

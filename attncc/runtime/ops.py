@@ -31,6 +31,7 @@ from attncc.lower.plan import KernelPlan
 from attncc.lower.render import load
 from attncc.memo import memo
 from attncc.runtime import cutlass_kernel, progress, terms
+from attncc.runtime import tables as tables_
 from attncc.runtime.progress import log
 
 # The term gradients the dK/dV kernel writes (it holds a key's column of score gradients, and its
@@ -64,6 +65,9 @@ class Kernel:
     dkdv: ModuleType
     dkdv_tables: tuple[np.ndarray, ...]
     cutlass: cutlass_kernel.CutlassKernel | None = None  # runs the forward when set (all heads)
+    # Runtime plans: their static parts' tile classes (Note [Runtime plans] in attncc.lower.plan).
+    statics: tuple[np.ndarray, ...] = ()
+    dkdv_statics: tuple[np.ndarray, ...] = ()
 
 
 def _int32(values: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
@@ -156,7 +160,8 @@ def kernel_for(
     dkdv_config = LaunchConfig.default_dkdv(device_type, head_dim, dtype)
     dkdv = lower(pattern, grid, head_dim, dtype, score=score, config=dkdv_config, device_type=device_type)
     tables, dkdv_tables = kernel_tables(pattern, grid, plan), kernel_tables(pattern, grid, dkdv)
-    return Kernel(plan, load(plan), tables, dkdv, load(dkdv), dkdv_tables)
+    statics = (tables_.static_classes_of(plan, grid), tables_.static_classes_of(dkdv, grid))
+    return Kernel(plan, load(plan), tables, dkdv, load(dkdv), dkdv_tables, None, *statics)
 
 
 def _label(pattern: Pattern, grid: Grid, head_dim: int, dtype: str) -> str:
@@ -216,8 +221,23 @@ def _term_args(plan: KernelPlan, params: list[torch.Tensor], dropout_p: float, h
     return args
 
 
+def _runtime_args(kernel: Kernel, data: dict, device: torch.device, dkdv: bool = False) -> list:
+    """A runtime plan's kernel arguments (Note [Runtime plans] in attncc.lower.plan): each leaf's
+    data and strides, then this call's tile lists (by KV tile for dK/dV) and their strides."""
+    plan = kernel.dkdv_plan if dkdv else kernel.plan
+    if plan.iteration != "runtime":
+        return []
+    args: list = []
+    for leaf in plan.runtime:
+        t = data[leaf.kind]
+        args += [t, *t.stride()]
+    statics = kernel.dkdv_statics if dkdv else kernel.statics
+    counts, lists = tables_.build(plan, statics, data, device, by_kv=dkdv)
+    return [*args, counts, *counts.stride()[:3], lists, *lists.stride()[:3]]
+
+
 def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, params=(),
-            dropout_p: float = 0.0, wrap: Wrap = None):  # fmt: skip
+            dropout_p: float = 0.0, wrap: Wrap = None, data=None):  # fmt: skip
     """(out, lse) of ``[B, H, N, D]`` views; ``lse`` is float32 ``[B, H, N]``. ``params``: the
     score terms' tensors (attncc.runtime.terms.inputs) and, with dropout, the seed."""
     b, h, n, _ = q.shape
@@ -231,27 +251,16 @@ def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, 
         values, offsets, entries, _, _ = _tables(launch.kernel, q)
         head_map = _int32(launch.heads, q)
         terms = _term_args(launch.kernel.plan, list(params), dropout_p, h)
+        runtime = _runtime_args(launch.kernel, data or {}, q.device)
         launch.kernel.module.launch(
-            q,
-            k,
-            v,
-            o,
-            lse,
-            values,
-            offsets,
-            entries,
-            head_map,
-            scale,
-            write_lse,
-            bias,
-            wrap=wrap,
-            terms=terms,
-        )
+            q, k, v, o, lse, values, offsets, entries, head_map, scale, write_lse, bias, wrap=wrap,
+            terms=terms, runtime=runtime,
+        )  # fmt: skip
     return o, lse
 
 
 def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float, params=(),
-             dropout_p: float = 0.0, wrap: Wrap = None):  # fmt: skip
+             dropout_p: float = 0.0, wrap: Wrap = None, data=None):  # fmt: skip
     """(dq, dk, dv, term gradients) in the inputs' dtypes. Deterministic: no atomics (see the
     template). The term gradients are those of the plan's ``grads``, in its order, shaped as
     the views in ``params`` (Note [Term gradients] in attncc.runtime.terms).
@@ -297,6 +306,7 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
             bias,
             wrap=wrap,
             terms=args,
+            runtime=_runtime_args(launch.kernel, data or {}, q.device),
         )
         values, _, _, kv_offsets, kv_entries = _tables(launch.kernel, q, dkdv=True)
         slots = (_int32(t, q) for t in _slots(launch.heads, group, h_kv, accumulate))
@@ -319,6 +329,7 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
             wrap=wrap,
             terms=_term_args(launch.kernel.dkdv_plan, params, dropout_p, h)
             + [parts[n] for n in plan.grads if n in DKDV_GRADS],
+            runtime=_runtime_args(launch.kernel, data or {}, q.device, dkdv=True),
         )
     if accumulate:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
