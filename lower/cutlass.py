@@ -68,6 +68,8 @@ def refusal(plan: KernelPlan) -> str | None:
         return f"score {plan.score}: the example's epilogue is softmax's"
     if plan.score_terms:
         return "score terms (softcap, biases, dropout, ...): the example's epilogue is plain softmax's"
+    if plan.iteration == "runtime":
+        return "data given with each call: the CUTLASS kernel bakes its tile list in"
     if plan.iteration == "range" and not plan.split_full:
         return "a union of window terms or a strided (congruence) term: C++ spells one window term or a table"
     if plan.block_m != BLOCK_M or plan.block_n not in BLOCK_NS:

@@ -17,6 +17,7 @@ from types import CodeType, SimpleNamespace
 
 import numpy as np
 
+from attncc.errors import PatternError, field_error
 from attncc.ir.analysis import EMPTY, FULL, PARTIAL
 from attncc.lower.plan import AxisForm, KernelPlan
 from attncc.memo import memo
@@ -86,6 +87,15 @@ def _loops(plan: KernelPlan, boxes: list, full: tuple | None, shape: tuple) -> l
     return out
 
 
+def _static(plan: KernelPlan) -> None:
+    """Refuse a runtime plan: its walks depend on each call's data (Note [Runtime plans])."""
+    if plan.iteration == "runtime":
+        raise field_error(
+            PatternError, "pattern", "a pattern with data given per call",
+            "a static pattern: the tiles a runtime plan walks depend on each call's data",
+        )  # fmt: skip
+
+
 def _names(plan: KernelPlan, inverse: bool) -> list[str]:
     if plan.iteration == "table":
         return ["full", "partial"]
@@ -94,6 +104,7 @@ def _names(plan: KernelPlan, inverse: bool) -> list[str]:
 
 def walk(plan: KernelPlan, tables: tuple[np.ndarray, ...] | None = None) -> list[LoopTiles]:
     """The forward and dQ kernels' loops, per Q tile (table plans read their ``offsets``)."""
+    _static(plan)
     if plan.iteration == "table":
         return _table_loops(tables[1] if tables is not None else None)
     per_loop = [_loops(plan, *_forward_boxes(plan, group)) for group in _groups(plan)]
@@ -169,6 +180,7 @@ def _table_loops(offsets: np.ndarray | None) -> list[LoopTiles]:
 
 def inverse_walk(plan: KernelPlan, tables: tuple[np.ndarray, ...] | None = None) -> list[LoopTiles]:
     """The dK/dV kernel's loops, per KV tile, for one query head (Note [Inverse iteration])."""
+    _static(plan)
     if plan.iteration == "table":
         return _table_loops(tables[3] if tables is not None else None)
     per_loop: list[list[np.ndarray]] = []
