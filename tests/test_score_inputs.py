@@ -314,3 +314,21 @@ def test_a_table_of_a_dilated_table_plan_is_refused():
 def test_tables_too_large_for_the_gradient_are_refused():
     with pytest.raises(PatternError, match=r"rel_pos_bias entries = 4225 .*1..4096"):
         rel_pos_bias((65, 65))
+
+
+def test_opcheck_with_term_tensors_and_dropout():
+    """The ops' schemas, fakes and autograd registration hold with term tensors and a seed."""
+    q = torch.randn(1, 2, 16, D, requires_grad=True)
+    k, v = (torch.randn(1, 1, 16, D, requires_grad=True) for _ in "kv")
+    table = torch.randn(2, 5, requires_grad=True)
+    kb = torch.randn(1, 2, 16, requires_grad=True)
+    seed = torch.tensor([5], dtype=torch.int64)
+    text = "rel_pos_bias(5, grad=True) + key_bias(grad=True) + dropout"
+    args = (q, k, v, "neighborhood(window=3)", [16], 0.25, text, 0.0)
+    kwargs = dict(rel_pos_bias=table, key_bias=kb, seed=seed, dropout_p=0.1)
+    torch.library.opcheck(torch.ops.attncc.fwd_opaque.default, args, kwargs)
+    o, lse = torch.ops.attncc.fwd_opaque(*args, **kwargs)
+    grads = (torch.randn_like(o), torch.randn_like(lse))
+    bwd_args = (q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), *grads, *args[3:])
+    frozen = {name: t.detach() if isinstance(t, torch.Tensor) else t for name, t in kwargs.items()}
+    torch.library.opcheck(torch.ops.attncc.bwd_opaque.default, bwd_args, frozen)

@@ -87,16 +87,32 @@ def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, d
 
 @triton_op("attncc::fwd", mutates_args=())
 def fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, grid: list[int], scale: float,
-    score: str, bias: float, temperature: torch.Tensor | None, alibi: torch.Tensor | None,
-    rel_pos_bias: torch.Tensor | None, query_bias: torch.Tensor | None, key_bias: torch.Tensor | None,
-    dense_bias: torch.Tensor | None, seed: torch.Tensor | None, dropout_p: float,
-    block_mask: torch.Tensor | None, topk_blocks: torch.Tensor | None, documents: torch.Tensor | None,
-    key_lengths: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: str,
+    grid: list[int],
+    scale: float,
+    score: str,
+    bias: float,
+    temperature: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
+    rel_pos_bias: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    dense_bias: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    block_mask: torch.Tensor | None = None,
+    topk_blocks: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on ``[B, H, N, D]`` tensors: (out, lse float32 ``[B, H, N]``). ``score`` is the
-    score's form (its text: attncc.ir.score); the tensors after ``bias`` are its terms' views
-    (attncc.runtime.terms.inputs) and dropout's seed, None where the score has none."""
+    score's form (its text: attncc.ir.score); ``temperature`` .. ``seed`` its terms' views
+    (attncc.runtime.terms.inputs) and dropout's seed, ``block_mask`` .. ``key_lengths`` the
+    pattern's runtime data (attncc.runtime.data), None where there are none (Note [Term
+    arguments])."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
     data_ = (block_mask, topk_blocks, documents, key_lengths)
     return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap_triton)
@@ -104,13 +120,31 @@ def fwd(
 
 @triton_op("attncc::bwd", mutates_args=())
 def bwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-    dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
-    temperature: torch.Tensor | None, alibi: torch.Tensor | None, rel_pos_bias: torch.Tensor | None,
-    query_bias: torch.Tensor | None, key_bias: torch.Tensor | None, dense_bias: torch.Tensor | None,
-    seed: torch.Tensor | None, dropout_p: float, block_mask: torch.Tensor | None,
-    topk_blocks: torch.Tensor | None, documents: torch.Tensor | None, key_lengths: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    dlse: torch.Tensor,
+    pattern: str,
+    grid: list[int],
+    scale: float,
+    score: str,
+    bias: float,
+    temperature: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
+    rel_pos_bias: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    dense_bias: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    block_mask: torch.Tensor | None = None,
+    topk_blocks: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Backward: (dq, dk, dv, the gradients of the score's ``grad=True`` terms, in its order),
     given the gradients of out (``do``) and of lse (``dlse``)."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
@@ -122,13 +156,27 @@ def bwd(
 
 @custom_op("attncc::fwd_opaque", mutates_args=())
 def fwd_opaque(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, grid: list[int], scale: float,
-    score: str, bias: float, temperature: torch.Tensor | None, alibi: torch.Tensor | None,
-    rel_pos_bias: torch.Tensor | None, query_bias: torch.Tensor | None, key_bias: torch.Tensor | None,
-    dense_bias: torch.Tensor | None, seed: torch.Tensor | None, dropout_p: float,
-    block_mask: torch.Tensor | None, topk_blocks: torch.Tensor | None, documents: torch.Tensor | None,
-    key_lengths: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: str,
+    grid: list[int],
+    scale: float,
+    score: str,
+    bias: float,
+    temperature: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
+    rel_pos_bias: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    dense_bias: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    block_mask: torch.Tensor | None = None,
+    topk_blocks: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fwd` as an opaque op (the CPU interpreter)."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
     data_ = (block_mask, topk_blocks, documents, key_lengths)
@@ -137,13 +185,31 @@ def fwd_opaque(
 
 @custom_op("attncc::bwd_opaque", mutates_args=())
 def bwd_opaque(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-    dlse: torch.Tensor, pattern: str, grid: list[int], scale: float, score: str, bias: float,
-    temperature: torch.Tensor | None, alibi: torch.Tensor | None, rel_pos_bias: torch.Tensor | None,
-    query_bias: torch.Tensor | None, key_bias: torch.Tensor | None, dense_bias: torch.Tensor | None,
-    seed: torch.Tensor | None, dropout_p: float, block_mask: torch.Tensor | None,
-    topk_blocks: torch.Tensor | None, documents: torch.Tensor | None, key_lengths: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    o: torch.Tensor,
+    lse: torch.Tensor,
+    do: torch.Tensor,
+    dlse: torch.Tensor,
+    pattern: str,
+    grid: list[int],
+    scale: float,
+    score: str,
+    bias: float,
+    temperature: torch.Tensor | None = None,
+    alibi: torch.Tensor | None = None,
+    rel_pos_bias: torch.Tensor | None = None,
+    query_bias: torch.Tensor | None = None,
+    key_bias: torch.Tensor | None = None,
+    dense_bias: torch.Tensor | None = None,
+    seed: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    block_mask: torch.Tensor | None = None,
+    topk_blocks: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
+    key_lengths: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """:func:`bwd` as an opaque op."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
     data_ = (block_mask, topk_blocks, documents, key_lengths)
