@@ -100,6 +100,20 @@ def _summary(spec: Spec, a: Analysis) -> Table:
         ("ideal speedup", f"{a.ideal_speedup:.2f}x (1 / density)"),
         ("FLOPs kept (fwd, B=1)", f"{a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense"),
     ]
+    if a.data_dependent:  # Note [Data-dependent analysis] in attncc.ir.analysis
+        least = a.min_kept_pairs / a.total_pairs
+        rows[-4:] = [
+            ("kept pairs", f"{a.min_kept_pairs:,} to {a.kept_pairs:,} of {a.total_pairs:,}"),
+            (
+                "density",
+                f"data-dependent ({', '.join(a.runtime)} given at call time): {least:.4%} to {a.density:.4%}",
+            ),
+            ("ideal speedup", f"data-dependent: at least {a.ideal_speedup:.2f}x"),
+            (
+                "FLOPs kept (fwd, B=1)",
+                f"at most {a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense",
+            ),
+        ]
     if spec.score != Score():
         rows.insert(2, ("score", spec.score.text))
     for key, value in rows:
@@ -180,6 +194,11 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
             PatternError, "--kv-tile count", len(kv_tiles), f"1 or {len(q_list)} (one per --q-tile)"
         )
     kv_list = list(kv_tiles) * (len(q_list) if len(kv_tiles) == 1 else 1) if kv_tiles else q_list
+    runtime = [str(leaf) for leaf in spec.pattern.runtime_leaves]
+    if png and runtime:
+        allowed = "a pattern whose mask is known before the call"
+        why = f"{', '.join(runtime)} read data given at call time: drop --png"
+        raise field_error(PatternError, "--png", png, allowed, why)
     results = [
         analyze(
             spec.pattern,
@@ -194,9 +213,14 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
     console = Console(width=None if sys.stdout.isatty() else 130)
     console.print(_summary(spec, results[0]))
     console.print(_closed_forms(spec), soft_wrap=True)
-    plans = _head_plans(spec)
-    console.print(_kernel_plans(spec, plans), soft_wrap=True)
-    console.print(model_pick(spec), soft_wrap=True)
+    if results[0].data_dependent:
+        console.print(
+            "kernel plan: not shown for data given at call time (its kernels are in progress, issue 18)"
+        )
+    else:
+        plans = _head_plans(spec)
+        console.print(_kernel_plans(spec, plans), soft_wrap=True)
+        console.print(model_pick(spec), soft_wrap=True)
     console.print(_table(spec, results))
     console.print(
         "tile bound = tile pairs / visited pairs: the speedup over dense"
