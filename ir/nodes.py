@@ -25,10 +25,10 @@ per head) is given at call time, ``attncc.attention(..., data={...})``: the node
 holds the structure only (block sizes), so the kernel is specialised to it and
 new data reuse the kernel (attncc.runtime.data checks and normalises the
 tensors). A pattern holds at most one leaf of each kind, since the data are
-keyed by kind; equal nodes are one leaf (nodes are values: the same
-``documents()`` in two operands reads the same ids), distinct ones of a kind
-(two block sizes) are refused where they meet. Their data carry heads, so
-``per_head`` refuses an entry that holds one.
+keyed by kind: a second one is refused where it meets the first, even an equal
+one (``(documents() & a) | (documents() & b)`` is written
+``documents() & (a | b)``), so the lowering combines each kind's data once.
+Their data carry heads, so ``per_head`` refuses an entry that holds one.
 """
 
 from __future__ import annotations
@@ -149,14 +149,13 @@ def _set_runtime(node: Pattern) -> None:
     """Record the runtime leaves under ``node`` (its operands' are recorded: they were built
     first), refusing a second leaf of one kind (Note [Runtime data])."""
     leaves: dict[str, RuntimePrimitive] = {}
-    for child in node.children:
+    for child in node.children:  # each holds at most one leaf of a kind
         for leaf in child.runtime_leaves:
-            seen = leaves.setdefault(leaf.NAME, leaf)
-            if seen != leaf:
+            if leaf.NAME in leaves:
                 allowed = f"one {leaf.NAME} leaf per pattern (its data are given once, under its key)"
-                raise field_error(
-                    PatternError, f"second {leaf.NAME} leaf", str(leaf), allowed, f"the first is {seen}"
-                )
+                why = f"the first is {leaves[leaf.NAME]}; factor it out: {leaf.NAME}(...) & (a | b)"
+                raise field_error(PatternError, f"second {leaf.NAME} leaf", str(leaf), allowed, why)
+            leaves[leaf.NAME] = leaf
     if leaves:
         object.__setattr__(node, "_runtime", tuple(leaves.values()))
 
