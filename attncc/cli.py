@@ -155,11 +155,15 @@ def _kernel_plans(spec: Spec, plans: list[tuple[HeadGroup, KernelPlan]]) -> str:
     lines = ["kernel plan (GPU tiles, one head):"]
     user = RANK - spec.grid.rank
     for group, plan in plans:
-        entries = len(tile_table(group.pattern, spec.grid, plan)[1]) if plan.iteration == "table" else 0
-        visited, dense = visited_tiles(plan, entries)
         groups = "x".join(map(str, plan.dilation[user:]))
         boxes = f"q {'x'.join(map(str, plan.q_tile[user:]))} / kv {'x'.join(map(str, plan.kv_tile[user:]))}"
         who = f"{group.label}: " if len(plans) > 1 else ""
+        if plan.iteration == "runtime":  # Note [Runtime plans] in attncc.lower.plan
+            listed = "the tiles visited are listed per call, from its data"
+            lines.append(f"  {who}runtime iteration, boxes {boxes}: {listed}")
+            continue
+        entries = len(tile_table(group.pattern, spec.grid, plan)[1]) if plan.iteration == "table" else 0
+        visited, dense = visited_tiles(plan, entries)
         lines.append(
             f"  {who}{plan.iteration} iteration, dilation groups {groups}, boxes {boxes}: "
             f"{visited:,} of {dense:,} tile pairs visited, tile bound {dense / max(visited, 1):.2f}x"
@@ -213,13 +217,11 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
     console = Console(width=None if sys.stdout.isatty() else 130)
     console.print(_summary(spec, results[0]))
     console.print(_closed_forms(spec), soft_wrap=True)
+    plans = _head_plans(spec)
+    console.print(_kernel_plans(spec, plans), soft_wrap=True)
     if results[0].data_dependent:
-        console.print(
-            "kernel plan: not shown for data given at call time (its kernels are in progress, issue 18)"
-        )
+        console.print("cost model: not shown (the tiles a runtime plan visits depend on the call's data)")
     else:
-        plans = _head_plans(spec)
-        console.print(_kernel_plans(spec, plans), soft_wrap=True)
         console.print(model_pick(spec), soft_wrap=True)
     console.print(_table(spec, results))
     console.print(

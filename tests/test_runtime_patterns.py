@@ -553,7 +553,7 @@ def test_attncc_analyze_says_the_density_is_data_dependent(tmp_path):
     assert result.exit_code == 0, result.output
     assert "density                data-dependent (topk_blocks given at call time)" in result.output
     assert "keep if the call's data say so: topk_blocks(block=16)" in result.output
-    assert "kernel plan: not shown" in result.output
+    assert "runtime iteration, boxes" in result.output and "cost model: not shown" in result.output
     box = tmp_path / "box.json"
     box.write_text(
         '{"pattern": {"intersection": ["neighborhood(window=(3, 5))", {"documents": null}]}, "grid": [6, 8]}'
