@@ -100,6 +100,20 @@ def _summary(spec: Spec, a: Analysis) -> Table:
         ("ideal speedup", f"{a.ideal_speedup:.2f}x (1 / density)"),
         ("FLOPs kept (fwd, B=1)", f"{a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense"),
     ]
+    if a.data_dependent:  # Note [Data-dependent analysis] in attncc.ir.analysis
+        least = a.min_kept_pairs / a.total_pairs
+        rows[-4:] = [
+            ("kept pairs", f"{a.min_kept_pairs:,} to {a.kept_pairs:,} of {a.total_pairs:,}"),
+            (
+                "density",
+                f"data-dependent ({', '.join(a.runtime)} given at call time): {least:.4%} to {a.density:.4%}",
+            ),
+            ("ideal speedup", f"data-dependent: at least {a.ideal_speedup:.2f}x"),
+            (
+                "FLOPs kept (fwd, B=1)",
+                f"at most {a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense",
+            ),
+        ]
     if spec.score != Score():
         rows.insert(2, ("score", spec.score.text))
     for key, value in rows:
@@ -141,11 +155,15 @@ def _kernel_plans(spec: Spec, plans: list[tuple[HeadGroup, KernelPlan]]) -> str:
     lines = ["kernel plan (GPU tiles, one head):"]
     user = RANK - spec.grid.rank
     for group, plan in plans:
-        entries = len(tile_table(group.pattern, spec.grid, plan)[1]) if plan.iteration == "table" else 0
-        visited, dense = visited_tiles(plan, entries)
         groups = "x".join(map(str, plan.dilation[user:]))
         boxes = f"q {'x'.join(map(str, plan.q_tile[user:]))} / kv {'x'.join(map(str, plan.kv_tile[user:]))}"
         who = f"{group.label}: " if len(plans) > 1 else ""
+        if plan.iteration == "runtime":  # Note [Runtime plans] in attncc.lower.plan
+            listed = "the tiles visited are listed per call, from its data"
+            lines.append(f"  {who}runtime iteration, boxes {boxes}: {listed}")
+            continue
+        entries = len(tile_table(group.pattern, spec.grid, plan)[1]) if plan.iteration == "table" else 0
+        visited, dense = visited_tiles(plan, entries)
         lines.append(
             f"  {who}{plan.iteration} iteration, dilation groups {groups}, boxes {boxes}: "
             f"{visited:,} of {dense:,} tile pairs visited, tile bound {dense / max(visited, 1):.2f}x"
@@ -180,6 +198,11 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
             PatternError, "--kv-tile count", len(kv_tiles), f"1 or {len(q_list)} (one per --q-tile)"
         )
     kv_list = list(kv_tiles) * (len(q_list) if len(kv_tiles) == 1 else 1) if kv_tiles else q_list
+    runtime = [str(leaf) for leaf in spec.pattern.runtime_leaves]
+    if png and runtime:
+        allowed = "a pattern whose mask is known before the call"
+        why = f"{', '.join(runtime)} read data given at call time: drop --png"
+        raise field_error(PatternError, "--png", png, allowed, why)
     results = [
         analyze(
             spec.pattern,
@@ -196,7 +219,10 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
     console.print(_closed_forms(spec), soft_wrap=True)
     plans = _head_plans(spec)
     console.print(_kernel_plans(spec, plans), soft_wrap=True)
-    console.print(model_pick(spec), soft_wrap=True)
+    if results[0].data_dependent:
+        console.print("cost model: not shown (the tiles a runtime plan visits depend on the call's data)")
+    else:
+        console.print(model_pick(spec), soft_wrap=True)
     console.print(_table(spec, results))
     console.print(
         "tile bound = tile pairs / visited pairs: the speedup over dense"

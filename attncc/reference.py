@@ -1,7 +1,7 @@
 """Brute-force reference attention: the materialised mask, in float32 or float64.
 
 Every kernel attncc generates is checked against :func:`attention`. It builds
-the whole ``[H, N, N]`` mask from :func:`attncc.ir.mask.mask`, so keep N to a
+the whole ``[B, H, N, N]`` mask from :func:`attncc.ir.mask.mask`, so keep N to a
 few thousand tokens.
 
 Note [Queries with no keys]: a query that sees no key (possible with e.g.
@@ -29,6 +29,7 @@ from attncc.ir.mask import mask as brute_force_mask
 from attncc.ir.nodes import Pattern
 from attncc.ir.score import Score, as_score, checked, table_units
 from attncc.layouts import to_sdpa_layout
+from attncc.runtime.data import checked as checked_data
 
 
 def attention(
@@ -45,6 +46,7 @@ def attention(
     score_mod: Score | None = None,
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
+    data: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax (or sigmoid) attention, computed naively.
 
@@ -63,7 +65,11 @@ def attention(
     score terms (Note [Score terms] in attncc.ir.score), computed here from their definitions,
     differentiably in their tensors. ``dropout_mask`` (bool ``[B, H, N, N]``, True where kept)
     with ``dropout_p`` drops probabilities as the kernels do: kept ones are divided by
-    ``1 - dropout_p``, the normaliser (and the log-sum-exp) sums them undropped.
+    ``1 - dropout_p``, the normaliser (and the log-sum-exp) sums them undropped. ``data`` gives
+    the tensors of the pattern's primitives read at call time (``block_mask``, ``topk_blocks``,
+    ``documents`` or ``cu_seqlens``, ``key_lengths``: Note [Runtime data forms] in
+    attncc.runtime.data), checked as ``attncc.attention`` checks them; the mask then varies by
+    batch element.
     """
     grid, (q, k, v), found = to_sdpa_layout(q, k, v, grid, layout)
     d = q.shape[-1]
@@ -72,10 +78,11 @@ def attention(
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (t.to(compute) for t in (q, k, v))
     kc, vc = (t.repeat_interleave(h // h_kv, dim=1) for t in (kc, vc))
-    keep = brute_force_mask(pattern, grid, heads=h, device=q.device)  # [1 or H, N, N]
+    normalised = checked_data(pattern, grid, q.shape[0], h, data, q.device)
+    keep = brute_force_mask(pattern, grid, heads=h, device=q.device, data=normalised)  # [1|B, 1|H, N, N]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = _scores(qc @ kc.transpose(-1, -2) * scale, terms, pattern, grid)
-    scores = scores.masked_fill(~keep[None], -math.inf)
+    scores = scores.masked_fill(~keep, -math.inf)
     keep_drop = 1.0 if dropout_mask is None else dropout_mask.to(compute) / (1.0 - dropout_p)
     if terms.kind == "sigmoid":
         bias = -math.log(scores.shape[-1]) if sigmoid_bias is None else sigmoid_bias
@@ -134,12 +141,12 @@ def _scores(s: torch.Tensor, terms: Score, pattern: Pattern, grid: Grid) -> torc
 
 def _weighted_sum(weights: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``weights @ v`` over the kept keys only (Note [Masked keys never touch v]):
-    weights ``[B, H, N, N]``, v ``[B, H, N, D]``, keep ``[1 or H, N, N]``."""
+    weights ``[B, H, N, N]``, v ``[B, H, N, D]``, keep ``[1 or B, 1 or H, N, N]``."""
     finite = torch.isfinite(v)
     out = weights @ v.masked_fill(~finite, 0.0)
     if bool(finite.all()):
         return out
-    kept = keep[None].to(v.dtype)
+    kept = keep.to(v.dtype)
     seen = {name: kept @ hit.to(v.dtype) > 0 for name, hit in
             (("inf", v == math.inf), ("-inf", v == -math.inf), ("nan", v.isnan()))}  # fmt: skip
     out = out.masked_fill(seen["inf"], math.inf).masked_fill(seen["-inf"], -math.inf)

@@ -20,6 +20,18 @@ ideal ``1 / density`` because a visited tile also holds pairs the pattern drops.
 Both counts are tile pairs of the one tiling, so the bound is at least 1; a
 kernel plan's bound counts its own boxes the same way (Note [Kernel tile bound]
 in :mod:`attncc.lower.visits`).
+
+Note [Data-dependent analysis]: a primitive whose data are given at call time
+(Note [Runtime data] in attncc.ir.nodes) has no closed form, so its density
+depends on the data. Patterns are built from primitives by union and
+intersection only, so the mask only grows with a runtime leaf's mask: the data
+that keep every pair give the most any data keep, the data that keep none the
+fewest. The analysis counts both, with each runtime rule replaced by a box of
+every key and by an empty one: a tile is empty when no data keep a pair of it
+(the kernel may skip it whatever the data), full when every data keep all of
+it, and partial otherwise, which is every tile for a runtime leaf on its own.
+``kept_pairs`` (and the density, the tile counts) are then the most, and
+``min_kept_pairs`` the fewest.
 """
 
 from __future__ import annotations
@@ -45,6 +57,9 @@ from attncc.ir.symbolic import (
     Predicate,
     Progression,
     Rule,
+    Runtime,
+    full_progression,
+    has_runtime,
     rules,
     to_numpy,
 )
@@ -130,7 +145,10 @@ class Analysis:
 
     The tile map has one entry per head when heads differ, else a single entry
     shared by every head; tile counts (``empty_tiles``, ...) are over the map,
-    while ``kept_pairs`` and FLOPs cover all ``heads``.
+    while ``kept_pairs`` and FLOPs cover all ``heads``. For a pattern with data given at
+    call time (``runtime`` names its primitives), ``kept_pairs``, the density and
+    ``tile_counts`` are the most any data keep, ``min_kept_pairs`` the fewest (Note
+    [Data-dependent analysis]); for any other pattern the two are equal.
     """
 
     grid: Grid
@@ -141,6 +159,13 @@ class Analysis:
     kept_pairs: int
     tile_counts: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] kept pairs
     tile_classes: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] EMPTY/PARTIAL/FULL
+    min_kept_pairs: int = 0
+    runtime: tuple[str, ...] = ()  # the primitives whose data are given at call time, by name
+
+    @property
+    def data_dependent(self) -> bool:
+        """Whether the kept pairs depend on data given at call time (Note [Data-dependent analysis])."""
+        return bool(self.runtime)
 
     @property
     def total_pairs(self) -> int:
@@ -208,16 +233,17 @@ def analyze(
     _within("Q tiles", q_tiles, MAX_TILES, hint)
     _within("KV tiles", kv_tiles, MAX_TILES, hint)
     _within("tile map entries", (1 if shared else heads) * q_tiles * kv_tiles, MAX_TILE_PAIRS, hint)
-    per_head: dict[Pattern, np.ndarray] = {}
-    counts = []
+    per_head: dict[Pattern, tuple[np.ndarray, np.ndarray]] = {}
+    most, least = [], []
     for head_pattern in resolve_heads(pattern, 1 if shared else heads):
         canon = canonicalize(head_pattern, grid)
         if canon not in per_head:
-            per_head[canon] = tile_counts(rules(canon, grid), grid, q_tiling, kv_tiling)
-        counts.append(per_head[canon])
-    tile_counts_ = np.stack(counts)
+            per_head[canon] = _count_bounds(rules(canon, grid), grid, q_tiling, kv_tiling)
+        most.append(per_head[canon][0])
+        least.append(per_head[canon][1])
+    tile_counts_, fewest = np.stack(most), np.stack(least)
     capacity = np.outer(q_tiling.sizes(grid), kv_tiling.sizes(grid))
-    classes = np.where(tile_counts_ == 0, EMPTY, np.where(tile_counts_ == capacity, FULL, PARTIAL))
+    classes = np.where(tile_counts_ == 0, EMPTY, np.where(fewest == capacity, FULL, PARTIAL))
     return Analysis(
         grid=grid,
         heads=heads,
@@ -227,7 +253,35 @@ def analyze(
         kept_pairs=int(tile_counts_.sum()) * (heads if shared else 1),
         tile_counts=tile_counts_,
         tile_classes=classes.astype(np.int8),
+        min_kept_pairs=int(fewest.sum()) * (heads if shared else 1),
+        runtime=tuple(leaf.NAME for leaf in pattern.runtime_leaves),
     )
+
+
+def _count_bounds(
+    rule: Rule, grid: Grid, q_tiling: Tiling, kv_tiling: Tiling
+) -> tuple[np.ndarray, np.ndarray]:
+    """The most and the fewest kept pairs per tile pair that any data keep (the same array
+    twice for a rule without data: Note [Data-dependent analysis])."""
+    if not has_runtime(rule):
+        counts = tile_counts(rule, grid, q_tiling, kv_tiling)
+        return counts, counts
+    return tuple(  # type: ignore[return-value]
+        tile_counts(_bounded(rule, grid, most), grid, q_tiling, kv_tiling) for most in (True, False)
+    )
+
+
+_NOTHING = Progression(sympy.Integer(1), sympy.Integer(0), sympy.Integer(1))  # no key: last < first
+
+
+def _bounded(rule: Rule, grid: Grid, most: bool) -> Rule:
+    """``rule`` with every runtime rule keeping every key (``most``) or none (Note
+    [Data-dependent analysis])."""
+    if isinstance(rule, Runtime):
+        return GridBox(tuple(full_progression(s) if most else _NOTHING for s in grid.shape))
+    if isinstance(rule, (AnyOf, AllOf)):
+        return type(rule)(tuple(_bounded(r, grid, most) for r in rule.rules))
+    return rule
 
 
 @dataclass(frozen=True)
@@ -258,10 +312,11 @@ def head_groups(pattern: Pattern, grid: Grid, heads: int) -> list[HeadGroup]:
 
 
 def keys_of(pattern: Pattern, grid: Grid, query: int, head: int = 0) -> np.ndarray:
-    """Bool ``[N]``: the keys flat query ``query`` sees in head ``head`` (from the closed forms)."""
+    """Bool ``[N]``: the keys flat query ``query`` sees in head ``head`` (from the closed forms;
+    for a pattern with data given at call time, the keys some data let it see)."""
     heads = validate(pattern, grid)
     head_pattern = resolve_heads(pattern, max(heads, head + 1))[head]
-    rule = rules(canonicalize(head_pattern, grid), grid)
+    rule = _bounded(rules(canonicalize(head_pattern, grid), grid), grid, most=True)
     qf = np.array([query], dtype=np.int64)
     kf = np.arange(grid.size, dtype=np.int64)
     coords = np.unravel_index(kf, grid.shape)
@@ -269,7 +324,10 @@ def keys_of(pattern: Pattern, grid: Grid, query: int, head: int = 0) -> np.ndarr
 
 
 def tile_counts(rule: Rule, grid: Grid, q_tiling: Tiling, kv_tiling: Tiling) -> np.ndarray:
-    """``[q tiles, kv tiles]`` kept pairs of a head-independent rule."""
+    """``[q tiles, kv tiles]`` kept pairs of a head-independent rule without data given at call
+    time (:func:`analyze` bounds those: Note [Data-dependent analysis])."""
+    if has_runtime(rule):
+        raise TypeError("a rule that reads data given at call time has no count; bound it first")
     axes = _as_product(rule, grid)
     if axes is not None:
         return _factored_counts(axes, grid, q_tiling, kv_tiling)

@@ -5,11 +5,20 @@ Two patterns that keep the same pairs on a grid because of a rule we know
 band written as a neighborhood, ...) canonicalise to the same node, so they
 share one hash, one plan and one cache entry. Canonicalisation never changes
 the mask: a property test compares masks before and after.
+
+Note [Runtime leaves survive]: a primitive whose data are given at call time
+(Note [Runtime data] in attncc.ir.nodes) stays a leaf of the canonical form, even
+where the static operands make it irrelevant (``dense() | block_mask(64)``,
+an empty band ``& documents()``): the canonical form is what a call's data are
+checked against (attncc.runtime.data), and the data a user gives must not
+depend on what canonicalisation found. Such a union or intersection keeps its
+simplified static part and the leaves beside it, which leaves its mask as it is.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 
 import networkx as nx
 
@@ -18,6 +27,7 @@ from attncc.ir.nodes import (
     Axial,
     Band,
     BlockDiagonal,
+    BlockMask,
     BlockSparse,
     Causal,
     Congruent,
@@ -31,6 +41,7 @@ from attncc.ir.nodes import (
     PerHead,
     SlidingWindow,
     Strided,
+    TopkBlocks,
     Union,
 )
 from attncc.ir.text import format_pattern
@@ -118,6 +129,8 @@ def _rewrite(node: Pattern, grid: Grid, memo: dict[Pattern, Pattern]) -> Pattern
         return Axial(axes)
     if isinstance(node, BlockSparse):
         return _block_sparse(node)
+    if isinstance(node, (BlockMask, TopkBlocks)):
+        return _blocks(node, grid)
     if isinstance(node, GlobalTokens):
         idx = tuple(sorted(set(node.indices)))
         return Dense() if len(idx) == n else GlobalTokens(idx)
@@ -166,6 +179,33 @@ def _block_sparse(node: BlockSparse) -> Pattern:
     if not node.per_head and all(v == 1 for row in node.layout for v in row):
         return Dense()
     return node
+
+
+def _blocks(node: BlockMask | TopkBlocks, grid: Grid) -> Pattern:
+    """Note [Canonical blocks]: sizes past the grid are cut to it, and a box whose blocks number
+    the tokens as flat blocks do is written flat: ``(1, .., 1, b_a, whole axes)`` keeps the
+    numbering of flat blocks of ``b_a`` times the whole axes' tokens when ``a`` is the first
+    axis or ``b_a`` divides axis ``a`` (so a row of blocks ends where a row of the axis does).
+    The number of blocks, and so the data, is the same."""
+    cls = type(node)
+    if not isinstance(node.block, tuple):
+        return cls(min(node.block, grid.size))
+    sizes = [min(b, s) for b, s in zip(node.block, grid.shape)]
+    for a, size in enumerate(grid.shape):
+        inner = all(b == 1 for b in sizes[:a])
+        whole = all(b == s for b, s in zip(sizes[a + 1 :], grid.shape[a + 1 :]))
+        if inner and whole and (a == 0 or size % sizes[a] == 0):
+            return cls(sizes[a] * math.prod(grid.shape[a + 1 :]))
+    return cls(tuple(sizes))
+
+
+def _keeping_leaves(result: Pattern, dropped: list[Pattern], combinator: type[Pattern]) -> Pattern:
+    """``result``, with the runtime leaves of the operands it replaced beside it, joined by
+    ``combinator`` (Note [Runtime leaves survive])."""
+    leaves = [leaf for op in dropped for leaf in op.runtime_leaves]
+    if not leaves:
+        return result
+    return combinator(tuple(_sorted_unique([result, *leaves])))  # type: ignore[call-arg]
 
 
 def _sorted_unique(ops: list[Pattern]) -> list[Pattern]:
@@ -271,7 +311,7 @@ def _is_empty(op: Pattern, grid: Grid) -> bool:
 def _union(ops: list[Pattern], grid: Grid) -> Pattern:
     flat = [x for op in ops for x in (op.operands if isinstance(op, Union) else (op,))]
     if any(isinstance(op, Dense) for op in flat):
-        return Dense()
+        return _keeping_leaves(Dense(), flat, Union)
     if all(_is_empty(op, grid) for op in flat):
         return flat[0]
     rest, intervals, globals_ = [], {}, set()
@@ -296,7 +336,7 @@ def _union(ops: list[Pattern], grid: Grid) -> Pattern:
     if globals_:
         rest.append(Dense() if len(globals_) == grid.size else GlobalTokens(tuple(sorted(globals_))))
     if any(isinstance(op, Dense) for op in rest):
-        return Dense()
+        return _keeping_leaves(Dense(), rest, Union)
     rest = _sorted_unique(rest)
     return rest[0] if len(rest) == 1 else Union(tuple(rest))
 
@@ -305,7 +345,7 @@ def _intersection(ops: list[Pattern], grid: Grid) -> Pattern:
     flat = [x for op in ops for x in (op.operands if isinstance(op, Intersection) else (op,))]
     empty = [op for op in flat if _is_empty(op, grid)]
     if empty:
-        return empty[0]
+        return _keeping_leaves(empty[0], flat, Intersection)
     rest, intervals = [], {}
     for op in flat:
         interval = _interval(op, grid)
@@ -317,7 +357,7 @@ def _intersection(ops: list[Pattern], grid: Grid) -> Pattern:
     for key, (lo, hi) in intervals.items():
         merged = _emit(key, lo, hi, grid)
         if _is_empty(merged, grid):
-            return merged
+            return _keeping_leaves(merged, flat, Intersection)
         if not isinstance(merged, Dense):
             rest.append(merged)
     rest = _sorted_unique(rest)

@@ -4,6 +4,11 @@ This is the oracle every other part of attncc is tested against, so it is
 written straight from the definitions (see :mod:`attncc.ir.nodes`), one
 element at a time in spirit, with no reuse of the symbolic analysis. It costs
 O(N^2) memory: use it for tests and references, never in a kernel path.
+
+Primitives whose data are given at call time (Note [Runtime data] in
+attncc.ir.nodes) read the normalised data of :func:`attncc.runtime.data.checked`
+(one tensor per kind, with a batch dimension), so a mask with data has a batch
+dimension too: ``[B or 1, H or 1, N, N]``.
 """
 
 from __future__ import annotations
@@ -11,25 +16,31 @@ from __future__ import annotations
 import networkx as nx
 import torch
 
+from attncc.errors import PatternError, field_error
 from attncc.ir.canonical import to_graph
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
     Band,
     BlockDiagonal,
+    BlockMask,
     BlockSparse,
     Causal,
     Congruent,
     Dense,
     Document,
+    Documents,
     GlobalTokens,
     Intersection,
+    KeyLengths,
     KeyRange,
     Neighborhood,
     Pattern,
     PerHead,
+    RuntimePrimitive,
     SlidingWindow,
     Strided,
+    TopkBlocks,
     Union,
 )
 from attncc.ir.validate import neighborhood_axes, validate
@@ -62,13 +73,23 @@ def neighborhood_axis(
 
 
 def mask(
-    p: Pattern, grid: Grid, heads: int | None = None, device: torch.device | str = "cpu"
+    p: Pattern,
+    grid: Grid,
+    heads: int | None = None,
+    device: torch.device | str = "cpu",
+    data: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``[H, N, N]`` bool mask, ``mask[h, q, k]`` true where query q sees key k.
 
-    ``H`` is 1 when the pattern is the same for every head, else the head count.
+    ``H`` is 1 when the pattern is the same for every head, else the head count. With
+    ``data`` (the normalised data of :func:`attncc.runtime.data.checked`, on ``device``),
+    ``[B, H, N, N]``: ``B`` and ``H`` are 1 where nothing varies with them.
     """
     heads = validate(p, grid, heads)
+    for leaf in p.runtime_leaves:
+        if data is None or leaf.NAME not in data:
+            allowed = f"the normalised data of {leaf} (attncc.runtime.data.checked)"
+            raise field_error(PatternError, f"data[{leaf.NAME!r}]", None, allowed)
     n = grid.size
     coords = coordinates(grid, device)
     qc, kc = coords[:, None, :], coords[None, :, :]
@@ -76,12 +97,36 @@ def mask(
     kf = torch.arange(n, device=device)[None, :]
     values: dict[Pattern, torch.Tensor] = {}
     for node in reversed(list(nx.topological_sort(to_graph(p)))):
-        values[node] = _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values)
-    return values[p]
+        values[node] = _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values, data)
+    out = values[p]
+    return out if data is None or out.dim() == 4 else out[None]
 
 
-def _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values) -> torch.Tensor:
+def _runtime_leaf(node: Pattern, grid: Grid, coords: torch.Tensor, data: dict) -> torch.Tensor:
+    """``[B, H, N, N]`` (B and H may be 1) mask of a primitive whose data are given at call time."""
     n = grid.size
+    if isinstance(node, (BlockMask, TopkBlocks)):  # both normalised to an int8 layout
+        if isinstance(node.block, tuple):  # box blocks, numbered row-major over the grid of blocks
+            blk = torch.zeros(n, dtype=torch.long, device=coords.device)
+            for a, (size, b) in enumerate(zip(grid.shape, node.block)):
+                blk = blk * -(-size // b) + coords[:, a] // b
+        else:
+            blk = torch.arange(n, device=coords.device) // node.block
+        return data[node.NAME][:, :, blk[:, None], blk[None, :]] != 0
+    if isinstance(node, Documents):
+        ids = data["documents"]  # [B, N]
+        return (ids[:, :, None] == ids[:, None, :])[:, None]
+    if isinstance(node, KeyLengths):
+        lengths = data["key_lengths"]  # [B]
+        keys = torch.arange(n, device=coords.device)
+        return (keys[None, :] < lengths[:, None])[:, None, None, :].expand(-1, 1, n, n)
+    raise TypeError(f"no brute-force rule for {type(node).__name__}")
+
+
+def _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values, data) -> torch.Tensor:
+    n = grid.size
+    if isinstance(node, RuntimePrimitive):
+        return _runtime_leaf(node, grid, qc[:, 0], data)
     if isinstance(node, Dense):
         return torch.ones(1, n, n, dtype=torch.bool, device=qf.device)
     if isinstance(node, Neighborhood):

@@ -18,6 +18,17 @@ than any real one (a few levels) is refused when it is built, with the limit
 named, instead of failing later with a RecursionError. Width is not limited:
 a union of thousands of operands is one level (Note [Wide combinators] in
 attncc.ir.text).
+
+Note [Runtime data]: ``block_mask``, ``topk_blocks``, ``documents`` and
+``key_lengths`` declare a primitive whose data (a tensor, per batch element and
+per head) is given at call time, ``attncc.attention(..., data={...})``: the node
+holds the structure only (block sizes), so the kernel is specialised to it and
+new data reuse the kernel (attncc.runtime.data checks and normalises the
+tensors). A pattern holds at most one leaf of each kind, since the data are
+keyed by kind: a second one is refused where it meets the first, even an equal
+one (``(documents() & a) | (documents() & b)`` is written
+``documents() & (a | b)``), so the lowering combines each kind's data once.
+Their data carry heads, so ``per_head`` refuses an entry that holds one.
 """
 
 from __future__ import annotations
@@ -67,6 +78,26 @@ class Pattern:
         """Combinator levels above the primitives: 0 for a primitive (Note [Nesting limit])."""
         return self.__dict__.get("_depth", 0)
 
+    @property
+    def runtime_leaves(self) -> tuple[RuntimePrimitive, ...]:
+        """The distinct primitives under this node whose data are given at call time, at most
+        one of each kind, in the order first met (Note [Runtime data])."""
+        return self.__dict__.get("_runtime", ())
+
+
+class RuntimePrimitive(Pattern):
+    """Base class of the primitives whose data are given at call time (Note [Runtime data]).
+
+    ``DATA`` names the keys of ``attncc.attention(..., data=...)`` that give them (one of
+    them per call).
+    """
+
+    DATA: ClassVar[tuple[str, ...]]
+
+    @property
+    def runtime_leaves(self) -> tuple[RuntimePrimitive, ...]:
+        return (self,)
+
 
 def _set_depth(node: Pattern) -> None:
     """Record ``node``'s depth, from its operands' (already recorded: they were built first)."""
@@ -112,6 +143,21 @@ def _check_bool_per_axis(field_name: str, value: Any) -> None:
 
 def _set(node: Any, name: str, value: Any) -> None:
     object.__setattr__(node, name, value)
+
+
+def _set_runtime(node: Pattern) -> None:
+    """Record the runtime leaves under ``node`` (its operands' are recorded: they were built
+    first), refusing a second leaf of one kind (Note [Runtime data])."""
+    leaves: dict[str, RuntimePrimitive] = {}
+    for child in node.children:  # each holds at most one leaf of a kind
+        for leaf in child.runtime_leaves:
+            if leaf.NAME in leaves:
+                allowed = f"one {leaf.NAME} leaf per pattern (its data are given once, under its key)"
+                why = f"the first is {leaves[leaf.NAME]}; factor it out: {leaf.NAME}(...) & (a | b)"
+                raise field_error(PatternError, f"second {leaf.NAME} leaf", str(leaf), allowed, why)
+            leaves[leaf.NAME] = leaf
+    if leaves:
+        object.__setattr__(node, "_runtime", tuple(leaves.values()))
 
 
 # --- primitives --------------------------------------------------------------
@@ -231,8 +277,8 @@ class BlockSparse(Pattern):
             value = f"<{type(self.layout).__name__}{list(shape) if shape is not None else ''}>"
             expected = "nested lists of 0/1"
             why = (
-                "for a static layout pass layout.tolist(); "
-                "layouts read from device tensors at call time are not supported yet"
+                "for a static layout pass layout.tolist(); for one given at call time use "
+                "block_mask(block) and attncc.attention(..., data={'block_mask': layout})"
             )
             raise form_error(PatternError, "block_sparse.layout", value, expected, why)
         _set(self, "layout", _freeze(self.layout))
@@ -406,6 +452,76 @@ class KeyRange(Pattern):
             raise field_error(PatternError, "key_range.hi", self.hi, f">= key_range.lo = {self.lo}")
 
 
+# --- primitives with data given at call time (Note [Runtime data]) -------------
+
+
+def _check_block(field_name: str, value: Any) -> None:
+    allowed = "an integer >= 1 (flat blocks) or a tuple of 1-3 integers >= 1 (one per grid axis)"
+    if isinstance(value, tuple):
+        if not 1 <= len(value) <= 3:
+            raise field_error(PatternError, field_name, value, allowed)
+        for i, v in enumerate(value):
+            _check_int(f"{field_name}[{i}]", v, 1, "an integer >= 1")
+    else:
+        _check_int(field_name, value, 1, allowed)
+
+
+@dataclass(frozen=True)
+class BlockMask(RuntimePrimitive):
+    """A block layout given at call time: keep ``(q, k)`` iff
+    ``data["block_mask"][b, h, blk(q), blk(k)] != 0``.
+
+    ``block`` an int: blocks of ``block`` consecutive flat tokens (any grid rank); a tuple
+    with one size per grid axis: box blocks, numbered row-major over the grid of blocks (the
+    block of a token is the row-major index of ``coord_a // block_a``). The data are a bool
+    or integer tensor ``[B or 1, H or 1, QB, KB]``, ``QB = KB`` = the number of blocks.
+    """
+
+    NAME: ClassVar[str] = "block_mask"
+    DATA: ClassVar[tuple[str, ...]] = ("block_mask",)
+    block: IntOrTuple
+
+    def __post_init__(self) -> None:
+        _set(self, "block", _freeze(self.block))
+        _check_block("block_mask.block", self.block)
+
+
+@dataclass(frozen=True)
+class TopkBlocks(RuntimePrimitive):
+    """Top-k key blocks given at call time: keep ``(q, k)`` iff ``blk(k)`` is among
+    ``data["topk_blocks"][b, h, blk(q), :]``, an integer tensor ``[B or 1, H or 1, QB, K]``
+    of block indices in ``[-1, KB)`` (-1: no block). Blocks as for :class:`BlockMask`."""
+
+    NAME: ClassVar[str] = "topk_blocks"
+    DATA: ClassVar[tuple[str, ...]] = ("topk_blocks",)
+    block: IntOrTuple
+
+    def __post_init__(self) -> None:
+        _set(self, "block", _freeze(self.block))
+        _check_block("topk_blocks.block", self.block)
+
+
+@dataclass(frozen=True)
+class Documents(RuntimePrimitive):
+    """Packed documents given at call time: keep ``(q, k)`` iff ``ids[b, q] == ids[b, k]``,
+    from ``data["documents"]`` (integer ids ``[B or 1, N]``) or ``data["cu_seqlens"]``
+    (FlashAttention's varlen offsets ``[S + 1]``: sequence s is tokens ``cu[s] .. cu[s+1] - 1``
+    of every batch row; the tokens from ``cu[-1]`` on form one more document)."""
+
+    NAME: ClassVar[str] = "documents"
+    DATA: ClassVar[tuple[str, ...]] = ("documents", "cu_seqlens")
+
+
+@dataclass(frozen=True)
+class KeyLengths(RuntimePrimitive):
+    """Key padding given at call time: keep ``(q, k)`` iff the flat index of ``k`` is below
+    ``data["key_lengths"][b]`` (an integer tensor ``[B]``). A query whose keys are all cut
+    gets a zero row (Note [Queries with no keys] in attncc.reference)."""
+
+    NAME: ClassVar[str] = "key_lengths"
+    DATA: ClassVar[tuple[str, ...]] = ("key_lengths",)
+
+
 # --- combinators -------------------------------------------------------------
 
 
@@ -430,6 +546,7 @@ class Union(Pattern):
         if len(self.operands) < 2:
             raise field_error(PatternError, "union.operands", len(self.operands), "2 or more")
         _set_depth(self)
+        _set_runtime(self)
 
     @property
     def children(self) -> tuple[Pattern, ...]:
@@ -448,6 +565,7 @@ class Intersection(Pattern):
         if len(self.operands) < 2:
             raise field_error(PatternError, "intersection.operands", len(self.operands), "2 or more")
         _set_depth(self)
+        _set_runtime(self)
 
     @property
     def children(self) -> tuple[Pattern, ...]:
@@ -470,6 +588,10 @@ class PerHead(Pattern):
                 raise field_error(PatternError, f"per_head.patterns[{i}]", p, "a pattern")
             if isinstance(p, PerHead):
                 raise field_error(PatternError, f"per_head.patterns[{i}]", str(p), "no nested per_head")
+            if p.runtime_leaves:
+                allowed = "patterns without data given at call time (whose data carry their own heads)"
+                why = f"{p.runtime_leaves[0]} reads [B, H, ...] data: put it outside the per_head"
+                raise field_error(PatternError, f"per_head.patterns[{i}]", str(p), allowed, why)
         _set(self, "patterns", pats)
         _set_depth(self)
 
@@ -496,6 +618,10 @@ PRIMITIVES: dict[str, type[Pattern]] = {
         BlockDiagonal,
         Congruent,
         KeyRange,
+        BlockMask,
+        TopkBlocks,
+        Documents,
+        KeyLengths,
     )
 }
 
@@ -558,6 +684,27 @@ def congruent(axis: int, modulus: int, offset: int = 0) -> Pattern:
 
 def key_range(axis: int, lo: int | None = None, hi: int | None = None) -> Pattern:
     return KeyRange(axis, lo, hi)
+
+
+def block_mask(block: int | Sequence[int]) -> Pattern:
+    """A block layout given at call time as ``data={"block_mask": tensor}`` (:class:`BlockMask`)."""
+    return BlockMask(block)  # type: ignore[arg-type]
+
+
+def topk_blocks(block: int | Sequence[int]) -> Pattern:
+    """Top-k key blocks given at call time as ``data={"topk_blocks": tensor}`` (:class:`TopkBlocks`)."""
+    return TopkBlocks(block)  # type: ignore[arg-type]
+
+
+def documents() -> Pattern:
+    """Documents given at call time as ``data={"documents": ids}`` or ``{"cu_seqlens": cu}``
+    (:class:`Documents`)."""
+    return Documents()
+
+
+def key_lengths() -> Pattern:
+    """Key padding given at call time as ``data={"key_lengths": lengths}`` (:class:`KeyLengths`)."""
+    return KeyLengths()
 
 
 def union(*patterns: Pattern) -> Pattern:

@@ -5,7 +5,8 @@ are the progression ``first(q), first(q) + step, ..., last(q)`` (empty when
 ``last < first``); grid primitives give one progression per grid axis (their
 product is the key set), flat primitives one over the flat index. Primitives
 with no interval (global tokens, documents, block layouts) get a membership
-predicate over lookup tables instead. Parameters may be ints (specialised and
+predicate over lookup tables instead; primitives whose data are given at call
+time get a :class:`Runtime` rule, which only names them. Parameters may be ints (specialised and
 simplified by sympy) or sympy symbols (the general formula, for reading).
 
 :func:`to_code` prints an expression as integer-exact Python or numpy code;
@@ -25,6 +26,7 @@ from sympy.printing.pycode import PythonCodePrinter
 
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
+    PRIMITIVES,
     Axial,
     Band,
     BlockDiagonal,
@@ -38,6 +40,7 @@ from attncc.ir.nodes import (
     KeyRange,
     Neighborhood,
     Pattern,
+    RuntimePrimitive,
     SlidingWindow,
     Strided,
     Union,
@@ -154,6 +157,15 @@ class Predicate:
 
 
 @dataclass(frozen=True)
+class Runtime:
+    """Keys the call's data keep (Note [Runtime data] in attncc.ir.nodes): no closed form; the
+    kernel reads ``node``'s normalised data (attncc.runtime.data; Note [Runtime plans] in
+    attncc.lower.plan)."""
+
+    node: RuntimePrimitive
+
+
+@dataclass(frozen=True)
 class AnyOf:
     rules: tuple[Rule, ...]
 
@@ -163,23 +175,23 @@ class AllOf:
     rules: tuple[Rule, ...]
 
 
-@dataclass(frozen=True)
-class Runtime:
-    """Keys decided by data given with each call (Note [Runtime plans] in attncc.lower.plan)."""
-
-    node: Pattern
-
-
-# The primitives whose data a call gives (by their NAME).
-RUNTIME_KINDS = ("block_mask", "topk_blocks", "documents", "key_lengths")
+# The primitives whose data a call gives (by their NAME), in the order of the kernels' arguments.
+RUNTIME_KINDS = tuple(name for name, cls in PRIMITIVES.items() if issubclass(cls, RuntimePrimitive))
 
 Rule = GridBox | FlatRange | Predicate | Runtime | AnyOf | AllOf
+
+
+def has_runtime(rule: Rule) -> bool:
+    """Whether ``rule`` reads data given at call time."""
+    if isinstance(rule, Runtime):
+        return True
+    return isinstance(rule, (AnyOf, AllOf)) and any(has_runtime(r) for r in rule.rules)
 
 
 def rules(p: Pattern, grid: Grid) -> Rule:
     """The closed-form rule of a head-independent pattern on ``grid``."""
     n = grid.size
-    if getattr(p, "NAME", None) in RUNTIME_KINDS:
+    if isinstance(p, RuntimePrimitive):
         return Runtime(p)
     if isinstance(p, Dense):
         return GridBox(tuple(full_progression(s) for s in grid.shape))
@@ -335,5 +347,7 @@ def describe(rule: Rule, indent: str = "") -> list[str]:
         return [f"{indent}flat: k in [{to_code(p.first)}, {to_code(p.last)}] step {to_code(p.step)}"]
     if isinstance(rule, Predicate):
         return [f"{indent}keep if {rule.expr}"]
+    if isinstance(rule, Runtime):
+        return [f"{indent}keep if the call's data say so: {rule.node} (data: {' or '.join(rule.node.DATA)})"]
     head = "any of:" if isinstance(rule, AnyOf) else "all of:"
     return [f"{indent}{head}"] + [line for r in rule.rules for line in describe(r, indent + "  ")]

@@ -10,6 +10,7 @@ from attncc.ir.nodes import (
     Axial,
     Band,
     BlockDiagonal,
+    BlockMask,
     BlockSparse,
     Congruent,
     Document,
@@ -18,6 +19,7 @@ from attncc.ir.nodes import (
     Neighborhood,
     Pattern,
     PerHead,
+    TopkBlocks,
 )
 
 
@@ -35,6 +37,14 @@ def neighborhood_axes(p: Neighborhood, rank: int) -> list[tuple[int, int, int, b
     fields = ("window", "dilation", "stride", "causal")
     values = [per_axis(getattr(p, f), rank, f"neighborhood.{f}") for f in fields]
     return list(zip(*values))
+
+
+def block_count(p: BlockMask | TopkBlocks, grid: Grid) -> int:
+    """The number of blocks of a runtime block primitive on ``grid`` (its data's ``QB`` and
+    ``KB``): ``ceil(N / block)`` for flat blocks, the product of ``ceil(axis / block)`` for boxes."""
+    if isinstance(p.block, tuple):
+        return math.prod(math.ceil(size / b) for size, b in zip(grid.shape, p.block))
+    return math.ceil(grid.size / p.block)
 
 
 def required_heads(p: Pattern) -> int | None:
@@ -133,6 +143,10 @@ def _check(p: Pattern, grid: Grid) -> None:
                 (len(mat), len(mat[0])),
                 f"({blocks}, {blocks}): ceil({n} tokens / block {p.block}) per side",
             )
+    elif isinstance(p, (BlockMask, TopkBlocks)):
+        if isinstance(p.block, tuple) and len(p.block) != grid.rank:
+            allowed = f"an integer (flat blocks) or a tuple of {grid.rank} sizes (one per grid axis)"
+            raise field_error(PatternError, f"{p.NAME}.block", p.block, allowed)
     elif isinstance(p, GlobalTokens):
         for i, v in enumerate(p.indices):
             if v >= n:
