@@ -38,6 +38,7 @@ from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
 from attncc.layouts import to_sdpa_layout
 from attncc.memo import forget_all, memo
+from attncc.runtime import data as call_data
 from attncc.runtime import dynamo, ops, terms  # noqa: F401 (dynamo: registers the nodes)
 
 
@@ -297,12 +298,15 @@ def attention(
     scaled by ``1 / (1 - p)``) by a Philox stream of ``dropout_seed`` (drawn from torch's
     generator when None); the backward regenerates the same mask. ``layout`` ('sdpa' or
     'spatial') says how a 4-D q reads where its shape does not (Note [Ambiguous layouts] in
-    attncc.layouts).
+    attncc.layouts). ``data`` gives the pattern's primitives whose data come with each call
+    (``block_mask``, ``topk_blocks``, ``documents``/``cu_seqlens``, ``key_lengths``: attncc.runtime.
+    data); new data reuse the compiled kernels.
     """
     text_of = functools.partial(_text, pattern)
+    data_of = functools.partial(_data_of, pattern, data)
     return attend(
         q, k, v, text_of, scale, return_lse, grid, out, score, sigmoid_bias, layout, score_mod, dropout_p,
-        dropout_seed, data,
+        dropout_seed, data_of,
     )  # fmt: skip
 
 
@@ -321,7 +325,7 @@ def attend(
     score_mod: Score | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
-    data: dict[str, torch.Tensor] | None = None,
+    data_of: Callable[[Grid, int, int, torch.device], dict[str, torch.Tensor]] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention`, the pattern given as ``text_of(grid shape, heads)``: its text, checked
     against the call's grid and head count. The front doors (a pattern, ``@attncc.jit``,
@@ -361,7 +365,7 @@ def attend(
         qs, ks, vs = qs.float(), ks.float(), vs.float()
     by_name = dict(zip((*terms_.inputs, "seed"), params))
     terms_args = [by_name.get(name) for name in TERMS]  # Note [Term arguments]
-    runtime_data = dict(data or {})
+    runtime_data = data_of(grid, b, h, q.device) if data_of is not None else {}
     data_args = [runtime_data.get(name) for name in DATA]
     o, lse = op(
         qs,
@@ -453,6 +457,11 @@ def _text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:
     """:func:`checked_text`, which torch.compile calls once per trace and keeps: the graph holds
     the text, and no pattern is inspected in it."""
     return checked_text(pattern, grid, heads)
+
+
+def _data_of(pattern: Pattern, data: dict | None, grid: Grid, batch: int, heads: int, device) -> dict:
+    """The call's data for ``pattern``'s runtime leaves, checked and normalised (attncc.runtime.data)."""
+    return call_data.checked(pattern, grid, batch, heads, data, device)
 
 
 def checked_text(pattern: Pattern, grid: tuple[int, ...], heads: int) -> str:

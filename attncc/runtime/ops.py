@@ -230,10 +230,16 @@ def _runtime_args(kernel: Kernel, data: dict, device: torch.device, dkdv: bool =
     args: list = []
     for leaf in plan.runtime:
         t = data[leaf.kind]
-        args += [t, *t.stride()]
+        args += [t, *_broadcast_strides(t)]
     statics = kernel.dkdv_statics if dkdv else kernel.statics
     counts, lists = tables_.build(plan, statics, data, device, by_kv=dkdv)
-    return [*args, counts, *counts.stride()[:3], lists, *lists.stride()[:3]]
+    return [*args, counts, *_broadcast_strides(counts)[:3], lists, *_broadcast_strides(lists)[:3]]
+
+
+def _broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:
+    """``t``'s strides, 0 on a dimension of size 1: the data and lists of a runtime plan are
+    ``[B' or 1, H' or 1, ...]``, and the kernels index them with the call's batch and head."""
+    return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
 
 
 def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, params=(),
