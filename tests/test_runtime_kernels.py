@@ -10,6 +10,7 @@ import math
 
 import torch
 import torch._dynamo.testing
+from conftest import DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,7 +39,11 @@ def _qkv(b, n, seed=0, dtype=torch.float32):
     q = torch.randn(b, H, n, D, generator=gen)
     k, v = torch.randn(b, H_KV, n, D, generator=gen), torch.randn(b, H_KV, n, D, generator=gen)
     do = torch.randn(b, H, n, D, generator=gen)
-    return [t.to(dtype) for t in (q, k, v, do)]
+    return [t.to(DEVICE, dtype) for t in (q, k, v, do)]
+
+
+def _on(data):
+    return {key: t.to(DEVICE) for key, t in data.items()}
 
 
 def _check(pattern, grid, data, b=2, dtype=torch.float32, score_mod=None):
@@ -47,7 +52,7 @@ def _check(pattern, grid, data, b=2, dtype=torch.float32, score_mod=None):
 
     def run(fn, work):
         leaves = [t.to(work).requires_grad_() for t in (q, k, v)]
-        out, lse = fn(*leaves, pattern, grid=grid, data=data, return_lse=True, score_mod=score_mod)
+        out, lse = fn(*leaves, pattern, grid=grid, data=_on(data), return_lse=True, score_mod=score_mod)
         finite = torch.isfinite(lse)
         loss = (out.double() * do.double()).sum() + lse.double()[finite].sum()
         return [out, lse.masked_fill(~finite, 0), *torch.autograd.grad(loss, leaves)]
@@ -94,7 +99,7 @@ def test_key_lengths_with_an_empty_batch_element():
 def test_a_neighborhood_of_packed_images_with_a_score_term():
     grid = (6, 10)
     ids = torch.tensor([[0] * 30 + [1] * 30, [0] * 60])
-    kb = torch.randn(1, H, 60)
+    kb = torch.randn(1, H, 60, device=DEVICE)
     _check(neighborhood((3, 5)) & documents(), grid, {"documents": ids}, score_mod=key_bias(kb))
 
 
@@ -143,7 +148,7 @@ def test_new_data_never_recompile_in_a_training_step():
 
     @torch.compile(fullgraph=True, backend=counter)
     def step(q, k, v, layout, ids):
-        out = attncc.attention(q, k, v, pattern, data={"block_mask": layout, "documents": ids})
+        out = attncc.attention(q, k, v, pattern, data=_on({"block_mask": layout, "documents": ids}))
         return out.square().sum()
 
     q, k, v, _ = _qkv(1, 48)
@@ -168,6 +173,6 @@ def test_eager_calls_with_new_data_reuse_the_kernel():
     attncc.runtime.library.forget_kernels()
     q, k, v, _ = _qkv(1, 40)
     for seed in range(3):
-        attncc.attention(q, k, v, block_mask(16), data={"block_mask": _layout(1, H, 3, seed)})
+        attncc.attention(q, k, v, block_mask(16), data=_on({"block_mask": _layout(1, H, 3, seed)}))
     info = attncc.runtime.ops.compiled.cache_info()
     assert (info.misses, info.hits) == (1, 0)  # one kernel; the launch memo above it serves the rest

@@ -95,6 +95,12 @@ def _incidence(grid: tuple[int, int, int], box: tuple[int, int, int], leaf: Runt
     return out
 
 
+@memo
+def _largest_cover(grid: tuple, q_tile: tuple, kv_tile: tuple, leaf: RuntimeLeaf) -> int:
+    """The most block pairs one tile pair touches (the largest count of the class matmul)."""
+    return int(_incidence(grid, q_tile, leaf).sum(1).max() * _incidence(grid, kv_tile, leaf).sum(1).max())
+
+
 def leaf_blocks(grid: tuple[int, int, int], leaf: RuntimeLeaf) -> np.ndarray:
     """The block of every flat token of a block leaf (Note [Runtime plans])."""
     flat = np.arange(math.prod(grid))
@@ -108,11 +114,13 @@ def leaf_blocks(grid: tuple[int, int, int], leaf: RuntimeLeaf) -> np.ndarray:
 def _leaf_classes(plan: KernelPlan, leaf: RuntimeLeaf, data: dict[str, torch.Tensor], device) -> torch.Tensor:
     grid = plan.grid
     if leaf.kind in ("block_mask", "topk_blocks"):
-        layout = data[leaf.kind].to(torch.float32)  # [B', H', QB, KB]
         mq = _device(("incidence", grid, plan.q_tile, leaf), device)
         mk = _device(("incidence", grid, plan.kv_tile, leaf), device)
-        count = mq @ layout @ mk.T
         cover = mq.sum(1)[:, None] * mk.sum(1)[None, :]
+        # Counts of 0/1 products are exact in float16 up to 2048: tensor cores on a GPU.
+        half = device.type == "cuda" and _largest_cover(grid, plan.q_tile, plan.kv_tile, leaf) <= 2048
+        exact = torch.float16 if half else torch.float32
+        count = mq.to(exact) @ data[leaf.kind].to(exact) @ mk.to(exact).T
         return torch.where(count == 0, EMPTY, torch.where(count == cover, FULL, PARTIAL)).to(torch.int8)
     if leaf.kind == "documents":
         ids = data["documents"]  # [B', N]
@@ -183,9 +191,9 @@ def tile_lists(classes: torch.Tensor, by_kv: bool = False) -> tuple[torch.Tensor
     cols = classes.shape[-1]
     pos = torch.where(
         full,
-        torch.cumsum(full, -1) - 1,
-        torch.where(part, n_full[..., None] + torch.cumsum(part, -1) - 1, cols),
-    )
+        torch.cumsum(full, -1, dtype=torch.int32) - 1,
+        torch.where(part, n_full[..., None] + torch.cumsum(part, -1, dtype=torch.int32) - 1, cols),
+    ).long()
     index = torch.arange(cols, device=classes.device, dtype=torch.int32).expand(classes.shape).contiguous()
     lists = torch.zeros((*classes.shape[:-1], cols + 1), device=classes.device, dtype=torch.int32)
     lists.scatter_(-1, pos, index)
