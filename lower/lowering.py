@@ -93,8 +93,10 @@ def lower(
     group0 = tuple((s + d - 1) // d for s, d in zip(pad3(grid.shape, 1), dilation))
     q_box = _config_box(config.q_box, grid, "q_box") if q_tile is None and config.q_box else None
     kv_box = _config_box(config.kv_box, grid, "kv_box") if kv_tile is None and config.kv_box else None
-    q_box = q_box or _box(q_tile, grid, group0, config.q_block, "q_tile")
-    kv_box = kv_box or _box(kv_tile, grid, group0, config.kv_block, "kv_tile")
+    leaves = () if ranged else runtime_leaves(canon, grid)
+    q_block, kv_block = _block_aligned(leaves, grid, config.q_block, config.kv_block)
+    q_box = q_box or _box(q_tile, grid, group0, q_block, "q_tile")
+    kv_box = kv_box or _box(kv_tile, grid, group0, kv_block, "kv_tile")
     head_dim_padded = max(16, 1 << (head_dim - 1).bit_length())
     common = dict(
         grid=pad3(grid.shape, 1),
@@ -104,7 +106,10 @@ def lower(
         head_dim_padded=head_dim_padded,
         dtype=dtype,
         **_term_fields(scored, canon, grid, dilation, dtype, device_type),
-        num_warps=config.num_warps,
+        # A tile of 64 rows is one warpgroup's: 8 warps would compute it twice (Note [Backward tiles]).
+        num_warps=min(config.num_warps, 4)
+        if q_block < config.q_block and q_block <= 64
+        else config.num_warps,
         num_stages=config.num_stages or DEEP_PIPELINE,
     )
     if ranged:
@@ -128,7 +133,6 @@ def lower(
         return plan
     mask_expr, lookups = spell_rule(rules(canon, grid), grid)
     common["num_stages"] = config.num_stages or DEEP_PIPELINE
-    leaves = runtime_leaves(canon, grid)
     if leaves:  # Note [Runtime plans] in attncc.lower.plan
         common.update(runtime=leaves, program=_program(canon))
     return KernelPlan(
@@ -639,6 +643,20 @@ def runtime_leaves(canon: Pattern, grid: Grid) -> tuple[RuntimeLeaf, ...]:
             raise field_error(PatternError, f"{node.NAME} leaves", 2, allowed)
         leaves[node.NAME] = _leaf(node, grid)
     return tuple(leaves[k] for k in RUNTIME_KINDS if k in leaves)
+
+
+def _block_aligned(
+    leaves: tuple[RuntimeLeaf, ...], grid: Grid, q_block: int, kv_block: int
+) -> tuple[int, int]:
+    """Tile sizes that lie inside the blocks of a runtime layout on a sequence: tiles of the
+    block's size or a divisor of it are each full or empty under the layout, never partial
+    (the partial loop tests the layout per score: a gather per score). A block of fewer than 32
+    tokens, or not a power of two, keeps the config's tiles."""
+    for leaf in leaves:
+        size = leaf.block[2]
+        if leaf.flat and grid.rank == 1 and size >= 32 and size & (size - 1) == 0:
+            q_block, kv_block = min(q_block, size), min(kv_block, size)
+    return q_block, kv_block
 
 
 def _program(p: Pattern) -> tuple:
