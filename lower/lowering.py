@@ -106,10 +106,7 @@ def lower(
         head_dim_padded=head_dim_padded,
         dtype=dtype,
         **_term_fields(scored, canon, grid, dilation, dtype, device_type),
-        # A tile of 64 rows is one warpgroup's: 8 warps would compute it twice (Note [Backward tiles]).
-        num_warps=min(config.num_warps, 4)
-        if q_block < config.q_block and q_block <= 64
-        else config.num_warps,
+        num_warps=config.num_warps,
         num_stages=config.num_stages or DEEP_PIPELINE,
     )
     if ranged:
