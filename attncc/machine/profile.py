@@ -86,6 +86,7 @@ class Profile:
     target: str
     triton: str
     kernels: tuple[KernelProfile, ...]
+    score: str = "softmax"  # the kernels' form of the score (attncc.ir.score)
 
     def _ratio(self, names: tuple[str, ...]) -> float | None:
         ks = [k for k in self.kernels if k.kernel in names]
@@ -155,6 +156,7 @@ def profile(
         target=f"sm_{HOPPER.arch}",
         triton=triton.__version__,
         kernels=tuple(kernels),
+        score=score,
     )
 
 
