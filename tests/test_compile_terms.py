@@ -189,3 +189,25 @@ def test_specs_a_package_cannot_serve_are_refused(score, grid, match, tmp_path):
     assert isinstance(result.exception, (SpecError, attncc.AttnccError)), result.output
     assert re.search(match, str(result.exception)), str(result.exception)
     assert not (tmp_path / "pkg_bad").exists()
+
+
+def test_a_cuda_package_with_the_gpus_tanh_refuses_the_cpu(tmp_path, monkeypatch):
+    # fp16 kernels compiled for CUDA take the soft-cap's tanh as tanh.approx, GPU code the
+    # interpreter cannot run: the package says so instead of failing inside Triton.
+    spec = tmp_path / "capped.yaml"
+    spec.write_text(
+        SPEC.format(pattern="causal()", grid="[24]", score="softcap(2.0)").replace("float32", "float16")
+    )
+    result = CliRunner().invoke(
+        cli, ["compile", str(spec), "-o", str(tmp_path / "pkg_gpu_tanh"), "--device", "cuda"]
+    )
+    assert result.exit_code == 0, result.output
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import pkg_gpu_tanh
+
+    assert pkg_gpu_tanh.FAST_TANH
+    q = torch.randn(1, 2, 24, 16, dtype=torch.float16)
+    with pytest.raises(
+        ValueError, match=r"device = cpu; allowed: a CUDA device \(for the CPU, compile with --device cpu\)"
+    ):
+        pkg_gpu_tanh.forward(q, q, q)
