@@ -255,14 +255,14 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
 @click.option("--force", is_flag=True, help="Write over the files of a directory that is not empty.")
 def compile_cmd(spec_path: str, out_dir: str, device: str, force: bool) -> None:
     """Write SPEC's kernels as a standalone package (needs only torch and triton)."""
-    from attncc.lower.emit import write_package
+    from attncc.lower.emit import usage, write_package
 
-    spec = load_spec(spec_path).softmax_only("attncc compile")
+    spec = load_spec(spec_path)
     start = time.perf_counter()
     with progress.step(f"compiling {Path(spec_path).name} into {out_dir}"):
         path = write_package(spec, out_dir, device, force)
     took = time.perf_counter() - start
-    click.echo(f"wrote {path}/ in {took:.1f} s: import {path.name}; {path.name}.forward(q, k, v)")
+    click.echo(f"wrote {path}/ in {took:.1f} s: import {path.name}; {usage(spec, path.name)}")
 
 
 cli.add_command(tune_cmd)

@@ -55,7 +55,8 @@ def tune_cmd(
 ) -> None:
     """Tune SPEC's kernels: the cost model ranks every candidate, the device times the top ones,
     and the fastest is recorded, so attncc.attention uses it for this shape from then on."""
-    spec = load_spec(spec_path).softmax_only("attncc tune")
+    spec = load_spec(spec_path)
+    score = spec.score.form.text  # the terms, and dropout; their tensors are random in the timing
     batch, heads, grid = parse_shape(shape) if shape else (1, spec.heads, spec.grid)
     heads = validate(spec.pattern, grid, heads)
     device = device or _default_device()
@@ -74,13 +75,14 @@ def tune_cmd(
     console = Console(width=None if sys.stdout.isatty() else 150)
     for i, (pattern, n_heads) in enumerate(groups.items()):
         result = tune(
-            pattern, grid, batch, n_heads, spec.head_dim, spec.dtype, device, top,
+            pattern, grid, batch, n_heads, spec.head_dim, spec.dtype, device, top, score=score,
             warmup=warmup, runs=runs, save=not no_save,
         )  # fmt: skip
         title = f"head pattern {i}: " if len(groups) > 1 else ""
+        scored = f", score {score}" if score != "softmax" else ""
         console.print(
-            f"{title}{spec.name}, B={batch}, H={n_heads}, grid {grid}, D={spec.head_dim}, {spec.dtype}, "
-            f"on {result.key.device}: {len(result.trials)} candidates",
+            f"{title}{spec.name}, B={batch}, H={n_heads}, grid {grid}, D={spec.head_dim}, {spec.dtype}"
+            f"{scored}, on {result.key.device}: {len(result.trials)} candidates",
             soft_wrap=True,
         )
         console.print(ranked_table(result, max(rows, 1)))

@@ -81,3 +81,49 @@ class KernelConstants:
 
 KERNEL = KernelConstants()
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+# Note [Term costs]: what each score term (attncc.ir.score) adds to a forward tile, per score
+# element. ``TERM_OPS``: lane operations, the unit of KernelConstants.softmax_ops (SASS
+# instructions issued per warp x 32 lanes / the tile's scores), measured from the sm_90 static
+# profile, benchmarks/STATIC.md "Score terms" (``benchmarks/static_profile.py --terms-only``):
+# the *per score* column of the forward's loop, the term's case over the same case without
+# terms, bf16, head dim 128, 128x64 tiles on 8 warps (the 2-D neighborhood's 8x16 / 8x8 boxes),
+# triton 3.6.0, the GPU machines' (tests/test_autotune.py holds them to that table):
+#   temperature   causal-4096+temperature, full loop: the multiply, its load
+#   softcap       causal-4096+softcap, full: c * tanh.approx(s / c) and the units' scaling
+#   alibi         causal-4096+alibi, full: the flat distance in float32, times the slope
+#   alibi axes    na2d-64x64-w13+alibi-axes, partial (the plan has no full loop): per axis
+#   rel_pos_bias  na2d-64x64-w13+rpb, partial: the table index per axis, the gather
+#   query_bias    causal-4096+query-bias, full: one add (the row's value is loaded per tile)
+#   key_bias      causal-4096+key-bias, full: the column's load and add
+#   bias          dense-2048+bias, full: the [M, N] tile's load and add
+#   dropout       causal-4096+dropout, full: Philox (7 rounds) per pair, the threshold, the scaling
+# triton 3.9.0's figures are within 0.3 of these. Terms add up, if not exactly: softcap + alibi
+# add 6.97 where the two alone add 8.25 (they share the scaled score's conversions). ``TERM_MUFU``: the
+# special-function operations (16 per clock per SM) per score: the soft-cap's tanh.approx on
+# a GPU (the profile's MUFU count per tile doubles), or 2 sigmoid(2 x) - 1 (an exp2 and a
+# reciprocal) on fp32's exact path. ``TERM_REGISTERS``: registers per thread the term adds to
+# the same forward in the same profile, 0 where it took fewer (:func:`attncc.autotune.cost.registers`).
+TERM_OPS = {
+    "temperature": 0.97,
+    "softcap": 4.28,
+    "alibi": 3.97,
+    "alibi axes": 2.84,
+    "rel_pos_bias": 7.75,
+    "query_bias": 0.94,
+    "key_bias": 2.81,
+    "bias": 3.81,
+    "dropout": 29.94,
+}
+TERM_MUFU = {"softcap": 1, "softcap exact": 2}
+TERM_REGISTERS = {
+    "temperature": 0,
+    "softcap": 0,
+    "alibi": 38,
+    "alibi axes": 8,
+    "rel_pos_bias": 53,
+    "query_bias": 2,
+    "key_bias": 0,
+    "bias": 30,
+    "dropout": 52,
+}

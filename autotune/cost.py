@@ -12,6 +12,13 @@ kernel is faster than its longest program or than reading Q, K, V and writing
 O once from DRAM. Residency is limited by shared memory (Q, K and V tiles),
 registers (the fp32 accumulator and score tiles) and threads. Constants:
 :mod:`attncc.autotune.constants`.
+
+A plan's score terms (Note [Term costs] in attncc.autotune.constants) add their lane and
+special-function operations per score to a tile's compute, their registers to the program's,
+and their tensors' bytes to a tile's loads: a dense bias's ``[M, N]`` tile, a key bias's ``N``
+values (in the kernel's dtype, as a model's tensors are), and the dense bias to the DRAM floor,
+read once per visited pair. With the machine code's instruction counts the terms' operations
+are in those counts; their loads are still added.
 """
 
 from __future__ import annotations
@@ -22,7 +29,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from attncc.autotune.constants import DEFAULT_DEVICE, DEVICES, DTYPE_BYTES, KERNEL, DeviceSpec
+from attncc.autotune.constants import (
+    DEFAULT_DEVICE,
+    DEVICES,
+    DTYPE_BYTES,
+    KERNEL,
+    TERM_MUFU,
+    TERM_OPS,
+    TERM_REGISTERS,
+    DeviceSpec,
+)
 from attncc.errors import TuneError, field_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
@@ -73,19 +89,45 @@ def shared_bytes(plan: KernelPlan) -> int:
     """Shared memory of one forward program: the Q tile and ``num_stages`` K and V tiles (the
     KV loops are software-pipelined); fp32, whose dots run on the FMA pipes, keeps one K and
     one V tile and stages P for its dot. Matches what Triton reports for sm_90
-    (tests/test_autotune.py checks it)."""
+    (tests/test_autotune.py checks it). A dense bias's tile and a relative position table's
+    gathered tile are pipelined too: each takes ``num_stages - 1`` tiles of 4 bytes a score
+    (measured on sm_90, bf16: +32, +64 and +96 KiB for a 128 x 64 tile at 2, 3 and 4 stages)."""
     size = DTYPE_BYTES[plan.dtype]
     stages = 1 if plan.dtype == "float32" else plan.num_stages
     tiles = (plan.block_m + 2 * stages * plan.block_n) * plan.head_dim_padded * size
-    return tiles + (plan.block_m * plan.block_n * 4 if plan.dtype == "float32" else 0)
+    gathered = (plan.bias + (plan.rel_pos_bias is not None)) * (stages - 1) * plan.block_m * plan.block_n * 4
+    return tiles + gathered + (plan.block_m * plan.block_n * 4 if plan.dtype == "float32" else 0)
+
+
+def term_names(plan: KernelPlan) -> tuple[str, ...]:
+    """The keys of the plan's score terms in the term constants (Note [Term costs])."""
+    found = [name for name in TERM_OPS if " " not in name and getattr(plan, name, False) not in (None, False)]
+    if plan.alibi == "axes":
+        found[found.index("alibi")] = "alibi axes"
+    return tuple(found)
+
+
+def term_costs(plan: KernelPlan) -> tuple[float, float]:
+    """(lane operations, special-function operations) the plan's terms add per score."""
+    names = term_names(plan)
+    mufu = 0.0 if plan.softcap is None else TERM_MUFU["softcap" if plan.fast_tanh else "softcap exact"]
+    return sum(TERM_OPS[n] for n in names), mufu
+
+
+def term_bytes(plan: KernelPlan) -> int:
+    """Bytes of term tensors one tile loads: the dense bias's tile and the key bias's row."""
+    size = DTYPE_BYTES[plan.dtype]
+    return (plan.block_m * plan.block_n * plan.bias + plan.block_n * plan.key_bias) * size
 
 
 def registers(plan: KernelPlan) -> int:
     """Registers per thread: the fp32 accumulator and the score and probability tiles, spread
-    over the program's threads, plus the rest (an estimate; see KernelConstants)."""
+    over the program's threads, plus the rest and the score terms' (an estimate; see
+    KernelConstants and Note [Term costs])."""
     threads = 32 * plan.num_warps
     held = plan.block_m * plan.head_dim_padded + 2 * plan.block_m * plan.block_n
-    return KERNEL.base_registers + math.ceil(held / threads)
+    extra = sum(TERM_REGISTERS[n] for n in term_names(plan))
+    return KERNEL.base_registers + math.ceil(held / threads) + extra
 
 
 def fits(plan: KernelPlan, device: DeviceSpec) -> bool:
@@ -113,7 +155,7 @@ class Prediction:
     waves: int  # ceil(programs / (SMs * resident))
     visited: int  # KV tiles visited, all programs
     partial: int  # of which masked
-    bytes_moved: int  # Q and O once per program, K and V once per visited tile
+    bytes_moved: int  # Q and O once per program, K, V and the terms' tensors once per visited tile
     shared_bytes: int
     registers: int
 
@@ -148,11 +190,12 @@ def predict(
     dots = 4 * elements * d / dot_rate
     if instructions is None:
         exps = 1 if plan.score == "softmax" else 2  # sigmoid: an exponential and a reciprocal
+        term_ops, term_mufu = term_costs(plan)
         compute = (
             KERNEL.tile_overhead_cycles / cycles_per_us
             + dots
-            + elements * KERNEL.softmax_ops / (device.fp32_per_clock * cycles_per_us)
-            + elements * exps / (device.mufu_per_clock * cycles_per_us)
+            + elements * (KERNEL.softmax_ops + term_ops) / (device.fp32_per_clock * cycles_per_us)
+            + elements * (exps + term_mufu) / (device.mufu_per_clock * cycles_per_us)
         )
         mask = elements * _mask_ops(plan) / (device.int_per_clock * cycles_per_us)
         full_compute, partial_compute, setup = compute, compute + mask, KERNEL.program_overhead_us
@@ -165,7 +208,8 @@ def predict(
         full_compute = max(dots, issue(instructions.full or max(partials)))
         partial_compute = max(dots, issue(sum(partials) / len(partials)))
         setup = issue(instructions.setup)
-    load = 2 * n * d * size / (device.l2_tbps * 1e6 / device.sms)  # bytes / (bytes per us per SM)
+    tile_bytes = 2 * n * d * size + term_bytes(plan)  # K and V, and the terms' tensors
+    load = tile_bytes / (device.l2_tbps * 1e6 / device.sms)  # bytes / (bytes per us per SM)
     per_sm_resident = resident(plan, device)
 
     def tile(c: float) -> float:
@@ -180,10 +224,11 @@ def predict(
     per_sm = -(-programs // device.sms)
     makespan = max(per_sm * mean, float(work.max(initial=0.0)))
     tokens = math.prod(plan.grid)
-    dram_bytes = batch_heads * tokens * (4 * plan.head_dim * size + 4)  # Q, K, V, O and the LSE
-    dram = dram_bytes / (device.hbm_tbps * 1e6)
     visited = int(counts.visited.sum())
-    moved = batch_heads * (len(work) * 2 * m * d * size + visited * 2 * n * d * size)
+    dram_bytes = batch_heads * tokens * (4 * plan.head_dim * size + 4)  # Q, K, V, O and the LSE
+    dram_bytes += batch_heads * visited * m * n * size * plan.bias  # a dense bias: once per pair
+    dram = dram_bytes / (device.hbm_tbps * 1e6)
+    moved = batch_heads * (len(work) * 2 * m * d * size + visited * tile_bytes)
     return Prediction(
         us=max(makespan, dram) + KERNEL.launch_us,
         programs=programs,

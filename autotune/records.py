@@ -3,7 +3,12 @@
 A record is keyed by everything that can change which config is fastest: the
 canonical pattern (its hash), the grid, batch x heads of the launch, head dim,
 dtype, score, the device name and the attncc, torch and triton versions. A
-record from another version has another key, so it is never used. Records are
+record from another version has another key, so it is never used.
+
+Note [Tuning key scores]: the score in a key is the forward's form of the call's score
+(:func:`forward_score`): its terms and dropout, not which term gradients the backward
+computes. Tuning times the forward, which those do not change, so a record made for a
+frozen table serves the training calls that learn it. Records are
 ``attncc.runtime.cache`` records of kind ``tuning`` (atomic, checksummed, and carried by
 ``attncc cache export``/``import`` to machines with no tuning budget).
 """
@@ -20,8 +25,14 @@ from pathlib import Path
 from attncc.ir.canonical import pattern_hash
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
+from attncc.ir.score import parse_score
 from attncc.lower.lowering import LaunchConfig
 from attncc.runtime import cache
+
+
+def forward_score(score: str) -> str:
+    """The text of ``score`` without its ``grad=True`` marks (Note [Tuning key scores])."""
+    return dataclasses.replace(parse_score(score), grads=()).text
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,7 @@ class TuningKey:
         from attncc import __version__
 
         versions = (("attncc", __version__), ("torch", torch.__version__), ("triton", triton.__version__))
+        score = forward_score(score)
         return TuningKey(
             pattern_hash(pattern, grid), grid.shape, batch_heads, head_dim, dtype, score, device, versions
         )

@@ -71,11 +71,13 @@ def search_space(
     score: str = "softmax",
     default: LaunchConfig | None = None,
     backends: tuple[str, ...] = ("triton",),
+    device_type: str = "cuda",
 ) -> list[tuple[LaunchConfig, KernelPlan]]:
     """Every candidate for a head-independent ``pattern``: the default config first (lowering's
-    GPU default unless given), then the space in a fixed order (CUTLASS last)."""
+    GPU default unless given), then the space in a fixed order (CUTLASS last). ``device_type``
+    is where the candidates run (lowering spells the soft-cap's tanh for it)."""
     default = default or LaunchConfig.default("cuda", head_dim, dtype)
-    base = lower(pattern, grid, head_dim, dtype, score=score, config=default)
+    base = lower(pattern, grid, head_dim, dtype, score=score, config=default, device_type=device_type)
     out = [(_config(base), base)]
     group0 = base.group_lengths((0, 0, 0))
     seen = {(base.q_tile, base.kv_tile, base.num_warps, base.num_stages)}
@@ -83,7 +85,8 @@ def search_space(
         if base.iteration == "range":
             pairs = list(itertools.product(boxes(block_m, group0), boxes(block_n, group0)))
         else:
-            plan = lower(pattern, grid, head_dim, dtype, score=score, config=LaunchConfig(block_m, block_n))
+            config = LaunchConfig(block_m, block_n)
+            plan = lower(pattern, grid, head_dim, dtype, score=score, config=config, device_type=device_type)
             whole = plan.block_m == block_m and plan.block_n == block_n  # the grid holds such boxes
             pairs = [(plan.q_tile, plan.kv_tile)] if whole else []
         for (q_box, kv_box), warps, stages in itertools.product(pairs, _warps(block_m), STAGES):
@@ -98,7 +101,7 @@ def search_space(
     if "cutlass" in backends:
         for block_n in CUTLASS_BLOCK_NS:  # lowering's fewest-visits boxes: each costs an nvcc build
             config = LaunchConfig(CUTLASS_BLOCK_M, block_n, 8, 2, backend="cutlass")
-            plan = lower(pattern, grid, head_dim, dtype, score=score, config=config)
+            plan = lower(pattern, grid, head_dim, dtype, score=score, config=config, device_type=device_type)
             if refusal(plan) is None:
                 out.append((dataclasses.replace(config, q_box=plan.q_tile, kv_box=plan.kv_tile), plan))
     return out
@@ -126,19 +129,20 @@ def rank(
     default: LaunchConfig | None = None,
     backends: tuple[str, ...] = ("triton",),
     static: bool = False,
+    device_type: str = "cuda",
 ) -> list[Ranked]:
     """The search space sorted by predicted time; ties keep the space's order (deterministic).
 
     With ``static`` each candidate's forward is compiled for sm_90 and the model reads its
     instructions per tile loop (:func:`attncc.machine.counts.forward_instructions`, kept
     in the cache): the ranking needs no GPU, but the first ranking of a spec compiles
-    every candidate (a second or two each).
+    every candidate (a second or two each). ``device_type``: as :func:`search_space`.
     """
     if isinstance(batch_heads, bool) or not isinstance(batch_heads, int) or batch_heads < 1:
         raise field_error(TuneError, "batch_heads", batch_heads, "an integer >= 1 (batch x heads)")
     counts: dict[tuple, TileCounts] = {}  # the counts depend on the boxes only
     scored = []
-    space = search_space(pattern, grid, head_dim, dtype, device, score, default, backends)
+    space = search_space(pattern, grid, head_dim, dtype, device, score, default, backends, device_type)
     for i, (config, plan) in enumerate(space):
         key = (plan.q_tile, plan.kv_tile)
         if key not in counts:

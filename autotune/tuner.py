@@ -5,6 +5,14 @@ compiles, kept apart; warm-up discarded; inputs rotated through enough sets to
 exceed L2, so K and V are not served from a cache the real model would not
 have warm). A candidate that fails to compile or launch scores as infinitely
 slow with its reason, as Triton's own autotuner does, instead of ending the run.
+
+Note [Timing what attncc launches]: a Triton candidate's forward is launched once per input
+set through :func:`attncc.runtime.ops.forward` with a recording ``wrap``
+(:class:`attncc.machine.launch.Recorder`), and the timing replays those recorded launches:
+the kernel runs with exactly the arguments ``attncc.attention`` gives it (the log-sum-exp
+written, the score terms' tensors, dropout's seed), and no host work of the wrapper is timed.
+A score's terms get random tensors of the shapes a call passes
+(:func:`attncc.bench.terms.random_score`), dropout a probability of 0.1.
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import contextlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from rich.console import Console
@@ -28,15 +36,34 @@ from attncc.errors import BuildError, PatternError, TuneError, field_error
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
+from attncc.ir.score import parse_score
 from attncc.ir.validate import required_heads
 from attncc.lower.lowering import LaunchConfig, kernel_tables
+from attncc.lower.plan import KernelPlan
 from attncc.lower.render import load
-from attncc.runtime import cutlass_kernel
+from attncc.machine.launch import Call, Recorder
+from attncc.runtime import cutlass_kernel, ops, terms
 from attncc.timing import Timing, measure
 
 _TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _L2_BYTES = 50 * 2**20  # H100's L2; rotated input sets together exceed twice this
 _MAX_SETS = 8
+DROPOUT_P = 0.1  # Note [Timing what attncc launches]
+
+
+@dataclass(frozen=True, eq=False)
+class Inputs:
+    """One input set of a timing: q, k, v, an output and its log-sum-exp (``[B, H, N, D]``,
+    ``[B, H, N]``), and the score terms' kernel inputs (attncc.runtime.terms.inputs, the
+    dropout seed last) with dropout's probability."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    o: torch.Tensor
+    lse: torch.Tensor
+    params: list[torch.Tensor] = field(default_factory=list)
+    dropout_p: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -108,13 +135,15 @@ def tune(
     pattern = canonicalize(pattern, grid)
     target = target_device(device)
     default = LaunchConfig.default(device.type, head_dim, dtype)
-    check_inputs_fit(batch, heads, grid.size, head_dim, dtype, device)  # before the ranking's work
+    check_inputs_fit(batch, heads, grid.size, head_dim, dtype, device, score)  # before the ranking's work
     backends = ("triton", "cutlass") if _cutlass_here(device) else ("triton",)
     # Note [Static ranking]: on Hopper the model reads each candidate's sm_90 machine code.
     static = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-    ranked = rank(pattern, grid, batch * heads, head_dim, dtype, target, score, default, backends, static)
+    ranked = rank(
+        pattern, grid, batch * heads, head_dim, dtype, target, score, default, backends, static, device.type
+    )
     rank_seconds = time.perf_counter() - start
-    inputs = input_sets(batch, heads, grid.size, head_dim, dtype, device)
+    inputs = input_sets(batch, heads, grid, head_dim, dtype, device, score)
     timed = []
     with _progress(progress) as bar:
         chosen = ranked[:top] + [r for r in ranked[top:] if r.config.backend == "cutlass"]
@@ -165,12 +194,27 @@ def _progress(enabled: bool) -> Progress:
 
 
 def input_sets(
-    batch: int, heads: int, n: int, head_dim: int, dtype: str, device: torch.device
-) -> list[tuple]:
-    """Input sets (q, k, v, o, lse) to rotate through: together over twice L2, at most 8 sets
-    (refused if they do not fit: :func:`check_inputs_fit`)."""
-    sets = check_inputs_fit(batch, heads, n, head_dim, dtype, device)
+    batch: int,
+    heads: int,
+    grid: Grid,
+    head_dim: int,
+    dtype: str,
+    device: torch.device,
+    score: str = "softmax",
+) -> list[Inputs]:
+    """Input sets to rotate through: together over twice L2, at most 8 sets (refused if they do
+    not fit: :func:`check_inputs_fit`); the score's term tensors, random, are shared by them."""
+    from attncc.bench.terms import random_score
+
+    n = grid.size
+    sets = check_inputs_fit(batch, heads, n, head_dim, dtype, device, score)
     generator = torch.Generator(device=device).manual_seed(0)
+    form = parse_score(score)
+    scored = random_score(form, batch, heads, grid, _TORCH_DTYPES[dtype], device, generator)
+    params = terms.inputs(scored, batch, heads, grid, device)
+    dropout_p = DROPOUT_P if form.dropout else 0.0
+    if form.dropout:
+        params.append(terms.seed_for(0, device))
     out = []
     for _ in range(sets):
         q, k, v = (
@@ -180,17 +224,22 @@ def input_sets(
             for _ in range(3)
         )
         lse = torch.empty(batch, heads, n, device=device, dtype=torch.float32)
-        out.append((q, k, v, torch.empty_like(q), lse))
+        out.append(Inputs(q, k, v, torch.empty_like(q), lse, params, dropout_p))
     return out
 
 
-def check_inputs_fit(batch: int, heads: int, n: int, head_dim: int, dtype: str, device: torch.device) -> int:
+def check_inputs_fit(
+    batch: int, heads: int, n: int, head_dim: int, dtype: str, device: torch.device, score: str = "softmax"
+) -> int:
     """How many sets :func:`input_sets` makes; a :class:`TuneError` if they would take more than
     half the device's memory (a head count of 10^8 asks for terabytes)."""
     per_set = 4 * batch * heads * n * head_dim * DTYPE_BYTES[dtype]
     sets = 2 if device.type != "cuda" else min(_MAX_SETS, max(2, math.ceil(2 * _L2_BYTES / per_set)))
-    # Each set's lse too, and the float32 tensor each of q, k, v is drawn as before its cast.
-    need = sets * (per_set + 4 * batch * heads * n) + 4 * batch * heads * n * head_dim
+    # Each set's lse too, the float32 tensor each of q, k, v is drawn as before its cast, and
+    # the score's biases (one of each, shared by the sets; the other terms are per head).
+    form = parse_score(score)
+    biases = (form.query_bias + form.key_bias + n * form.bias) * batch * heads * n * DTYPE_BYTES[dtype]
+    need = sets * (per_set + 4 * batch * heads * n) + 4 * batch * heads * n * head_dim + biases
     budget = _memory_bytes(device) // 2
     if need > budget:
         shape = f"B x H x N x D = {batch} x {heads} x {n} x {head_dim}"
@@ -212,34 +261,44 @@ def _memory_bytes(device: torch.device) -> int:
 
 
 def time_candidate(
-    r: Ranked, pattern: Pattern, grid: Grid, inputs: list, device: torch.device, warmup: int, runs: int
+    r: Ranked,
+    pattern: Pattern,
+    grid: Grid,
+    inputs: list[Inputs],
+    device: torch.device,
+    warmup: int,
+    runs: int,
 ) -> Trial:
-    """Time one candidate's kernel over the rotated ``inputs`` (see :func:`input_sets`)."""
+    """Time one candidate's kernel over the rotated ``inputs`` (see :func:`input_sets`; Note
+    [Timing what attncc launches])."""
+    scale = 1.0 / math.sqrt(r.plan.head_dim)
     try:
         if r.config.backend == "cutlass":
             cplan = cutlass_kernel.plan_for(pattern, grid, r.plan)
             if isinstance(cplan, str):
                 raise PatternError(cplan)
             kernel = cutlass_kernel.load(cplan)
-            scale = 1.0 / math.sqrt(r.plan.head_dim)
 
-            def run(x: tuple) -> None:
-                cutlass_kernel.forward(kernel, *x, scale)
+            def run(x: Inputs) -> None:
+                cutlass_kernel.forward(kernel, x.q, x.k, x.v, x.o, x.lse, scale)
 
             return Trial(r, measure(run, inputs, device, warmup, runs))
-        module = load(r.plan)
-        values, offsets, entries, _, _ = (
-            torch.from_numpy(t).to(device) for t in kernel_tables(pattern, grid, r.plan)
-        )
-        heads = inputs[0][0].shape[1]
-        head_map = torch.arange(heads, dtype=torch.int32, device=device)
-        scale = 1.0 / math.sqrt(r.plan.head_dim)
-        bias = -math.log(grid.size)
-
-        def call(x: tuple) -> None:
-            q, k, v, o, lse = x
-            module.launch(q, k, v, o, lse, values, offsets, entries, head_map, scale, False, bias)
-
-        return Trial(r, measure(call, inputs, device, warmup, runs))
+        calls = [_recorded(r.plan, pattern, grid, x, scale) for x in inputs]
+        return Trial(r, measure(Call.launch, calls, device, warmup, runs))
     except Exception as e:  # a config the compiler or the device rejects scores as infinitely slow
         return Trial(r, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300])
+
+
+def _recorded(plan: KernelPlan, pattern: Pattern, grid: Grid, x: Inputs, scale: float) -> Call:
+    """The forward launch of ``plan`` that ``attncc.attention`` makes on ``x`` (Note [Timing what
+    attncc launches])."""
+    module, tables = load(plan), kernel_tables(pattern, grid, plan)
+    kernel = ops.Kernel(plan, module, tables, plan, module, tables)  # the forward only is launched
+    launches = (ops.Launch(kernel, tuple(range(x.q.shape[1]))),)
+    recorder = Recorder()
+    bias = -math.log(grid.size)  # sigmoid's default
+    ops.forward(
+        x.q, x.k, x.v, launches, scale, bias, plan.score == "softmax", x.params, x.dropout_p, recorder
+    )
+    (call,) = recorder.calls
+    return call

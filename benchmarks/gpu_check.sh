@@ -4,8 +4,8 @@
 # into the repository (benchmarks/RESULTS.md, plots in benchmarks/plots/) and, on the lent
 # machine, copied to $OUT so they come back to be committed. A device command may run 10
 # minutes at most, so each part runs on its own; in order of priority:
-#   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | bench-issue3 | bench-bwd | cutlass |
-#        bench-cutlass | bench-grids | bench-flat | bench-models | extras | examples | tune
+#   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | tests-terms | bench-issue3 | bench-bwd |
+#        bench-terms | cutlass | bench-cutlass | bench-grids | bench-flat | bench-models | extras | examples | tune
 #   (all = every part but smoke, bench = every bench-*)
 # A session that gets a GPU runs `smoke` first: one call under 8 minutes, every kernel family
 # forward and backward at bf16/fp16/fp32, the issue3 forward against SDPA and FlexAttention,
@@ -47,22 +47,27 @@ status=0
 [[ $part == all || $part == tests-front ]] &&
   { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_natten_shim.py tests/test_flex.py \
     tests/test_deploy.py tests/test_progress.py 2>&1 | tee "$out/gpu_tests_front.txt" || status=1; }
+# Score terms and dropout (issue 17) on CUDA, bf16 included: unmarked tests that take the GPU when
+# there is one, and the standalone package's terms through its triton_ops.
+[[ $part == all || $part == tests-terms ]] &&
+  { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_score_terms.py tests/test_score_inputs.py \
+    tests/test_dropout.py tests/test_compile_terms.py 2>&1 | tee "$out/gpu_tests_terms.txt" || status=1; }
 [[ $part == all || $part == tests-bwd ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }
 [[ $part == all || $part == cutlass ]] &&
   { timeout 560 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_cutlass_gpu.py 2>&1 |
     tee "$out/gpu_tests_cutlass.txt" || status=1; }
-bench_part() {  # bench_part NAME SUITE [attncc bench options...]
-  local name=$1 suite=$2
+bench_part() {  # [limit=SECONDS] [file=NAME] bench_part PART SUITE [attncc bench options...]
+  local name=$1 suite=$2 file=${file:-$1} limit=${limit:-570}
   shift 2
   [[ $part == all || $part == bench || $part == "bench-$name" ]] || return 0
-  local plot="plots/$(date +%F)-$name.png"
+  local plot="plots/$(date +%F)-$file.png"
   mkdir -p benchmarks/plots
   # From $out, not the repository root, whose ./attncc would shadow the installed package.
-  (cd "$out" && timeout 570 python3 -m attncc bench "$suite" "$@" --json "$out/bench-$name.json" \
+  (cd "$out" && timeout "$limit" python3 -m attncc bench "$suite" "$@" --json "$out/bench-$file.json" \
     --plot "$repo/benchmarks/$plot" --markdown "$repo/benchmarks/RESULTS.md" --plot-link "$plot") 2>&1 |
-    tee "$out/bench-$name.txt" || status=1
+    tee "$out/bench-$file.txt" || status=1
   cp "$repo/benchmarks/$plot" "$out/" 2>/dev/null
 }
 bench_part issue3 issue3 --fwd
@@ -70,6 +75,11 @@ bench_part grids grids --fwd
 bench_part flat flat --fwd
 bench_part models models --fwd
 bench_part bwd issue3 --fwd-bwd --runs 10
+# Score terms (issue 17), one command: every term's cost over the same case without it and
+# FlexAttention with the same score_mod (SDPA with the additive ones as its attn_mask), forward;
+# then forward + backward of the 2-D neighborhood, its relative position table learned.
+limit=350 bench_part terms terms --fwd --peers sdpa,flex --runs 10 --warmup 3
+limit=200 file=terms-bwd bench_part terms terms -k na2d --fwd-bwd --peers sdpa,flex --runs 10 --warmup 3
 # Both backends and the CUTLASS example's own kernel in one run; kernels prebuilt in parallel.
 [[ $part == all || $part == bench || $part == bench-cutlass ]] &&
   { timeout 300 python3 -P benchmarks/cutlass_prebuild.py issue3 2>&1 | tee "$out/cutlass_prebuild.txt" || status=1; }

@@ -2,12 +2,19 @@
 neighborhoods, for sm_90, with no GPU: writes benchmarks/STATIC.md.
 
     env -u TRITON_INTERPRET python benchmarks/static_profile.py --markdown benchmarks/STATIC.md
+    env -u TRITON_INTERPRET python benchmarks/static_profile.py --terms-only --markdown benchmarks/STATIC.md
 
 Every case is compiled at bf16 and fp16, head dim 64 and 128, exactly as attncc.attention
 launches it (attncc.machine), and checked against the targets of issue 15. The markdown file
 keeps one section per triton version: run the script once with each triton (the GPU
 machines' 3.6.0 and the one a fresh install gets) to fill both. Exits non-zero when a target
 is missed or a kernel fails to compile.
+
+Each section ends with the score terms' kernels (issue 17): the ``terms`` bench suite's cases
+(bf16, head dim 128), forward and backward (the 2-D neighborhood's table learned), and a few
+more terms forward, each beside the same case without terms; ``--terms-only`` profiles those
+alone and replaces that part of this triton's section. Their per-score costs are the cost
+model's term constants (attncc.autotune.constants).
 """
 
 from __future__ import annotations
@@ -18,11 +25,14 @@ import json
 import os
 import re
 import sys
+import textwrap
 import time
 from pathlib import Path
 
-from attncc.bench.suite import load_cases
+from attncc.bench.suite import Case, load_cases
+from attncc.ir import Grid, causal, neighborhood, parse_score
 from attncc.machine import profile, tile_ratio
+from attncc.machine.profile import Profile, ops_per_score
 from attncc.machine.report import markdown, problems, to_json
 
 BACKWARD = (
@@ -120,6 +130,112 @@ def section(profiles: list, misses: list[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TERMS_HEADING = "### Score terms (issue 17), bfloat16, head dim 128"
+# Terms the bench suite does not time, profiled forward beside its plain cases.
+TERMS_MORE = [
+    Case("causal-4096+temperature", causal(), Grid((4096,)), score=parse_score("temperature")),
+    Case("causal-4096+query-bias", causal(), Grid((4096,)), score=parse_score("query_bias")),
+    Case(
+        "na2d-64x64-w13+alibi-axes",
+        neighborhood(13),
+        Grid((64, 64)),
+        score=parse_score("alibi(distance='axes')"),
+    ),
+]
+
+
+def run_terms() -> tuple[list[Profile], list[str]]:
+    """The terms suite's cases (forward and backward) and :data:`TERMS_MORE` (forward)."""
+    profiles, problems_found = [], []
+    for case in [*load_cases("terms"), *TERMS_MORE]:
+        t = time.time()
+        p = profile(
+            case.pattern, case.grid, case.batch, case.heads, case.head_dim, case.dtype,
+            backward=case not in TERMS_MORE, score=case.score.form.text, name=case.name,
+        )  # fmt: skip
+        profiles.append(p)
+        print(
+            f"{p.name}: fwd {p.forward_estimate}, bwd {p.backward_estimate} ({time.time() - t:.0f} s)",
+            flush=True,
+        )
+        problems_found += [f"{p.name} {k.kernel}: {x}" for k in p.kernels for x in problems(k)]
+    return profiles, problems_found
+
+
+TERMS_INTRO = (
+    "Each term's kernels beside the same case without terms (`+softmax`): B=1, H=16, as the "
+    "`terms` bench suite runs them (the backward of `na2d-64x64-w13+rpb` learns its table). "
+    "*added* = instructions per warp per tile over the plain kernel's same loop; *per score* = "
+    "those as lane operations per score element (x warps x 32 / scores per tile), the unit of "
+    "the cost model's term constants (`attncc/autotune/constants.py`)."
+)
+TERMS_COLUMNS = (
+    "case", "score", "kernel", "tiles", "warps", "regs", "spills", "loop", "instr/tile", "added", "per score",
+    "estimate",
+)  # fmt: skip
+_SHORT = {
+    "attention_fwd_kernel": "fwd",
+    "attention_bwd_dq_kernel": "dQ",
+    "attention_bwd_dkdv_kernel": "dK/dV",
+}
+
+
+def _plain_of(p: Profile, profiles: list[Profile]) -> Profile | None:
+    """The profile of the same case without terms (the terms suite's ``+softmax`` twin)."""
+    base = p.name.split("+", 1)[0] + "+softmax"
+    return None if p.name == base else next((o for o in profiles if o.name == base), None)
+
+
+def terms_section(profiles: list[Profile], found: list[str]) -> str:
+    """Per case and kernel loop: registers, spills, SASS instructions per tile, the instructions
+    the terms add over the plain case's same loop (and per score element: the cost model's
+    unit), and the estimate."""
+    lines = [
+        TERMS_HEADING,
+        "",
+        textwrap.fill(TERMS_INTRO, width=95),
+        "",
+        "| " + " | ".join(TERMS_COLUMNS) + " |",
+        "|" + "---|" * len(TERMS_COLUMNS),
+    ]
+    for p in profiles:
+        plain = _plain_of(p, profiles)
+        for ki, k in enumerate(p.kernels):
+            base = next((b for b in plain.kernels if b.kernel == k.kernel), None) if plain else None
+            for li, loop in enumerate(k.loops):
+                other = base.loop(loop.name) if base else None
+                added = loop.instructions - other.instructions if other else None
+                cells = [
+                    p.name if ki == li == 0 else "",
+                    p.score if ki == li == 0 else "",
+                    _SHORT[k.kernel] if li == 0 else "",
+                    k.tiles if li == 0 else "",
+                    str(k.warps) if li == 0 else "",
+                    str(k.registers) if li == 0 else "",
+                    str(k.spill_bytes) if li == 0 else "",
+                    loop.name,
+                    str(loop.instructions),
+                    "-" if added is None else f"{added:+d}",
+                    "-" if added is None else f"{ops_per_score(added, k):+.2f}",
+                    f"{k.estimate:.2f}" if li == 0 and k.estimate is not None else "",
+                ]
+                lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Problems (spills, ptxas warnings, loops not pipelined): " + ("none." if not found else "")]
+    lines += [f"- {x}" for x in found]
+    return "\n".join(lines) + "\n"
+
+
+def splice_terms(section_text: str, terms: str) -> str:
+    """``section_text`` (one triton's section) with its score-terms part replaced by ``terms``
+    (or ``terms`` added at its end)."""
+    start = section_text.find(TERMS_HEADING)
+    if start < 0:
+        return section_text.rstrip() + "\n\n" + terms
+    end = section_text.find("\n### ", start + len(TERMS_HEADING))
+    rest = section_text[end + 1 :] if end >= 0 else ""
+    return section_text[:start] + terms + ("\n" + rest if rest else "")
+
+
 def cutlass_section() -> str:
     """The CUTLASS forward of each issue3 case it takes (bf16, D=128), read from its machine code."""
     from attncc.lower.lowering import lower
@@ -187,11 +303,24 @@ neighborhoods); backward at least 0.75. Each section lists what it misses; the r
   case, 3.9 in the partial loops) hold ptxas's skip over the second 4-byte cp.async of the
   Q tile's lse and delta rows in the threads that load none (BSSY/BSYNC around four
   instructions): no branch of the source, and the loop stays software-pipelined.
+- Score terms (issue 17): each section ends with the kernels of the `terms` bench suite (and a
+  few more terms), each beside the same case without terms; what a term adds per tile and per
+  score there is what the cost model charges for it (`attncc/autotune/constants.py`).
 - TMA: not used. Every loop's cp.async loads are software-pipelined and, at head dim 128,
   the loops are tensor-bound in the model; at head dim 64 the loads and their address
   arithmetic are some 45 of a tile's 525-711 instructions, so TMA could recover at most ~6%
   there, not the gap.
 """
+
+
+def current_section(path: Path) -> str:
+    """This triton's section of the file at ``path`` (its heading alone when it has none)."""
+    import triton
+
+    heading = f"## triton {triton.__version__}"
+    text = path.read_text() if path.exists() else ""
+    found = [s for s in re.split(r"(?m)^(?=## triton )", text) if s.startswith(heading + "\n")]
+    return found[0] if found else heading + "\n"
 
 
 def merge(path: Path, new_section: str) -> str:
@@ -214,18 +343,26 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write every profile as JSON")
     ap.add_argument("--quick", action="store_true", help="bf16, head dim 128 only")
     ap.add_argument("--cutlass", action="store_true", help="also build and read the CUTLASS forwards (nvcc)")
+    ap.add_argument(
+        "--terms-only",
+        action="store_true",
+        help="profile the score terms alone; keep the rest of the section",
+    )
     args = ap.parse_args()
     variants = VARIANTS[:1] if args.quick else VARIANTS
-    profiles, misses = run(variants)
+    profiles, misses = ([], []) if args.terms_only else run(variants)
     for m in misses:
         print("MISSED", m)
-    text = section(profiles, misses)
-    if args.cutlass:
-        text += cutlass_section()
+    term_profiles, found = run_terms()
+    terms = terms_section(term_profiles, found)
+    if args.terms_only:
+        text = splice_terms(current_section(args.markdown) if args.markdown else "", terms)
+    else:
+        text = section(profiles, misses) + (cutlass_section() if args.cutlass else "") + "\n" + terms
     if args.markdown:
         args.markdown.write_text(merge(args.markdown, text))
     if args.json:
-        args.json.write_text(json.dumps(to_json(profiles), indent=1) + "\n")
+        args.json.write_text(json.dumps(to_json(profiles + term_profiles), indent=1) + "\n")
     return 1 if misses else 0
 
 

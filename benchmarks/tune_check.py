@@ -53,7 +53,7 @@ def _case(name, pattern, grid, device, top: int, spread: int, budget: float, war
     default = LaunchConfig.default(device.type, D, DTYPE)
     ranked = rank(pattern, grid, H, D, DTYPE, target_device(device), default=default)
     rank_seconds = time.perf_counter() - start
-    inputs = input_sets(1, H, grid.size, D, DTYPE, device)
+    inputs = input_sets(1, H, grid, D, DTYPE, device)
     trials, top_seconds, cut = [], 0.0, False
     for r in _subset(ranked, top, spread):
         if time.perf_counter() - start > budget and r.rank > top and not r.is_default:

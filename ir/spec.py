@@ -67,14 +67,6 @@ class Spec:
     name: str = ""
     score: Score = dataclasses.field(default_factory=Score)  # softmax, no terms
 
-    def softmax_only(self, command: str) -> Spec:
-        """This spec, for a command that builds plain softmax kernels only: a spec whose score
-        it would drop is refused (never run as another score)."""
-        if self.score != Score():
-            allowed = "softmax (no score: field) until this command takes score terms"
-            raise field_error(SpecError, f"score (for {command})", self.score.text, allowed)
-        return self
-
 
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a ``.yaml``/``.yml``/``.json`` spec file."""

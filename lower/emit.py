@@ -1,13 +1,16 @@
 """``attncc compile``: write a spec's kernels as a standalone importable package.
 
-The package holds one rendered kernel module per distinct head pattern, its
-int32 tables, and an ``__init__`` spelled from ``package_init.py.j2`` whose
-``forward`` (differentiable: the backward kernels are in the same modules)
-needs only torch and triton.
+The package holds the rendered kernel modules of each distinct head pattern (one per
+variant of Note [Package variants] in package_init.py.j2: with and without dropout, with and
+without term gradients, as the spec's score allows), their int32 tables, a ``_terms`` module
+that checks the score terms' tensors (package_terms.py.j2), and an ``__init__`` spelled from
+``package_init.py.j2`` whose ``forward`` (differentiable: the backward kernels are in the same
+modules) needs only torch and triton.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import keyword
 import sys
@@ -19,12 +22,16 @@ import numpy as np
 from attncc import __version__
 from attncc.errors import SpecError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
+from attncc.ir.score import Score
 from attncc.ir.spec import Spec
 from attncc.ir.text import format_pattern
 from attncc.ir.validate import required_heads
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
+from attncc.lower.plan import KernelPlan
 from attncc.lower.render import ENV, render
 from attncc.runtime.cache import write_atomic
+from attncc.runtime.ops import DKDV_GRADS
+from attncc.runtime.terms import MAX_BIAS_TOKENS
 
 # Note [Package names]: a package is imported by its directory's name, so a name that is
 # importable already (torch, triton, attncc, numpy, a stdlib module, ...) would shadow that
@@ -80,45 +87,153 @@ def _importable_elsewhere(name: str, out: Path) -> str | None:
     return found.origin or places[0]
 
 
+def learned(score: Score) -> tuple[str, ...]:
+    """The terms whose gradients a package's backward computes (Note [Package variants] in
+    package_init.py.j2): those the spec's score marks ``grad=True``, else every tensor term
+    whose data a caller passes (alibi's slopes given as numbers are constants)."""
+    constant = isinstance(score.value("alibi"), tuple)
+    if constant and "alibi" in score.grads:
+        why = "its slopes are the spec's numbers, constants of the package"
+        raise field_error(
+            SpecError, "score", score.text, "grad=True on a term whose tensor a call passes", why
+        )
+    if score.grads:
+        return tuple(name for name in score.inputs if name in score.grads)
+    return tuple(name for name in score.inputs if not (name == "alibi" and constant))
+
+
+def _variants(score: Score, learn: tuple[str, ...]) -> list[tuple[bool, bool, Score]]:
+    """(dropout, grads, the kernels' form of the score) of every kernel variant a package holds
+    (Note [Package variants] in package_init.py.j2)."""
+    out = []
+    for dropout in (False, True) if score.dropout else (False,):
+        for grads in (False, True) if learn else (False,):
+            form = dataclasses.replace(score.form, grads=learn if grads else (), dropout=dropout)
+            out.append((dropout, grads, form))
+    return out
+
+
+def given(score: Score) -> tuple[str, ...]:
+    """The tensor terms a package's caller passes: all but alibi when its slopes are numbers."""
+    return tuple(n for n in score.inputs if not (n == "alibi" and isinstance(score.value("alibi"), tuple)))
+
+
+def usage(spec: Spec, name: str) -> str:
+    """How a package of ``spec`` named ``name`` is called: ``name.forward(q, k, v, key_bias=...)``."""
+    keywords = [f"{t}=..." for t in given(spec.score)] + (["dropout_p=..."] if spec.score.dropout else [])
+    return f"{name}.forward({', '.join(['q', 'k', 'v', *keywords])})"
+
+
 def write_package(spec: Spec, out_dir: str | Path, device_type: str = "cuda", force: bool = False) -> Path:
     """Write ``out_dir`` as a package named after its last path component; a directory
-    that holds anything is written over only with ``force`` (Note [Package names])."""
+    that holds anything is written over only with ``force`` (Note [Package names]). Every
+    file is rendered before any is written: a spec lowering refuses leaves no folder."""
     out = Path(out_dir)
     _check_package_dir(out, force)
+    files = _render_package(spec, out.name, device_type)
     out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        _write(out / name, text)
+    return out
+
+
+def _render_package(spec: Spec, name: str, device_type: str) -> dict[str, str]:
+    """The files of the package ``name``: its kernel modules (Note [Package variants] in
+    package_init.py.j2), tables, term checks and ``__init__``."""
+    learn = learned(spec.score)
+    if spec.score.bias and spec.grid.size > MAX_BIAS_TOKENS:
+        why = "a dense bias is N x N; the kernels index it with 32-bit offsets"
+        allowed = f"1..{MAX_BIAS_TOKENS} tokens (or query_bias/key_bias)"
+        raise field_error(SpecError, "grid (for the score's bias)", spec.grid.size, allowed, why)
     shared = required_heads(spec.pattern) is None
     groups: dict = {}
     for head, pattern in enumerate(resolve_heads(spec.pattern, 1 if shared else spec.heads)):
         groups.setdefault(canonicalize(pattern, spec.grid), []).append(head)
-    kernels, tables, dkdv_tables = [], [], []
+    files, kernels, tables, dkdv_tables = {}, [], [], []
     config = LaunchConfig.default(device_type, spec.head_dim, spec.dtype)
     dkdv_config = LaunchConfig.default_dkdv(device_type, spec.head_dim, spec.dtype)
+    plans: list[KernelPlan] = []
     for i, (pattern, heads) in enumerate(groups.items()):
-        plan = lower(pattern, spec.grid, spec.head_dim, spec.dtype, config=config)
-        dkdv = lower(pattern, spec.grid, spec.head_dim, spec.dtype, config=dkdv_config)
-        _write(out / f"_kernel{i}.py", render(plan))
-        _write(out / f"_kernel{i}_dkdv.py", render(dkdv))  # Note [Backward tiles]
-        for into, p in ((tables, plan), (dkdv_tables, dkdv)):
-            into.append(tuple(a.astype(np.int32).tolist() for a in kernel_tables(pattern, spec.grid, p)))
-        kernels.append({"module": f"_kernel{i}", "heads": None if shared else heads})
-    _write(
-        out / "_tables.py",
+        variants = []
+        for dropout, grads, form in _variants(spec.score, learn):
+            plan, dkdv = (
+                lower(
+                    pattern,
+                    spec.grid,
+                    spec.head_dim,
+                    spec.dtype,
+                    score=form,
+                    config=c,
+                    device_type=device_type,
+                )
+                for c in (config, dkdv_config)
+            )
+            module = f"_kernel{i}" + "_dropout" * dropout + "_grads" * grads
+            files[f"{module}.py"] = render(plan)
+            files[f"{module}_dkdv.py"] = render(dkdv)  # Note [Backward tiles]
+            variants.append((dropout, grads, module))
+            plans.append(plan)
+            if len(variants) == 1:  # the score changes no tile: every variant walks these tables
+                for into, p in ((tables, plan), (dkdv_tables, dkdv)):
+                    into.append(
+                        tuple(a.astype(np.int32).tolist() for a in kernel_tables(pattern, spec.grid, p))
+                    )
+        kernels.append({"variants": variants, "heads": None if shared else heads})
+    files["_tables.py"] = (
         '"""int32 tables of the kernels (values, offsets, entries, kv_offsets, kv_entries): TABLES for\n'
         'the forward and dQ kernels, DKDV_TABLES for the dK/dV kernels (their own tiles)."""\n\n'
-        f"TABLES = {tables!r}\nDKDV_TABLES = {dkdv_tables!r}\n",
+        f"TABLES = {tables!r}\nDKDV_TABLES = {dkdv_tables!r}\n"
     )
-    init = ENV.get_template("package_init.py.j2").render(
-        name=out.name,
+    score, plan = spec.score, plans[0]
+    passed, shapes = given(score), _shapes(spec)
+    common = dict(
+        name=name, grid_tuple=repr(tuple(spec.grid.shape)), tokens=spec.grid.size, score_text=score.text
+    )
+    files["_terms.py"] = ENV.get_template("package_terms.py.j2").render(
+        **common,
+        inputs=repr(score.inputs),
+        given=repr(passed),
+        learn=repr(learn),
+        alibi=repr(plan.alibi),
+        slopes=repr(score.value("alibi") if "alibi" not in passed else None),
+        table=repr(score.rel_pos_bias),
+        dkdv=repr(DKDV_GRADS),
+        shapes=repr(shapes),
+    )
+    op_terms = ["dense_bias" if n == "bias" else n for n in score.inputs]
+    op_params = f"[{', '.join(op_terms)}]" + (" + ([seed] if dropout_p > 0 else [])" if score.dropout else "")
+    files["__init__.py"] = ENV.get_template("package_init.py.j2").render(
+        **common,
         version=__version__,
         pattern_text=format_pattern(spec.pattern),
         grid="x".join(map(str, spec.grid.shape)),
         grid_dims=", ".join(map(str, spec.grid.shape)),
-        grid_tuple=repr(tuple(spec.grid.shape)),
-        tokens=spec.grid.size,
         head_dim=spec.head_dim,
         dtype=spec.dtype,
         heads=None if shared else spec.heads,
         kernels=kernels,
+        sigmoid=score.kind == "sigmoid",
+        terms=passed,
+        shapes=shapes,
+        op_terms=op_terms,
+        op_params=op_params,
+        p="dropout_p" if score.dropout else "0.0",
+        dropout=score.dropout,
+        learn=learn,
+        fast_tanh=plan.fast_tanh,
     )
-    _write(out / "__init__.py", init)
-    return out
+    return files
+
+
+def _shapes(spec: Spec) -> dict[str, str]:
+    """Each term tensor's shape as the package's docstring and refusals show it."""
+    n, rank = spec.grid.size, spec.grid.rank
+    per_axis = spec.score.alibi == "axes" and rank > 1
+    return {
+        "temperature": "[H]",
+        "alibi": "[H]" + (f" or [H, {rank}]" if per_axis else ""),
+        "rel_pos_bias": f"[H or 1, {', '.join(map(str, spec.score.rel_pos_bias or ()))}]",
+        "query_bias": f"[B or 1, H or 1, {n}]",
+        "key_bias": f"[B or 1, H or 1, {n}]",
+        "bias": f"[B or 1, H or 1, {n}, {n}]",
+    }

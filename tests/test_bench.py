@@ -74,8 +74,8 @@ class _Wrong(Naive):
 
     name = "wrong"
 
-    def prepare(self, case, device):
-        call = super().prepare(case, device)
+    def prepare(self, case, device, terms):
+        call = super().prepare(case, device, terms)
         return lambda a: call(a) + 2 * TOLERANCE[case.dtype]
 
 
@@ -149,7 +149,10 @@ def test_list_is_one_short_line_per_case_with_its_suite():
     result = CliRunner().invoke(cli, ["bench", "--list"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    parts = {name: load_cases(name) for name in ("issue3", "grids", "flat", "models", "tiny")}
+    parts = {
+        name: load_cases(name)
+        for name in ("issue3", "grids", "flat", "models", "terms", "tiny", "tiny-terms")
+    }
     assert len(lines) == 1 + sum(map(len, parts.values())) + 1  # a header, the cases, a count
     assert lines[0].split()[:2] == ["suite", "case"]
     rows = {line.split()[1]: line for line in lines[1:-1]}
@@ -159,7 +162,7 @@ def test_list_is_one_short_line_per_case_with_its_suite():
     assert "block_sparse(layout=<128x128, 10% kept>, block=128)" in rows["block-sparse-10%-16384"]
     assert "per_head(16 heads, 4 distinct: [" in rows["per-head-mix-128x128"]
     assert max(map(len, lines)) < 200
-    assert lines[-1] == "32 cases; the default suite runs issue3, grids, flat, models"
+    assert lines[-1] == "45 cases; the default suite runs issue3, grids, flat, models"
     one = CliRunner().invoke(cli, ["bench", "tiny", "-k", "na2d", "--list"]).output.splitlines()
     assert len(one) == 3 and one[-1].startswith("1 case;")
 

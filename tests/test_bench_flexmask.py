@@ -70,3 +70,18 @@ def test_mask_mod_matches_oracle_on_small_grids(pattern, grid, heads):
 
 def test_dense_has_no_mask_mod():
     assert mask_mod(dense(), Grid((64,))) == (None, 1)
+
+
+def test_a_dilated_mask_mod_runs_inside_flex_attention():
+    """FlexAttention traces the mask_mod with Dynamo, which cannot trace sympy: every sympy step
+    happens when the mask_mod is made (Note [No sympy under tracing] in attncc.bench.flexmask)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from attncc.reference import attention
+
+    grid, pattern = Grid((7, 11)), neighborhood((3, 5), dilation=(2, 1))
+    mod, _ = mask_mod(pattern, grid, 2)
+    q, k, v = (torch.randn(1, 2, grid.size, 16) for _ in range(3))
+    block_mask = create_block_mask(mod, None, None, grid.size, grid.size, device="cpu")
+    out = flex_attention(q, k, v, block_mask=block_mask)
+    torch.testing.assert_close(out, attention(q, k, v, pattern, grid=grid), atol=1e-5, rtol=0)

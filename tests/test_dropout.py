@@ -6,7 +6,9 @@ backward), so a test reads it back: with ``v`` the identity (``N <= D``), the ou
 query ``q`` is ``p[q, :] * keep[q, :] / (1 - p_drop)``, positive exactly where a kept pair
 survives. The same seed then runs with other values, and the reference applies that mask:
 outputs, log-sum-exp and gradients must match it as without dropout (fp32: 1e-4 of the
-largest magnitude; see test_score_inputs.py).
+largest magnitude; bf16, on a GPU (``DEVICE``, where these tests run when there is one): 2.4e-2
+of the largest magnitude on outputs, 8e-2 on gradients; see test_score_inputs.py). The mask
+depends on the seed and the pair's indices, not on the dtype: it is read in fp32.
 """
 
 import math
@@ -14,6 +16,7 @@ import math
 import pytest
 import torch
 import torch._dynamo.testing
+from conftest import DEVICE
 
 import attncc
 from attncc import AttnccError
@@ -22,6 +25,8 @@ from attncc.ir.score import as_score
 from attncc.reference import attention as reference
 
 H, H_KV, D, N = 4, 2, 64, 48
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # bf16: GPU only
+TOLERANCE = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2.4e-2, 8e-2)}  # outputs, gradients
 
 
 def _inputs(seed=0):
@@ -30,12 +35,12 @@ def _inputs(seed=0):
     k = torch.randn(1, H_KV, N, D, generator=gen)
     v = torch.randn(1, H_KV, N, D, generator=gen)
     do = torch.randn(1, H, N, D, generator=gen)
-    return q, k, v, do
+    return tuple(t.to(DEVICE) for t in (q, k, v, do))
 
 
 def _kept(q, k, pattern, p, seed, score="softmax"):
     """The mask the kernels draw for this call (Note [Reading the mask])."""
-    eye = torch.eye(N, D).expand(1, H_KV, N, D).contiguous()
+    eye = torch.eye(N, D, device=DEVICE).expand(1, H_KV, N, D).contiguous()
     out = attncc.attention(q, k, eye, pattern, dropout_p=p, dropout_seed=seed, score=score)
     return out[..., :N] > 0
 
@@ -45,14 +50,15 @@ def _kept(q, k, pattern, p, seed, score="softmax"):
     [(causal(), "softmax"), (neighborhood(7), softcap(2.0)), (neighborhood(5), sigmoid())],
     ids=["causal", "na1d+softcap", "na1d-sigmoid"],
 )
-def test_forward_and_backward_match_the_reference_with_the_kernels_mask(pattern, score):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_and_backward_match_the_reference_with_the_kernels_mask(pattern, score, dtype):
     q, k, v, do = _inputs()
     p, seed = 0.3, 1234
     mask = _kept(q, k, pattern, p, seed, score)
     lse = as_score(score).kind == "softmax"
 
-    def run(fn, dtype, **kw):
-        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+    def run(fn, work, **kw):
+        leaves = [t.to(dtype).to(work).requires_grad_() for t in (q, k, v)]
         if lse:
             out, l_ = fn(*leaves, pattern, score=score, return_lse=True, dropout_p=p, **kw)
             loss = (out.double() * do.double()).sum() + l_.double().sum()
@@ -60,10 +66,11 @@ def test_forward_and_backward_match_the_reference_with_the_kernels_mask(pattern,
         out = fn(*leaves, pattern, score=score, dropout_p=p, **kw)
         return [out, *torch.autograd.grad((out.double() * do.double()).sum(), leaves)]
 
-    got = run(attncc.attention, torch.float32, dropout_seed=seed)
+    got = run(attncc.attention, dtype, dropout_seed=seed)
     want = run(reference, torch.float64, dropout_mask=mask)
-    for a, b in zip(got, want):
-        assert (a.double() - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
+    for i, (a, b) in enumerate(zip(got, want)):
+        tol = TOLERANCE[dtype][0 if i < 1 + lse else 1]  # outputs (and lse), then gradients
+        assert (a.double() - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
 
 
 def test_a_seed_repeats_and_another_differs():
@@ -87,11 +94,11 @@ def test_keep_rate_per_head_and_batch_element():
     q2 = torch.cat([q, torch.randn_like(q)])
     k2 = torch.cat([k, k])
     p = 0.25
-    eye = torch.eye(N, D).expand(2, H_KV, N, D).contiguous()
+    eye = torch.eye(N, D, device=DEVICE).expand(2, H_KV, N, D).contiguous()
     masks = torch.stack(
         [attncc.attention(q2, k2, eye, causal(), dropout_p=p, dropout_seed=s)[..., :N] > 0 for s in range(4)]
     )  # [seed, B, H, N, N]
-    pairs = torch.ones(N, N, dtype=torch.bool).tril()
+    pairs = torch.ones(N, N, dtype=torch.bool, device=DEVICE).tril()
     kept = masks[..., pairs].float()  # [seed, B, H, pairs]
 
     def within(rates: torch.Tensor, draws: int) -> bool:

@@ -8,7 +8,8 @@ run in IEEE fp32; the term gradients are sums of up to a few thousand fp32 produ
 the reference runs on the same fp16-rounded inputs, the kernel rounds P and the score
 gradients to fp16 before each dot (2^-11 relative) and stores in fp16, so 3e-3 of the largest
 magnitude (at least 1) on outputs and 1e-2 on gradients (the term gradients are float32 sums
-of those rounded score gradients).
+of those rounded score gradients); bf16 (on a GPU: ``DEVICE``, where every test here runs when
+there is one) keeps 8 bits where fp16 keeps 11: 2.4e-2 and 8e-2.
 """
 
 import math
@@ -16,6 +17,7 @@ import math
 import pytest
 import torch
 import torch._dynamo.testing
+from conftest import DEVICE
 
 import attncc
 from attncc import AttnccError
@@ -41,6 +43,8 @@ from attncc.lower.lowering import lower
 from attncc.reference import attention as reference
 
 H, H_KV, D = 4, 2, 16  # GQA: two query heads per KV head
+LOW = [torch.float16] + ([torch.bfloat16] if DEVICE == "cuda" else [])  # bf16: GPU only (the docstring)
+TOLERANCE = {torch.float16: (3e-3, 1e-2), torch.bfloat16: (2.4e-2, 8e-2)}  # outputs, gradients
 
 
 def _run(fn, pattern, grid, make, dtype, lse=True, seed=0):
@@ -53,8 +57,8 @@ def _run(fn, pattern, grid, make, dtype, lse=True, seed=0):
     do = torch.randn(1, H, n, D, generator=gen)
     tensors, build = make(gen, n)
     work = torch.float64 if fn is reference else dtype
-    leaves = [t.to(dtype).to(work).requires_grad_() for t in (q, k, v)]
-    inputs = [t.to(work).requires_grad_() for t in tensors]
+    leaves = [t.to(DEVICE, dtype).to(work).requires_grad_() for t in (q, k, v)]
+    inputs = [t.to(DEVICE, work).requires_grad_() for t in tensors]
     score = build(*inputs)
     if lse:
         out, l_ = fn(*leaves, pattern, grid=grid, score_mod=score, return_lse=True)
@@ -78,7 +82,7 @@ def _check(pattern, grid, make, dtype=torch.float32, lse=True):
         if dtype == torch.float32:
             tol = 1e-4 * top
         else:
-            tol = (3e-3 if name in ("out", "lse") else 1e-2) * top
+            tol = TOLERANCE[dtype][0 if name in ("out", "lse") else 1] * top
         assert err <= tol, f"{name}: max error {err:.3g} > {tol:.3g}"
 
 
@@ -206,8 +210,9 @@ def test_combined_terms_match_the_reference(pattern, grid, make):
      (sliding_window(8, 0) | global_tokens([0]), (40,), _biases((1, H, "N"), (1, 1, "N")))],
     ids=["rpb-na2d-dilated", "temperature", "biases"],
 )  # fmt: skip
-def test_fp16_terms_match_the_reference(pattern, grid, make):
-    _check(pattern, grid, make, torch.float16)
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+def test_low_precision_terms_match_the_reference(pattern, grid, make, dtype):
+    _check(pattern, grid, make, dtype)
 
 
 def test_sigmoid_with_a_bias_and_a_table():
@@ -220,8 +225,8 @@ def test_sigmoid_with_a_bias_and_a_table():
 
 def test_gradients_only_for_tensors_that_require_them():
     """A frozen table costs no gradient work: the form marks only what requires grad."""
-    q = torch.randn(1, H, 37, D)
-    table = torch.randn(H, 13)
+    q = torch.randn(1, H, 37, D, device=DEVICE)
+    table = torch.randn(H, 13, device=DEVICE)
     form = parse_score(attncc.runtime.library._form_text(rel_pos_bias(table).form.text, (), False))
     assert form.grads == ()
     learned = table.clone().requires_grad_()
@@ -244,9 +249,9 @@ def test_new_term_values_reuse_the_kernel_under_torch_compile():
         out = attncc.attention(q, q, q, pattern, score_mod=rel_pos_bias(table) + key_bias(kb))
         return out.sum()
 
-    q = torch.randn(1, H, 37, D)
-    table = torch.randn(H, 13, requires_grad=True)
-    kb = torch.randn(1, 1, 37)
+    q = torch.randn(1, H, 37, D, device=DEVICE)
+    table = torch.randn(H, 13, device=DEVICE, requires_grad=True)
+    kb = torch.randn(1, 1, 37, device=DEVICE)
     for i in range(3):
         loss = step(q, table, kb + i)
         loss.backward()
@@ -272,22 +277,22 @@ def test_term_text_round_trips_and_declares_terms():
 
 
 def _call(score, grid=(37,), b=1, dtype=torch.float32):
-    q = torch.randn(b, H, math.prod(grid), D, dtype=dtype)
+    q = torch.randn(b, H, math.prod(grid), D, dtype=dtype, device=DEVICE)
     return attncc.attention(q, q[:, :H_KV], q[:, :H_KV], neighborhood(7), grid=grid, score_mod=score)
 
 
 @pytest.mark.parametrize(
     "score,match",
     [
-        (lambda: temperature(torch.ones(3)), r"temperature shape = \(3,\) .*\(4,\) or \(1,\)"),
-        (lambda: alibi(torch.ones(4, 2)), r"alibi slopes shape = \(4, 2\) .*\(4,\)"),
-        (lambda: rel_pos_bias(torch.ones(4, 13, 13)), r"rel_pos_bias sizes = \(13, 13\) .*1 odd sizes"),
-        (lambda: rel_pos_bias(torch.ones(4, 9)), r"rel_pos_bias sizes = \(9,\) .*at least \(13,\)"),
-        (lambda: rel_pos_bias(torch.ones(3, 13)), r"rel_pos_bias shape = \(3, 13\) .*\(4 or 1, 13\)"),
-        (lambda: key_bias(torch.ones(1, H, 36)), r"key_bias shape = \(1, 4, 36\) .*\(1 or 1, 4 or 1, 37\)"),
-        (lambda: query_bias(torch.ones(2, H, 37)), r"query_bias shape = \(2, 4, 37\)"),
-        (lambda: bias(torch.ones(1, 1, 37)), r"bias shape = \(1, 1, 37\) .*37, 37"),
-        (lambda: key_bias(torch.ones(1, 1, 37, dtype=torch.int32)), "key_bias = torch.int32 is not a float16"),
+        (lambda: temperature(torch.ones(3, device=DEVICE)), r"temperature shape = \(3,\) .*\(4,\) or \(1,\)"),
+        (lambda: alibi(torch.ones(4, 2, device=DEVICE)), r"alibi slopes shape = \(4, 2\) .*\(4,\)"),
+        (lambda: rel_pos_bias(torch.ones(4, 13, 13, device=DEVICE)), r"rel_pos_bias sizes = \(13, 13\) .*1 odd sizes"),
+        (lambda: rel_pos_bias(torch.ones(4, 9, device=DEVICE)), r"rel_pos_bias sizes = \(9,\) .*at least \(13,\)"),
+        (lambda: rel_pos_bias(torch.ones(3, 13, device=DEVICE)), r"rel_pos_bias shape = \(3, 13\) .*\(4 or 1, 13\)"),
+        (lambda: key_bias(torch.ones(1, H, 36, device=DEVICE)), r"key_bias shape = \(1, 4, 36\) .*\(1 or 1, 4 or 1, 37\)"),
+        (lambda: query_bias(torch.ones(2, H, 37, device=DEVICE)), r"query_bias shape = \(2, 4, 37\)"),
+        (lambda: bias(torch.ones(1, 1, 37, device=DEVICE)), r"bias shape = \(1, 1, 37\) .*37, 37"),
+        (lambda: key_bias(torch.ones(1, 1, 37, dtype=torch.int32, device=DEVICE)), "key_bias = torch.int32 is not a float16"),
         (lambda: key_bias(), r"key_bias = None .*no tensor"),
         (lambda: key_bias([1.0]), r"key_bias = \[1.0\] is not a float tensor"),
     ],

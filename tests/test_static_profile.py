@@ -168,3 +168,18 @@ def test_measured_efficiency_is_written_beside_the_estimate(tmp_path):
     assert 0 < float(estimate) <= 1 and float(ratio) == pytest.approx(
         float(measured) / float(estimate), abs=0.02
     )
+
+
+def test_the_score_terms_part_of_a_section_is_replaced_in_place():
+    """`static_profile.py --terms-only` rewrites the terms part of its triton's section alone."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "static_profile.py")
+    spec = importlib.util.spec_from_file_location("static_profile", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    heading = script.TERMS_HEADING
+    old = f"## triton 3.6.0\n\nfigures\n\n{heading}\n\nold table\n\n### CUTLASS forward\n\ncutlass\n"
+    new = script.splice_terms(old, f"{heading}\n\nnew table\n")
+    assert new == f"## triton 3.6.0\n\nfigures\n\n{heading}\n\nnew table\n\n### CUTLASS forward\n\ncutlass\n"
+    assert script.splice_terms("## triton 3.9.0\n", "T\n") == "## triton 3.9.0\n\nT\n"

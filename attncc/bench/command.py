@@ -11,6 +11,7 @@ from rich.console import Console
 
 from attncc import settings
 from attncc.errors import AttnccError, field_error
+from attncc.ir.score import Score
 from attncc.outputs import output_file
 
 if TYPE_CHECKING:
@@ -39,12 +40,16 @@ def _peers(text: str) -> list:
 
 
 def _listing(parts: list[tuple[str, list[Case]]]) -> list[str]:
-    """One line per case: its suite, name, shape and pattern (long fields summarised)."""
+    """One line per case: its suite, name, shape and pattern (long fields summarised), and its
+    score when it has terms."""
     from attncc.bench.suite import DEFAULT, short_pattern
+
+    def what(c: Case) -> str:
+        return short_pattern(c.pattern) + ("" if c.score == Score() else f"  score: {c.score.text}")
 
     rows = [("suite", "case", "grid", "heads", "D", "dtype", "pattern")]
     rows += [
-        (suite, c.name, str(c.grid), str(c.heads), str(c.head_dim), c.dtype, short_pattern(c.pattern))
+        (suite, c.name, str(c.grid), str(c.heads), str(c.head_dim), c.dtype, what(c))
         for suite, cases in parts
         for c in cases
     ]
@@ -114,7 +119,9 @@ def bench_cmd(
 ) -> None:
     """Benchmark attncc against dense SDPA, FlexAttention, naive attention and NATTEN.
 
-    SUITE is default (every part), issue3, grids, flat, models or tiny; SPEC is a spec file.
+    SUITE is default (issue3, grids, flat, models), one of those, terms (score terms, each
+    beside the same case without them), tiny or tiny-terms (CPU checks of the harness); SPEC is a
+    spec file (its score: field included).
     Exit status 1 when a peer's output disagrees with ours or our forward has no figure.
     """
     from attncc.bench import report

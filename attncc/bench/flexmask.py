@@ -45,65 +45,85 @@ def _maximum(a: Value, b: Value) -> Value:
     return torch.clamp(a, min=b) if isinstance(b, int) else torch.maximum(a, b)
 
 
-def _evaluate(expr: sympy.Basic, env: dict[sympy.Symbol, Value], tables: dict[str, torch.Tensor]) -> Value:
-    """An integer (or boolean) sympy expression of ``q``/``k`` as torch operations.
+Env = dict[sympy.Symbol, Value]
+Tables = dict[str, torch.Tensor]
+Fn = Callable[[Env, Tables], Value]
 
-    Division only appears as ``floor`` of a fraction (see ``_div`` in
-    :mod:`attncc.ir.symbolic`), so everything stays in exact integer arithmetic.
+
+def _compiled(expr: sympy.Basic) -> Fn:
+    """An integer (or boolean) sympy expression of ``q``/``k`` as a function of torch operations.
+
+    Note [No sympy under tracing]: every sympy step (``together``, ``fraction``, the argument
+    walk) happens here, once; the function only adds, multiplies and compares, so Dynamo
+    traces it inside FlexAttention (evaluating sympy there failed: Dynamo cannot trace sympy).
+    Division only appears as ``floor`` of a fraction (see ``_div`` in :mod:`attncc.ir.symbolic`),
+    so everything stays in exact integer arithmetic.
     """
-    ev = lambda e: _evaluate(e, env, tables)  # noqa: E731
     if expr.is_Integer:
-        return int(expr)
+        value = int(expr)
+        return lambda env, tables: value
     if expr.is_Symbol:
-        return env[expr]
-    if isinstance(expr, sympy.Add):
-        return reduce(lambda a, b: a + b, map(ev, expr.args))
-    if isinstance(expr, sympy.Mul):
-        return reduce(lambda a, b: a * b, map(ev, expr.args))
+        return lambda env, tables: env[expr]
     if isinstance(expr, sympy.floor):
-        num, den = sympy.fraction(sympy.together(expr.args[0]))
-        return ev(num) // ev(den)
-    if isinstance(expr, sympy.Mod):
-        return ev(expr.args[0]) % ev(expr.args[1])
-    if isinstance(expr, sympy.Min):
-        return reduce(_minimum, map(ev, expr.args))
-    if isinstance(expr, sympy.Max):
-        return reduce(_maximum, map(ev, expr.args))
+        num, den = (_compiled(e) for e in sympy.fraction(sympy.together(expr.args[0])))
+        return lambda env, tables: num(env, tables) // den(env, tables)
     if isinstance(expr, sympy.Eq):
-        return ev(expr.lhs) == ev(expr.rhs)
-    if isinstance(expr, sympy.Or):
-        return reduce(lambda a, b: a | b, map(ev, expr.args))
-    if isinstance(expr, sympy.And):
-        return reduce(lambda a, b: a & b, map(ev, expr.args))
+        lhs, rhs = _compiled(expr.lhs), _compiled(expr.rhs)
+        return lambda env, tables: lhs(env, tables) == rhs(env, tables)
+    if isinstance(expr, sympy.Mod):
+        a, m = (_compiled(e) for e in expr.args)
+        return lambda env, tables: a(env, tables) % m(env, tables)
     if isinstance(expr, AppliedUndef):
-        return tables[expr.func.__name__][tuple(ev(a) for a in expr.args)]
-    raise TypeError(f"no torch form for {type(expr).__name__} in {expr}")
+        name, args = expr.func.__name__, [_compiled(a) for a in expr.args]
+        return lambda env, tables: tables[name][tuple(a(env, tables) for a in args)]
+    combine = next((f for kind, f in _COMBINE if isinstance(expr, kind)), None)
+    if combine is None:
+        raise TypeError(f"no torch form for {type(expr).__name__} in {expr}")
+    parts = [_compiled(a) for a in expr.args]
+    return lambda env, tables: reduce(combine, (p(env, tables) for p in parts))
 
 
-def _in_progression(key: torch.Tensor, query: torch.Tensor, prog: Progression, tables) -> torch.Tensor:
-    env = {q: query}
-    first, last, step = (_evaluate(getattr(prog, f), env, tables) for f in ("first", "last", "step"))
-    keep = (key >= first) & (key <= last)
-    return keep if step == 1 else keep & ((key - first) % step == 0)
+_COMBINE = (
+    (sympy.Add, lambda a, b: a + b),
+    (sympy.Mul, lambda a, b: a * b),
+    (sympy.Min, _minimum),
+    (sympy.Max, _maximum),
+    (sympy.Or, lambda a, b: a | b),
+    (sympy.And, lambda a, b: a & b),
+)
+
+
+def _progression(prog: Progression) -> Callable[[torch.Tensor, torch.Tensor, Tables], torch.Tensor]:
+    """``keep(key, query)`` of a progression of keys per query."""
+    first, last, step = (_compiled(getattr(prog, f)) for f in ("first", "last", "step"))
+    exact = prog.step == 1
+
+    def keep(key: torch.Tensor, query: torch.Tensor, tables: Tables) -> torch.Tensor:
+        env = {q: query}
+        lo = first(env, tables)
+        inside = (key >= lo) & (key <= last(env, tables))
+        return inside if exact else inside & ((key - lo) % step(env, tables) == 0)
+
+    return keep
 
 
 def _keep_fn(rule: Rule, grid: Grid, device: torch.device) -> KeepFn:
     """``keep(q_idx, kv_idx)`` of a rule, on broadcastable flat-index tensors."""
     if isinstance(rule, GridBox):
-        axes = list(zip(rule.axes, grid.shape, grid.strides))
+        axes = [(_progression(prog), size, st) for prog, size, st in zip(rule.axes, grid.shape, grid.strides)]
 
         def box(qi: torch.Tensor, ki: torch.Tensor) -> torch.Tensor:
-            terms = [
-                _in_progression((ki // st) % size, (qi // st) % size, prog, {}) for prog, size, st in axes
-            ]
+            terms = [keep((ki // st) % size, (qi // st) % size, {}) for keep, size, st in axes]
             return reduce(lambda a, b: a & b, terms)
 
         return box
     if isinstance(rule, FlatRange):
-        return lambda qi, ki: _in_progression(ki, qi, rule.range, {})
+        keep = _progression(rule.range)
+        return lambda qi, ki: keep(ki, qi, {})
     if isinstance(rule, Predicate):
         tables = {name: torch.tensor(values, device=device) for name, values in rule.tables}
-        return lambda qi, ki: _evaluate(rule.expr, {q: qi, k: ki}, tables)  # type: ignore[return-value]
+        fn = _compiled(rule.expr)
+        return lambda qi, ki: fn({q: qi, k: ki}, tables)  # type: ignore[return-value]
     parts = [_keep_fn(r, grid, device) for r in rule.rules]
     combine = (lambda a, b: a | b) if isinstance(rule, AnyOf) else (lambda a, b: a & b)
     assert isinstance(rule, (AnyOf, AllOf))

@@ -4,9 +4,12 @@ A :class:`Peer` says why it declines a case (never a silent skip), builds its
 callable in :meth:`Peer.prepare` (set-up such as a block mask is timed there,
 apart from the first call), may move q/k/v into its own layout outside the
 timing (:meth:`Peer.adapt`), and maps its output back to ``[B, H, N, D]`` for
-the check (:meth:`Peer.standard`). ``computes`` says what its output must
+the check (:meth:`Peer.standard`). :meth:`Peer.computes` says what its output must
 equal: our pattern's attention, or dense attention (SDPA is the dense
-baseline, checked against our kernel on the dense pattern).
+baseline, checked against our kernel on the dense pattern). A case's score terms
+reach every peer as the same tensors (:class:`attncc.bench.terms.CaseTerms`): FlexAttention
+as a ``score_mod``, SDPA as a float ``attn_mask`` that also masks the pattern (then it
+computes the pattern's attention); a peer that cannot run them declines, saying why.
 """
 
 from __future__ import annotations
@@ -14,12 +17,14 @@ from __future__ import annotations
 import abc
 import contextlib
 import importlib
+import math
 from collections.abc import Callable, Iterator
 
 import torch
 
 from attncc.bench.flexmask import mask_mod
 from attncc.bench.suite import Case
+from attncc.bench.terms import CaseTerms, dense_bias, score_mod
 from attncc.ir import Neighborhood, canonicalize, resolve_heads
 from attncc.layouts import Layout
 
@@ -37,15 +42,22 @@ class Peer(abc.ABC):
     """One implementation to time against attncc (see the module docstring for the contract)."""
 
     name: str = ""
-    computes: str = "pattern"
+
+    def computes(self, case: Case) -> str:
+        """What its output on ``case`` must equal: "pattern" (ours) or "dense" (ours on dense)."""
+        return "pattern"
 
     def decline(self, case: Case, device: torch.device) -> str | None:
-        """Why this peer cannot run ``case`` on ``device``, or None when it can."""
+        """Why this peer cannot run ``case`` on ``device``, or None when it can; by default it
+        runs no score terms (nor dropout)."""
+        if not case.score.plain:
+            return f"runs no score terms ({case.score.text})"
         return None
 
     @abc.abstractmethod
-    def prepare(self, case: Case, device: torch.device) -> Call:
-        """The peer's callable on q, k, v for ``case`` (its set-up is done here, timed apart)."""
+    def prepare(self, case: Case, device: torch.device, terms: CaseTerms) -> Call:
+        """The peer's callable on q, k, v for ``case`` with its score ``terms`` (its set-up is
+        done here, timed apart)."""
 
     def adapt(self, case: Case, tensors: Tensors) -> Tensors:
         """q, k, v (and the output gradient) in this peer's layout; default ``[B, H, N, D]``."""
@@ -68,27 +80,77 @@ class Attncc(Peer):
 
     name = "attncc"
 
-    def prepare(self, case: Case, device: torch.device) -> Call:
+    def decline(self, case: Case, device: torch.device) -> str | None:
+        return None
+
+    def prepare(self, case: Case, device: torch.device, terms: CaseTerms) -> Call:
         from attncc.runtime.library import attention
 
-        return lambda a: attention(a[0], a[1], a[2], case.pattern, grid=case.grid)
+        score, p, seed = terms.score, terms.dropout_p, terms.seed
+        return lambda a: attention(
+            a[0], a[1], a[2], case.pattern, grid=case.grid, score_mod=score, dropout_p=p, dropout_seed=seed
+        )
 
 
 class Sdpa(Peer):
-    """Dense ``scaled_dot_product_attention``: flash on a GPU (fp16/bf16), math on the CPU."""
+    """Dense ``scaled_dot_product_attention``: flash on a GPU (fp16/bf16), math on the CPU.
+
+    With score terms it takes them as a float ``attn_mask`` ``[B, H, N, N]``: their sum where
+    the pattern keeps a pair, -inf elsewhere (built once in the set-up, or in every call when
+    a term is learned, so its gradient flows), on the memory-efficient kernel (flash takes no
+    mask), and so computes the pattern's attention. Only additive terms can be a mask."""
 
     name = "sdpa"
-    computes = "dense"
+
+    def computes(self, case: Case) -> str:
+        return "dense" if case.score.plain else "pattern"
+
+    def decline(self, case: Case, device: torch.device) -> str | None:
+        score = case.score
+        if score.plain:
+            return None
+        if score.kind != "softmax":
+            return "normalises by softmax only"
+        if score.dropout:
+            return "its dropout draws another mask than ours: the outputs cannot be checked"
+        other = [n for n in ("softcap", "temperature") if score.has(n)]
+        if other:
+            return f"{' and '.join(other)} is not an additive bias: an attn_mask cannot carry it"
+        need = case.batch * case.heads * case.tokens**2 * (getattr(torch, case.dtype).itemsize + 4)
+        have = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else _CPU_NAIVE_LIMIT
+        if need > have:
+            return f"its attn_mask needs ~{need / 2**30:.0f} GiB; {have / 2**30:.0f} GiB allowed"
+        return None
 
     def _backend(self, case: Case, device: torch.device):
         from torch.nn.attention import SDPBackend
 
-        flash = device.type == "cuda" and case.dtype in ("float16", "bfloat16")
-        return SDPBackend.FLASH_ATTENTION if flash else SDPBackend.MATH
+        if device.type != "cuda" or case.dtype not in ("float16", "bfloat16"):
+            return SDPBackend.MATH
+        return SDPBackend.FLASH_ATTENTION if case.score.plain else SDPBackend.EFFICIENT_ATTENTION
 
-    def prepare(self, case: Case, device: torch.device) -> Call:
+    def prepare(self, case: Case, device: torch.device, terms: CaseTerms) -> Call:
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        return lambda a: sdpa(a[0], a[1], a[2])
+        if case.score.plain:
+            return lambda a: sdpa(a[0], a[1], a[2])
+        mod = score_mod(terms.score, case.pattern, case.grid, case.heads, device)
+        keep_mod, _ = mask_mod(case.pattern, case.grid, case.heads, device)
+        b, h, n, dtype = case.batch, case.heads, case.tokens, getattr(torch, case.dtype)
+        idx = torch.arange(n, device=device)
+        keep = (
+            None
+            if keep_mod is None
+            else keep_mod(0, torch.arange(h, device=device)[:, None, None], idx[:, None], idx)
+        )
+
+        def mask() -> torch.Tensor:
+            bias = dense_bias(mod, b, h, n, dtype, device)
+            return bias if keep is None else bias.masked_fill(~keep, -math.inf)
+
+        if terms.learned:  # rebuilt in each call: autograd reaches the learned tensors through it
+            return lambda a: sdpa(a[0], a[1], a[2], attn_mask=mask())
+        fixed = mask()
+        return lambda a: sdpa(a[0], a[1], a[2], attn_mask=fixed)
 
     @contextlib.contextmanager
     def session(self, case: Case, device: torch.device) -> Iterator[None]:
@@ -112,7 +174,14 @@ class Flex(Peer):
 
     name = "flex"
 
-    def prepare(self, case: Case, device: torch.device) -> Call:
+    def decline(self, case: Case, device: torch.device) -> str | None:
+        if case.score.kind != "softmax":
+            return "normalises by softmax only"
+        if case.score.dropout:
+            return "has no dropout"
+        return None
+
+    def prepare(self, case: Case, device: torch.device, terms: CaseTerms) -> Call:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         torch._dynamo.reset()
@@ -124,7 +193,10 @@ class Flex(Peer):
                 mod, None, None if heads == 1 else heads, n, n, device=device, _compile=device.type == "cuda"
             )
         flex = torch.compile(flex_attention, dynamic=False)
-        return lambda a: flex(a[0], a[1], a[2], block_mask=block_mask)
+        if terms.plain:
+            return lambda a: flex(a[0], a[1], a[2], block_mask=block_mask)
+        mod = score_mod(terms.score, case.pattern, case.grid, case.heads, device)
+        return lambda a: flex(a[0], a[1], a[2], score_mod=mod, block_mask=block_mask)
 
 
 class Naive(Peer):
@@ -133,6 +205,8 @@ class Naive(Peer):
     name = "naive"
 
     def decline(self, case: Case, device: torch.device) -> str | None:
+        if case.score.dropout:
+            return "draws no dropout mask of its own (it applies a given one)"
         pairs = case.batch * case.tokens**2
         need = pairs * (case.heads * _NAIVE_BYTES_PER_PAIR_HEAD + _NAIVE_BYTES_PER_PAIR)
         have = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else _CPU_NAIVE_LIMIT
@@ -140,10 +214,11 @@ class Naive(Peer):
             return f"needs ~{need / 2**30:.0f} GiB for N x N matrices; {have / 2**30:.0f} GiB allowed"
         return None
 
-    def prepare(self, case: Case, device: torch.device) -> Call:
+    def prepare(self, case: Case, device: torch.device, terms: CaseTerms) -> Call:
         from attncc.reference import attention
 
-        return lambda a: attention(a[0], a[1], a[2], case.pattern, grid=case.grid)
+        score = terms.score
+        return lambda a: attention(a[0], a[1], a[2], case.pattern, grid=case.grid, score_mod=score)
 
 
 class Natten(Peer):
@@ -158,6 +233,8 @@ class Natten(Peer):
             return None
 
     def decline(self, case: Case, device: torch.device) -> str | None:
+        if not case.score.plain:
+            return super().decline(case, device)
         functional = self._natten()
         if functional is None:
             return "natten is not installed"
@@ -168,7 +245,7 @@ class Natten(Peer):
             return "natten runs one neighborhood pattern on every head, not this pattern"
         return None
 
-    def prepare(self, case: Case, device: torch.device) -> Call:
+    def prepare(self, case: Case, device: torch.device, terms: CaseTerms) -> Call:
         functional = self._natten()
         (p,) = {canonicalize(h, case.grid) for h in resolve_heads(case.pattern, case.heads)}
         rank = case.grid.rank
@@ -203,7 +280,7 @@ class AttnccCutlass(Peer):
         from attncc.runtime import cutlass_kernel
         from attncc.runtime.ops import cutlass_config
 
-        reason = cutlass_kernel.unavailable(device)
+        reason = super().decline(case, device) or cutlass_kernel.unavailable(device)
         if reason is not None:
             return reason
         heads = {canonicalize(p, case.grid) for p in resolve_heads(case.pattern, case.heads)}
@@ -225,8 +302,8 @@ class AttnccCutlass(Peer):
             finally:
                 forget_kernels()
 
-    def prepare(self, case: Case, device: torch.device) -> Call:
-        return Attncc().prepare(case, device)
+    def prepare(self, case: Case, device: torch.device, terms: CaseTerms) -> Call:
+        return Attncc().prepare(case, device, terms)
 
 
 class CutlassExample(Peer):
@@ -250,7 +327,7 @@ class CutlassExample(Peer):
         from attncc.lower.cutlass import ELEMENTS, HEAD_DIMS
         from attncc.runtime import cutlass_kernel
 
-        reason = cutlass_kernel.unavailable(device)
+        reason = super().decline(case, device) or cutlass_kernel.unavailable(device)
         if reason is not None:
             return reason
         if self._which(case) is None:
@@ -259,7 +336,7 @@ class CutlassExample(Peer):
             return f"{case.dtype} d{case.head_dim}: built for float16/bfloat16, d64/d128"
         return None
 
-    def prepare(self, case: Case, device: torch.device) -> Call:
+    def prepare(self, case: Case, device: torch.device, terms: CaseTerms) -> Call:
         from attncc.runtime import cutlass_kernel
 
         run = cutlass_kernel.example(case.dtype, case.head_dim, self._which(case) == "causal")

@@ -55,9 +55,28 @@ def _mib(entry: Entry | None) -> str:
     return f"{entry.peak_bytes / 2**20:,.0f}"
 
 
+def term_cost(result: CaseResult, results: Sequence[CaseResult]) -> float | None:
+    """How many times the time of the same case without score terms ours takes with them (the
+    plain case of the same run: :attr:`attncc.bench.suite.Case.problem`), or None."""
+    if result.case.score.plain:
+        return None
+    plain = next(
+        (
+            r
+            for r in results
+            if r.case.score.plain and r.case.problem == result.case.problem and r.mode == result.mode
+        ),
+        None,
+    )
+    ours, base = result.ms("attncc"), plain.ms("attncc") if plain else None
+    return ours / base if ours and base else None
+
+
 def _rows(results: Sequence[CaseResult]) -> tuple[list[str], list[list[str]]]:
     peers = peers_of(results)
+    with_terms = any(not r.case.score.plain for r in results)
     head = ["case", "N", "dtype/D", "density", "tile bound", "attncc ms"]
+    head += ["vs plain"] if with_terms else []
     head += [f"{p} ms (speedup)" for p in peers]
     head += ["efficiency", "peak MiB attncc/sdpa/flex", "first call ms", "set-up ms (ours/flex)", "plan"]
     rows = []
@@ -65,7 +84,8 @@ def _rows(results: Sequence[CaseResult]) -> tuple[list[str], list[list[str]]]:
         c = r.case
         ours, flex = r.entry("attncc"), r.entry("flex")
         row = [c.name, f"{c.tokens:,}", f"{c.dtype}/{c.head_dim}", f"{r.density:.4f}", f"{r.tile_bound:.2f}"]
-        row += [_ms(r.ms("attncc"))] + [f"{_ms(r.ms(p))} ({_x(r.speedup(p))})" for p in peers]
+        row += [_ms(r.ms("attncc"))] + ([_x(term_cost(r, results))] if with_terms else [])
+        row += [f"{_ms(r.ms(p))} ({_x(r.speedup(p))})" for p in peers]
         row.append("—" if r.efficiency is None else f"{r.efficiency:.2f}")
         row.append("/".join(_mib(r.entry(p)) for p in ("attncc", "sdpa", "flex")))
         row.append(_ms(ours.first_call_ms if ours else None))
@@ -107,7 +127,13 @@ def markdown(results: Sequence[CaseResult], env: dict[str, str], title: str, plo
         "Median of timed runs (CUDA events) over rotated random inputs (`attncc.timing.measure`); first "
         "call (compilation) and set-up (our plan, FlexAttention's block mask) apart. Speedup = peer ms / "
         "attncc ms. Efficiency = (dense SDPA ms / attncc ms) / tile bound; tile bound = dense tile pairs / "
-        "tile pairs our plan visits. Every peer's output was checked against ours before it was timed.",
+        "tile pairs our plan visits. Every peer's output was checked against ours before it was timed."
+        + (
+            " Score terms: random tensors, the same for every implementation (FlexAttention's score_mod, "
+            "SDPA's attn_mask); vs plain = attncc ms / attncc ms of the same case without the terms."
+            if any(not r.case.score.plain for r in results)
+            else ""
+        ),
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -150,6 +176,7 @@ def to_json(results: Sequence[CaseResult], env: dict[str, str]) -> dict:
             "head_dim": c.head_dim,
             "dtype": c.dtype,
             "batch": c.batch,
+            "score": c.score.text,
         }
 
     return {
@@ -162,6 +189,7 @@ def to_json(results: Sequence[CaseResult], env: dict[str, str]) -> dict:
                 "tile_bound": r.tile_bound,
                 "plan": r.plan,
                 "efficiency": r.efficiency,
+                "term_cost": term_cost(r, results),
                 "entries": [dataclasses.asdict(e) for e in r.entries],
             }
             for r in results

@@ -13,6 +13,10 @@ Tolerances (max abs difference from ours): both sides round, so twice the
 per-kernel bounds of the GPU tests: fp32 1e-4, fp16 4e-3, bf16 3e-2 on O(1)
 outputs. Gradients sum over many keys, so their difference is taken relative
 to the largest expected gradient (at least 1) and allowed ten times that.
+
+A case's score terms get random tensors once per case (:func:`attncc.bench.terms.case_terms`),
+which every implementation receives; with ``fwd-bwd`` the gradients of its learned terms
+are computed, checked and timed with those of q, k and v.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 
 from attncc.bench.peers import Attncc, Call, Peer, Tensors
 from attncc.bench.suite import Case
+from attncc.bench.terms import CaseTerms, case_terms
 from attncc.ir import Dense, analyze, canonicalize, dense, resolve_heads
 from attncc.timing import measure, peak_memory
 
@@ -82,9 +87,10 @@ class CaseResult:
 
     @property
     def efficiency(self) -> float | None:
-        """Speedup over dense SDPA / the plan's tile-level bound (1 = the bound is reached)."""
+        """Speedup over dense SDPA / the plan's tile-level bound (1 = the bound is reached); None
+        with score terms (SDPA then reads a dense mask: not the dense baseline)."""
         s = self.speedup("sdpa")
-        return s / self.tile_bound if s else None
+        return s / self.tile_bound if s and self.case.score.plain else None
 
 
 class NoBackward(RuntimeError):
@@ -137,7 +143,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(call: Call, mode: str):
+def _step(call: Call, mode: str, learned: tuple[torch.Tensor, ...]):
+    """One timed step: the forward, or the forward and the gradients of q, k, v and ``learned``."""
     if mode == "fwd":
         return call
 
@@ -146,7 +153,7 @@ def _step(call: Call, mode: str):
         out = call(tuple(qkv))
         if out.grad_fn is None:
             raise NoBackward("its output has no autograd graph (no backward pass in this build)")
-        return out, torch.autograd.grad(out, qkv, grad)
+        return out, torch.autograd.grad(out, (*qkv, *learned), grad)
 
     return fwd_bwd
 
@@ -186,8 +193,10 @@ def run_entry(
     expected,
     warmup: int,
     runs: int,
+    terms: CaseTerms,
 ) -> tuple[Entry, object]:
-    """Prepare, check (when ``expected`` is given), then time ``peer`` on ``case``.
+    """Prepare, check (when ``expected`` is given), then time ``peer`` on ``case`` with its score
+    ``terms``.
 
     Returns the entry and the peer's result on the first input set (None when it failed)."""
     name = peer.name
@@ -199,7 +208,7 @@ def run_entry(
         with peer.session(case, device):
             _sync(device)
             start = time.perf_counter()
-            call = peer.prepare(case, device)
+            call = peer.prepare(case, device, terms)
             _sync(device)
             setup = (time.perf_counter() - start) * 1e3
             args = []
@@ -208,7 +217,7 @@ def run_entry(
                 if mode == "fwd-bwd":
                     adapted = (*(t.detach().requires_grad_() for t in adapted[:3]), adapted[3])
                 args.append(adapted)
-            step = _step(call, mode)
+            step = _step(call, mode, terms.learned)
             results: list = []
             first = measure(lambda a: results.append(step(a)), args[:1], device, warmup=0, runs=1)
             error = tol = None
@@ -235,17 +244,19 @@ def _is_dense(case: Case) -> bool:
     return all(isinstance(canonicalize(h, case.grid), Dense) for h in resolve_heads(case.pattern, case.heads))
 
 
-def _forward(pattern, case: Case, sets: Sequence[Tensors], mode: str):
+def _forward(pattern, case: Case, sets: Sequence[Tensors], mode: str, terms: CaseTerms):
     """Our kernel's output (and gradients, when it has a backward) on the first input set."""
     from attncc.runtime.library import attention
 
     q, k, v, *grad = sets[0]
+    kwargs = dict(grid=case.grid, score_mod=terms.score, dropout_p=terms.dropout_p, dropout_seed=terms.seed)
     if mode == "fwd":
         with torch.no_grad():
-            return attention(q, k, v, pattern, grid=case.grid)
+            return attention(q, k, v, pattern, **kwargs)
     leaves = tuple(t.detach().requires_grad_() for t in (q, k, v))
-    out = attention(*leaves, pattern, grid=case.grid)
-    grads = torch.autograd.grad(out, leaves, grad[0]) if out.grad_fn is not None else None
+    out = attention(*leaves, pattern, **kwargs)
+    inputs = (*leaves, *terms.learned)
+    grads = torch.autograd.grad(out, inputs, grad[0]) if out.grad_fn is not None else None
     return out.detach(), grads
 
 
@@ -263,26 +274,28 @@ def run_case(
     bound, plan = plan_summary(case, device)
     plan_ms = (time.perf_counter() - start) * 1e3
     density = analyze(case.pattern, case.grid, 128, 128, heads=case.heads).density
-    ours, result = run_entry(Attncc(), case, device, sets, mode, None, warmup, runs)
+    terms = case_terms(case, device, mode)
+    ours, result = run_entry(Attncc(), case, device, sets, mode, None, warmup, runs, terms)
     if ours.status == "ok":
         ours = dataclasses.replace(ours, setup_ms=plan_ms)
     expected = {"pattern": result}
     if result is None and ours.status == "failed" and mode == "fwd-bwd":
         try:  # no backward: peers' outputs are still checked against our forward
-            expected["pattern"] = (_forward(case.pattern, case, sets, "fwd"), None)
+            expected["pattern"] = (_forward(case.pattern, case, sets, "fwd", terms), None)
         except Exception:
             expected["pattern"] = None
     entries = [ours]
     for peer in peers:
-        if peer.computes == "dense" and not _is_dense(case):
+        computes = peer.computes(case)
+        if computes == "dense" and not _is_dense(case):
             if "dense" not in expected:
                 try:
-                    expected["dense"] = _forward(dense(), case, sets, mode)
+                    expected["dense"] = _forward(dense(), case, sets, mode, terms)
                 except Exception:
                     expected["dense"] = None
-        want = expected["pattern" if peer.computes == "pattern" or "dense" not in expected else "dense"]
-        entries.append(run_entry(peer, case, device, sets, mode, want, warmup, runs)[0])
-    del sets, expected
+        want = expected["pattern" if computes == "pattern" or "dense" not in expected else "dense"]
+        entries.append(run_entry(peer, case, device, sets, mode, want, warmup, runs, terms)[0])
+    del sets, expected, terms
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return CaseResult(case, mode, density, bound, plan, tuple(entries))

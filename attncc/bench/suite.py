@@ -2,7 +2,8 @@
 
 A suite is split into parts that each fit one 10-minute GPU command
 (``benchmarks/gpu_check.sh`` runs one part per command); ``default`` is all of
-them. ``issue3`` holds issue 3's eight forward acceptance cases unchanged.
+them. ``issue3`` holds issue 3's eight forward acceptance cases unchanged; ``terms``
+holds issue 17's score terms, each case beside the same case without its term.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from attncc.ir import (
     Intersection,
     Pattern,
     PerHead,
+    Score,
     Union,
     axial,
     block_sparse,
@@ -27,16 +29,22 @@ from attncc.ir import (
     global_tokens,
     load_spec,
     neighborhood,
+    parse_score,
     per_head,
     sliding_window,
     validate,
 )
 from attncc.ir.spec import DTYPES
 
+DROPOUT_P = 0.1  # the drop probability of a case whose score declares dropout
+
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark problem: ``[batch, heads, grid.size, head_dim]`` q, k, v of ``dtype``."""
+    """One benchmark problem: ``[batch, heads, grid.size, head_dim]`` q, k, v of ``dtype``, and
+    the score (attncc.ir.score): its terms are declared, their tensors random
+    (attncc.bench.terms.random_score); a term marked ``grad=True`` is learned (its gradient
+    is computed and checked with ``--fwd-bwd``); ``dropout`` drops :data:`DROPOUT_P`."""
 
     name: str
     pattern: Pattern
@@ -45,9 +53,11 @@ class Case:
     head_dim: int = 128
     dtype: str = "bfloat16"
     batch: int = 1
+    score: Score = dataclasses.field(default_factory=Score)
 
     def __post_init__(self) -> None:
         validate(self.pattern, self.grid, self.heads)
+        self.score.check(self.grid, self.heads)
         if self.dtype not in DTYPES:
             raise field_error(AttnccError, f"case {self.name}: dtype", self.dtype, ", ".join(DTYPES))
         for name in ("head_dim", "batch"):
@@ -58,6 +68,16 @@ class Case:
     @property
     def tokens(self) -> int:
         return self.grid.size
+
+    @property
+    def dropout_p(self) -> float:
+        return DROPOUT_P if self.score.dropout else 0.0
+
+    @property
+    def problem(self) -> tuple:
+        """Everything but the name and the score's terms: a case and the same case without its
+        terms (the plain case a term's cost is measured against) share it."""
+        return (self.pattern, self.grid, self.heads, self.head_dim, self.dtype, self.batch, self.score.kind)
 
 
 def random_layout(blocks: int, density: float, seed: int) -> tuple[tuple[int, ...], ...]:
@@ -139,6 +159,41 @@ def _models() -> list[Case]:
     ]
 
 
+def _terms() -> list[Case]:
+    """Each score term beside the same case without it (``+softmax``): causal LM attention with Gemma-2's cap,
+    ALiBi, both, dropout and a per-key bias; a 2-D neighborhood with a learned relative
+    position table (Swin's, NATTEN's); a dense bias on a short sequence."""
+    lm, image, short = Grid((4096,)), Grid((64, 64)), Grid((2048,))
+    return [
+        Case("causal-4096+softmax", causal(), lm),
+        Case("causal-4096+softcap", causal(), lm, score=parse_score("softcap(50.0)")),
+        Case("causal-4096+alibi", causal(), lm, score=parse_score("alibi")),
+        Case("causal-4096+softcap+alibi", causal(), lm, score=parse_score("softcap(50.0) + alibi")),
+        Case("causal-4096+dropout", causal(), lm, score=parse_score("dropout")),
+        Case("causal-4096+key-bias", causal(), lm, score=parse_score("key_bias")),
+        Case("na2d-64x64-w13+softmax", neighborhood(13), image),
+        Case(
+            "na2d-64x64-w13+rpb",
+            neighborhood(13),
+            image,
+            score=parse_score("rel_pos_bias(25, 25, grad=True)"),
+        ),
+        Case("dense-2048+softmax", dense(), short),
+        Case("dense-2048+bias", dense(), short, score=parse_score("bias")),
+    ]
+
+
+def _tiny_terms() -> list[Case]:
+    """The terms suite's harness on the CPU: seconds under the Triton interpreter."""
+    causal40, na2d = (causal(), Grid((40,))), (neighborhood(3), Grid((6, 9)))
+    tiny = dict(heads=2, head_dim=16, dtype="float32")
+    return [
+        Case("tiny-causal-40+softcap+alibi", *causal40, **tiny, score=parse_score("softcap(5.0) + alibi")),
+        Case("tiny-na2d-6x9-w3+rpb", *na2d, **tiny, score=parse_score("rel_pos_bias(5, 5, grad=True)")),
+        Case("tiny-causal-40+dropout", *causal40, **tiny, score=parse_score("dropout")),
+    ]
+
+
 def _tiny() -> list[Case]:
     """Seconds under the Triton interpreter: the CPU test of the harness."""
     return [
@@ -147,7 +202,15 @@ def _tiny() -> list[Case]:
     ]
 
 
-PARTS = {"issue3": _issue3, "grids": _grids, "flat": _flat, "models": _models, "tiny": _tiny}
+PARTS = {
+    "issue3": _issue3,
+    "grids": _grids,
+    "flat": _flat,
+    "models": _models,
+    "terms": _terms,
+    "tiny": _tiny,
+    "tiny-terms": _tiny_terms,
+}
 DEFAULT = ("issue3", "grids", "flat", "models")
 
 
@@ -164,9 +227,10 @@ def load_parts(target: str) -> list[tuple[str, list[Case]]]:
         return [(target, PARTS[target]())]
     path = Path(target)
     if path.suffix in (".yaml", ".yml", ".json"):
-        spec = load_spec(path).softmax_only("attncc bench")
+        spec = load_spec(path)
         name = spec.name or path.stem
-        return [(target, [Case(name, spec.pattern, spec.grid, spec.heads, spec.head_dim, spec.dtype)])]
+        case = Case(name, spec.pattern, spec.grid, spec.heads, spec.head_dim, spec.dtype, score=spec.score)
+        return [(target, [case])]
     allowed = ", ".join(suite_names()) + ", or a spec file (.yaml, .yml, .json)"
     raise field_error(AttnccError, "SUITE|SPEC", target, allowed)
 

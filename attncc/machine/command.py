@@ -48,7 +48,8 @@ def inspect_cmd(
     kernel and per tile loop: registers, spills, shared memory, SASS instructions per tile,
     HGMMA, how tiles are loaded, and the static efficiency estimate (Note [Issue model] in
     attncc.machine.model: tensor-core cycles over modelled cycles, 1 = tensor-bound on every
-    tile the plan visits)."""
+    tile the plan visits). The spec's score terms are fused in (the backward computes the
+    gradients of those it marks grad=True; dropout's kernels draw their mask)."""
     if settings.interpreter():
         raise AttnccError(
             "TRITON_INTERPRET = 1 is set; allowed: unset (the interpreter's kernels cannot be compiled)"
@@ -56,14 +57,14 @@ def inspect_cmd(
     from attncc.machine import profile
     from attncc.machine.report import problems, table, write_json
 
-    spec = load_spec(spec_path).softmax_only("attncc inspect")
+    spec = load_spec(spec_path)
     batch, heads, grid = parse_shape(shape) if shape else (1, spec.heads, spec.grid)
     validate(spec.pattern, grid, heads)
     console = Console(width=None if sys.stdout.isatty() else 160)
     with console.status("compiling for sm_90 ..."):
         result = profile(
             spec.pattern, grid, batch, heads, head_dim or spec.head_dim, dtype or spec.dtype,
-            kv_heads=kv_heads, backward=not forward_only, name=spec.name,
+            kv_heads=kv_heads, backward=not forward_only, score=spec.score.form.text, name=spec.name,
         )  # fmt: skip
     console.print(table(result))
     for k in result.kernels:

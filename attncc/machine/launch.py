@@ -44,9 +44,14 @@ class Call:
     args: tuple
     kwargs: dict
 
+    def launch(self) -> None:
+        """Run the recorded launch (its tensors are real ones)."""
+        self.kernel[self.grid](*self.args, **self.kwargs)
 
-class _Recorder:
-    """A ``wrap`` for the template's launch functions that records instead of launching."""
+
+class Recorder:
+    """A ``wrap`` for the template's launch functions that records instead of launching (the
+    static profile compiles the calls; the tuner times them: :func:`Call.launch`)."""
 
     def __init__(self) -> None:
         self.calls: list[Call] = []
@@ -77,7 +82,7 @@ def capture(
     b, h, n, d = shape
     q = torch.empty((b, h, n, d), dtype=dtype, device="meta")
     k, v = (torch.empty((b, kv_heads, n, d), dtype=dtype, device="meta") for _ in range(2))
-    recorder = _Recorder()
+    recorder = Recorder()
     scale, bias = d**-0.5, 0.0
     params = terms.placeholders(launches[0].kernel.plan, b, h, n, "meta")
     dropout_p = 0.1 if launches[0].kernel.plan.dropout else 0.0

@@ -49,6 +49,7 @@ class KernelProfile:
 
     kernel: str  # attention_fwd_kernel, attention_bwd_dq_kernel, attention_bwd_dkdv_kernel
     tiles: str  # the plan's Q and KV boxes, e.g. "q 1x8x16 kv 1x8x8"
+    scores: int  # score elements per tile (BLOCK_M x BLOCK_N)
     warps: int
     stages: int
     registers: int
@@ -86,6 +87,7 @@ class Profile:
     target: str
     triton: str
     kernels: tuple[KernelProfile, ...]
+    score: str = "softmax"  # the kernels' form of the score (attncc.ir.score)
 
     def _ratio(self, names: tuple[str, ...]) -> float | None:
         ks = [k for k in self.kernels if k.kernel in names]
@@ -155,6 +157,7 @@ def profile(
         target=f"sm_{HOPPER.arch}",
         triton=triton.__version__,
         kernels=tuple(kernels),
+        score=score,
     )
 
 
@@ -221,6 +224,7 @@ def _kernel_profile(call, plan: KernelPlan, walked: list[LoopTiles], batch: int,
     return KernelProfile(
         kernel=compiled.name,
         tiles=f"q {'x'.join(map(str, _trim(plan.q_tile)))} kv {'x'.join(map(str, _trim(plan.kv_tile)))}",
+        scores=plan.block_m * plan.block_n,
         warps=compiled.num_warps,
         stages=plan.num_stages,
         registers=res.registers,
@@ -242,6 +246,13 @@ def _trim(box: tuple[int, ...]) -> tuple[int, ...]:
     while len(box) > 1 and box[0] == 1:
         box = box[1:]
     return box
+
+
+def ops_per_score(instructions: float, k: KernelProfile) -> float:
+    """Lane operations per score element of ``instructions`` per warp per tile of kernel ``k``:
+    each warp instruction works 32 lanes, the kernel's warps split the tile's scores (the unit
+    of the cost model's per-score constants, attncc.autotune.constants)."""
+    return instructions * k.warps * 32 / k.scores
 
 
 def tile_ratio(p: KernelProfile) -> float | None:

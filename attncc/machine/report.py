@@ -43,9 +43,10 @@ def rows(profile: Profile) -> list[list[str]]:
 
 def title(profile: Profile) -> str:
     shape = "x".join(map(str, profile.shape[2:]))
+    score = f" {profile.score}" if profile.score != "softmax" else ""
     return (
         f"{profile.name or 'case'}: B={profile.shape[0]} H={profile.shape[1]} grid {shape} "
-        f"D={profile.head_dim} {profile.dtype} on {profile.target}, triton {profile.triton}: "
+        f"D={profile.head_dim} {profile.dtype}{score} on {profile.target}, triton {profile.triton}: "
         f"forward {_pct(profile.forward_estimate)}, backward {_pct(profile.backward_estimate)}"
     )
 
