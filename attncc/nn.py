@@ -145,9 +145,12 @@ class SparseAttention(nn.Module):
             module.proj.load_state_dict(proj.state_dict())
         return module
 
-    def forward(self, x: torch.Tensor, attn_mask: None = None, is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: None = None, is_causal: bool = False, data: dict | None = None
+    ) -> torch.Tensor:
         """``attn_mask``/``is_causal`` are accepted for drop-in calls and must stay unset: the
-        pattern is the mask (use ``causal()`` in it)."""
+        pattern is the mask (use ``causal()`` in it). ``data`` gives the pattern's data that come
+        with each call (a block layout, document ids, key lengths: :func:`attncc.attention`)."""
         if attn_mask is not None or is_causal:
             raise AttnccError(
                 "SparseAttention takes no attn_mask or is_causal: the pattern is the mask "
@@ -166,6 +169,14 @@ class SparseAttention(nn.Module):
         score = None if self.rpb is None else rel_pos_bias_term(self.rpb)
         drop = self.attn_drop if self.training else 0.0
         out = attention(
-            q, k, v, self.pattern, grid=self.grid, layout="spatial", score_mod=score, dropout_p=drop
+            q,
+            k,
+            v,
+            self.pattern,
+            grid=self.grid,
+            layout="spatial",
+            score_mod=score,
+            dropout_p=drop,
+            data=data,
         )
         return self.proj(out.flatten(-2)).reshape(shape)

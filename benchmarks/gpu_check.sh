@@ -4,8 +4,9 @@
 # into the repository (benchmarks/RESULTS.md, plots in benchmarks/plots/) and, on the lent
 # machine, copied to $OUT so they come back to be committed. A device command may run 10
 # minutes at most, so each part runs on its own; in order of priority:
-#   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | tests-terms | bench-issue3 | bench-bwd |
-#        bench-terms | cutlass | bench-cutlass | bench-grids | bench-flat | bench-models | extras | examples | tune
+#   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | tests-terms | tests-runtime | bench-issue3 |
+#        bench-bwd | bench-terms | bench-tables | cutlass | bench-cutlass | bench-grids | bench-flat | bench-models |
+#        extras | examples | tune
 #   (all = every part but smoke, bench = every bench-*)
 # A session that gets a GPU runs `smoke` first: one call under 8 minutes, every kernel family
 # forward and backward at bf16/fp16/fp32, the issue3 forward against SDPA and FlexAttention,
@@ -52,6 +53,11 @@ status=0
 [[ $part == all || $part == tests-terms ]] &&
   { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_score_terms.py tests/test_score_inputs.py \
     tests/test_dropout.py tests/test_compile_terms.py 2>&1 | tee "$out/gpu_tests_terms.txt" || status=1; }
+# Pattern data given per call (issue 18) on CUDA: the runtime kernels against the reference, the
+# device-built tile lists (under CUDA's sync debug mode: no host sync), patterns under torch.compile.
+[[ $part == all || $part == tests-runtime ]] &&
+  { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_runtime_kernels.py tests/test_runtime_tables.py \
+    tests/test_runtime_patterns.py tests/test_compile_patterns.py 2>&1 | tee "$out/gpu_tests_runtime.txt" || status=1; }
 [[ $part == all || $part == tests-bwd ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }
@@ -84,6 +90,11 @@ limit=200 file=terms-bwd bench_part terms terms -k na2d --fwd-bwd --peers sdpa,f
 [[ $part == all || $part == bench || $part == bench-cutlass ]] &&
   { timeout 300 python3 -P benchmarks/cutlass_prebuild.py issue3 2>&1 | tee "$out/cutlass_prebuild.txt" || status=1; }
 bench_part cutlass issue3 --fwd --peers sdpa,flex,attncc-cutlass,cutlass-example
+# Building the tile lists of call-time data at issue 18's size (target: under 50 us), against
+# FlexAttention's BlockMask.from_kv_blocks and create_block_mask on the same layout.
+[[ $part == all || $part == bench || $part == bench-tables ]] &&
+  { (cd "$out" && timeout 300 python3 "$repo/benchmarks/table_build.py" --device cuda \
+    --markdown "$repo/benchmarks/RESULTS.md") 2>&1 | tee "$out/bench-tables.txt" || status=1; }
 [[ $part == all || $part == extras ]] &&
   { (cd "$out" && timeout 270 python3 "$repo/benchmarks/op_overhead.py" --markdown "$repo/benchmarks/RESULTS.md" &&
     timeout 270 python3 "$repo/benchmarks/dropin_timm.py" --markdown "$repo/benchmarks/RESULTS.md") 2>&1 |

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import DEVICE
 
 from attncc import AttnccError
-from attncc.ir import Grid, dense, neighborhood, rel_pos_bias
+from attncc.ir import Grid, dense, documents, neighborhood, rel_pos_bias
 from attncc.nn import SparseAttention, table_sizes
 from attncc.reference import attention as reference
 
@@ -126,3 +126,18 @@ def test_attn_drop_only_while_training():
     torch.testing.assert_close(m(x), plain(x), atol=0, rtol=0)
     with pytest.raises(AttnccError, match=r"attn_drop = 1.0 is out of range"):
         SparseAttention(32, 2, neighborhood(3), (6, 7), attn_drop=1.0)
+
+
+def test_data_given_per_call_reach_the_kernels():
+    """Two images packed in one row: the pattern declares documents(), each step gives the
+    packing (attncc.attention's data=); an image attends to itself alone, as a module on its own
+    grid computes it."""
+    torch.manual_seed(0)
+    m = SparseAttention(32, 2, dense() & documents(), (6, 7)).to(DEVICE)
+    x = torch.randn(2, 6, 7, 32, device=DEVICE)
+    ids = torch.tensor([[0] * 21 + [1] * 21, [0] * 42], device=DEVICE)
+    out = m(x, data={"documents": ids})
+    alone = SparseAttention(32, 2, dense(), (3, 7)).to(DEVICE)
+    alone.load_state_dict(m.state_dict())
+    torch.testing.assert_close(out[0, 3:], alone(x[:1, 3:])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1], m(x[1:], data={"documents": ids[1:]})[0], atol=1e-5, rtol=1e-5)
