@@ -13,7 +13,7 @@ from attncc import memo, settings
 from attncc.errors import AttnccError
 from attncc.ir import sliding_window
 from attncc.lower import render
-from attncc.runtime import library, ops
+from attncc.runtime import cache, library, ops
 
 
 def test_a_memo_keeps_the_most_recent_entries_and_drops_the_least_recently_used(monkeypatch):
@@ -77,3 +77,14 @@ def test_every_unbounded_memo_says_why():
     assert not unexplained, "use attncc.memo.memo, or say why the memo is unbounded:\n" + "\n".join(
         unexplained
     )
+
+
+def test_bounded_dicts_keep_the_entries_used_last(monkeypatch):
+    """The cache's entry and record memos (written as well as read) keep ATTNCC_MEMO_SIZE entries."""
+    monkeypatch.setenv("ATTNCC_MEMO_SIZE", "2")
+    memo_dict = memo.Bounded()
+    memo_dict["a"], memo_dict["b"] = 1, 2
+    assert memo_dict["a"] == 1  # a is now the most recent
+    memo_dict["c"] = 3
+    assert list(memo_dict) == ["a", "c"]
+    assert isinstance(cache._memo, memo.Bounded) and isinstance(cache._records, memo.Bounded)

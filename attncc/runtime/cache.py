@@ -91,6 +91,7 @@ import filelock
 
 from attncc import settings
 from attncc.errors import CacheError, field_error, form_error
+from attncc.memo import Bounded
 from attncc.runtime.progress import log
 
 MANIFEST = "manifest.json"
@@ -351,8 +352,8 @@ def read_entry(path: Path, kind: str, digest: str) -> tuple[Entry, dict[str, byt
     return entry, {**contents, MANIFEST: manifest}
 
 
-_memo: dict[tuple[str, str], Entry] = {}
-_records: dict[tuple[str, str], str] = {}
+_memo: Bounded = Bounded()  # (root, digest) -> Entry (Note [Cache memo])
+_records: Bounded = Bounded()  # (root, digest) -> a record's text
 
 
 def _find(key: Key, on_corrupt: str) -> tuple[Entry, dict[str, bytes]] | None:
