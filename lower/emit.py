@@ -141,6 +141,11 @@ def _render_package(spec: Spec, name: str, device_type: str) -> dict[str, str]:
     """The files of the package ``name``: its kernel modules (Note [Package variants] in
     package_init.py.j2), tables, term checks and ``__init__``."""
     learn = learned(spec.score)
+    if spec.pattern.runtime_leaves:
+        kinds = ", ".join(leaf.NAME for leaf in spec.pattern.runtime_leaves)
+        why = "the package has no builder of the tile lists its data need (attncc.runtime.tables)"
+        allowed = "a pattern without data given per call; call attncc.attention(..., data=...) for these"
+        raise field_error(SpecError, "pattern (for attncc compile)", kinds, allowed, why)
     if spec.score.bias and spec.grid.size > MAX_BIAS_TOKENS:
         why = "a dense bias is N x N; the kernels index it with 32-bit offsets"
         allowed = f"1..{MAX_BIAS_TOKENS} tokens (or query_bias/key_bias)"

@@ -176,3 +176,17 @@ def test_eager_calls_with_new_data_reuse_the_kernel():
         attncc.attention(q, k, v, block_mask(16), data=_on({"block_mask": _layout(1, H, 3, seed)}))
     info = attncc.runtime.ops.compiled.cache_info()
     assert (info.misses, info.hits) == (1, 0)  # one kernel; the launch memo above it serves the rest
+
+
+def test_compile_refuses_data_given_per_call(tmp_path):
+    from click.testing import CliRunner
+
+    from attncc.cli import cli
+    from attncc.errors import SpecError
+
+    spec = tmp_path / "packed.yaml"
+    spec.write_text('pattern: "causal() & documents()"\ngrid: [64]\nheads: 2\nhead_dim: 16\ndtype: float32\n')
+    result = CliRunner().invoke(cli, ["compile", str(spec), "-o", str(tmp_path / "pkg")])
+    assert isinstance(result.exception, SpecError)
+    assert "pattern (for attncc compile) = 'documents'" in str(result.exception)
+    assert not (tmp_path / "pkg").exists()
