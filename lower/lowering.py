@@ -183,6 +183,9 @@ def _term_fields(
         key_bias=score.key_bias,
         bias=score.bias,
         dropout=score.dropout,
+        # Every tile of a sequence without dilation starts at a multiple of 4 keys: 4 keys share
+        # one Philox call, in the forward's tiles and in dK/dV's alike.
+        dropout_packed=score.dropout and grid.rank == 1 and dilation == (1, 1, 1),
         grads=tuple(name for name in INPUTS if name in score.grads),
         fast_tanh=score.softcap is not None and device_type == "cuda" and dtype != "float32",
     )

@@ -201,6 +201,7 @@ class KernelPlan:
     key_bias: bool = False
     bias: bool = False
     dropout: bool = False
+    dropout_packed: bool = False  # one Philox call per 4 keys (Note [Dropout] in the template)
     grads: tuple[str, ...] = ()
     fast_tanh: bool = False
     # Runtime plans: the leaves whose data come with each call, and how the pattern combines

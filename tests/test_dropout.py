@@ -154,3 +154,29 @@ def test_bad_dropout_arguments_are_refused(kwargs, match):
     q, k, v, _ = _inputs()
     with pytest.raises(AttnccError, match=match):
         attncc.attention(q, k, v, causal(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "pattern,grid",
+    [(neighborhood((3, 5)), (6, 8)), (neighborhood(5, dilation=2), (48,))],
+    ids=["na2d", "na1d-dilated"],
+)
+def test_grids_and_dilation_draw_a_word_per_pair(pattern, grid):
+    """Where a tile's keys are not runs of 4 consecutive tokens (a grid's boxes, dilation groups),
+    each pair draws its own Philox call (Note [Dropout]); the mask still matches the reference's
+    use of it, forward and backward."""
+    q, k, v, do = _inputs()
+    p, seed = 0.3, 99
+    eye = torch.eye(N, D, device=DEVICE).expand(1, H_KV, N, D).contiguous()
+    mask = attncc.attention(q, k, eye, pattern, grid=grid, dropout_p=p, dropout_seed=seed)[..., :N] > 0
+
+    def run(fn, work, **kw):
+        leaves = [t.to(work).requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves, pattern, grid=grid, dropout_p=p, **kw)
+        return [out, *torch.autograd.grad((out.double() * do.double()).sum(), leaves)]
+
+    for a, b in zip(
+        run(attncc.attention, torch.float32, dropout_seed=seed),
+        run(reference, torch.float64, dropout_mask=mask),
+    ):
+        assert (a.double() - b).abs().max().item() <= 1e-4 * max(1.0, b.abs().max().item())
