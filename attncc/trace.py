@@ -27,10 +27,12 @@ holding the tensor's values); 0-d integer or bool tensors are constants.
 Note [Outer grammars]: a score function (attncc.score_trace) computes reals from the
 integers of this grammar: ``slopes[h] * abs(q_idx - kv_idx)``. Its values are
 :class:`Outer`: an :class:`Int` operator gives way to one (returns NotImplemented, so
-Python calls the outer value's reflected operator), :func:`minimum`/:func:`maximum` hand
-it the call, and while it traces, :func:`torch_calls` routes every torch function
-called on a traced value (an Int's too: ``table[k.index - q.index]``) to its handler,
-which passes what is integer-only back to :func:`torch_call`.
+Python calls the outer value's reflected operator) and :func:`minimum`/:func:`maximum`
+hand it the call. While an outer grammar traces (:func:`outer_grammar`), the operators
+this grammar refuses (``*``, ``/``, ``**``: ``abs(q_idx - kv_idx) / 8``) lift the integer
+into it, and every torch function called on a traced value (an Int's too: ``table[k.index
+- q.index]``) goes to its :meth:`Outer.torch_call`, which passes what is integer-only back
+to :func:`torch_call`.
 """
 
 from __future__ import annotations
@@ -60,13 +62,24 @@ _LOOKUP_HELP = "a lookup reads a 1-D integer tensor at a coordinate, as in doc[q
 
 class Outer:
     """A traced value of a grammar built on this one (Note [Outer grammars]): it has ``text``
-    and ``strength`` as :class:`Int` has, and :meth:`extreme` builds its ``min``/``max``."""
+    and ``strength`` as :class:`Int` has."""
 
     text: str
     strength: int
 
     @classmethod
     def extreme(cls, kind: str, values: tuple) -> Any:
+        """``min``/``max`` of ``values``, one of them an Outer."""
+        raise NotImplementedError
+
+    @classmethod
+    def lift(cls, value: Int) -> Outer:
+        """A traced integer as a value of the outer grammar."""
+        raise NotImplementedError
+
+    @classmethod
+    def torch_call(cls, func: Any, args: tuple, kwargs: dict | None) -> Any:
+        """A torch function called on traced values while the outer grammar traces."""
         raise NotImplementedError
 
 
@@ -84,23 +97,23 @@ def text_of(value: Any) -> str:
     return repr(value)
 
 
-_HANDLER: ContextVar[Callable | None] = ContextVar("attncc_trace_torch_calls", default=None)
+_OUTER: ContextVar[type[Outer] | None] = ContextVar("attncc_trace_outer_grammar", default=None)
 
 
 @contextmanager
-def torch_calls(handler: Callable) -> Iterator[None]:
-    """Route the torch functions called on traced values to ``handler(func, args, kwargs)``
-    while the block runs (Note [Outer grammars])."""
-    token = _HANDLER.set(handler)
+def outer_grammar(outer: type[Outer]) -> Iterator[None]:
+    """Trace the block in the grammar of ``outer`` (Note [Outer grammars])."""
+    token = _OUTER.set(outer)
     try:
         yield
     finally:
-        _HANDLER.reset(token)
+        _OUTER.reset(token)
 
 
 def _dispatch(cls: type, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
     """``__torch_function__`` of every traced value (Note [Torch functions])."""
-    return (_HANDLER.get() or torch_call)(func, args, kwargs)
+    outer = _OUTER.get()
+    return torch_call(func, args, kwargs) if outer is None else outer.torch_call(func, args, kwargs)
 
 
 def _gives_way(method: Callable) -> Callable:
@@ -187,14 +200,36 @@ class Int:
             f"{text_of(other)} % {self.text}: // and % divide by a constant, not by a coordinate"
         )
 
-    @_gives_way
-    def __mul__(self, other: Any) -> Int:
+    def _lifted(self, other: Any, method: str, symbol: str) -> Any:
+        """``*``, ``/``, ``**``: an outer grammar's (Note [Outer grammars]), else refused."""
+        if isinstance(other, Outer):
+            return NotImplemented
+        outer = _OUTER.get()
+        if outer is not None:
+            return getattr(outer.lift(self), method)(other)
+        what = {"*": "multiplication", "/": "division", "**": "a power"}[symbol]
         raise TraceError(
-            f"{self.text} * {text_of(other)}: multiplication is not in the grammar "
+            f"{self.text} {symbol} {text_of(other)}: {what} is not in the grammar "
             "(coordinates combine with +, -, abs, min, max, // and % by constants)"
         )
 
-    __rmul__ = __truediv__ = __rtruediv__ = __pow__ = __rpow__ = __mul__
+    def __mul__(self, other: Any) -> Any:
+        return self._lifted(other, "__mul__", "*")
+
+    def __rmul__(self, other: Any) -> Any:
+        return self._lifted(other, "__rmul__", "*")
+
+    def __truediv__(self, other: Any) -> Any:
+        return self._lifted(other, "__truediv__", "/")
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return self._lifted(other, "__rtruediv__", "/")
+
+    def __pow__(self, other: Any) -> Any:
+        return self._lifted(other, "__pow__", "**")
+
+    def __rpow__(self, other: Any) -> Any:
+        return self._lifted(other, "__rpow__", "**")
 
     # --- comparisons ----------------------------------------------------------
 
@@ -583,7 +618,8 @@ class Used(TraceError):
 
 
 class Coords:
-    """``q`` or ``k``: one attribute per grid axis, and ``index`` for the flat row-major index."""
+    """``q`` or ``k``: one attribute per grid axis (also ``q[a]`` by number), and ``index`` for
+    the flat row-major index."""
 
     def __init__(self, side: str, names: tuple[str, ...]) -> None:
         self._side, self._names = side, names
@@ -599,6 +635,13 @@ class Coords:
             allowed = ", ".join([*self._names, "index"])
             raise TraceError(f"{self._side}.{name}: no such coordinate; allowed: {allowed}")
         return Int("var", (self._side, self._names.index(name)), f"{self._side}.{name}")
+
+    def __getitem__(self, axis: Any) -> Int:
+        """``q[a]``: the coordinate on grid axis ``a``, by number."""
+        if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < len(self._names):
+            allowed = f"an axis number 0..{len(self._names) - 1}"
+            raise TraceError(f"{self._side}[{text_of(axis)}]: no such axis; allowed: {allowed}")
+        return Int("var", (self._side, axis), f"{self._side}[{axis}]")
 
     def __repr__(self) -> str:
         return f"<traced {self._side}: {', '.join([*self._names, 'index'])}>"
