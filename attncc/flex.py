@@ -58,6 +58,7 @@ from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern, dense, per_head
 from attncc.jit import match
 from attncc.runtime.library import attend, checked_text
+from attncc.score_fn import ScoreFunction
 from attncc.trace import Int, Opaque, Used, run, tensor_reads
 
 __all__ = ["flex_attention", "pattern"]
@@ -78,7 +79,7 @@ def _positional_names(mask_mod: Callable) -> tuple[str, str]:
     except (TypeError, ValueError):
         raise TraceError(
             f"mask_mod {shown} must take four arguments (b, h, q_idx, kv_idx); a score_mod "
-            "(score, b, h, q_idx, kv_idx) is not supported"
+            "(score, b, h, q_idx, kv_idx) is given as score_mod="
         ) from None
     params = [
         p.name
@@ -135,28 +136,34 @@ def flex_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask_mod: Callable | None = None,
+    mask_mod: Any = None,
     *,
+    score_mod: Callable | None = None,
     block_mask: Any = None,
     scale: float | None = None,
     enable_gqa: bool = False,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``torch.nn.attention.flex_attention.flex_attention`` with a ``mask_mod``, on attncc's kernels.
+    """``torch.nn.attention.flex_attention.flex_attention`` on attncc's kernels: a ``mask_mod``
+    (or a ``block_mask``) and a ``score_mod``, each traced.
 
     ``query`` is ``[B, H, N, D]`` (SDPA layout), ``key``/``value`` ``[B, H_kv, N, D]``
     with ``H_kv == H`` unless ``enable_gqa`` (then ``H_kv`` divides ``H``; query head
     ``h`` reads key head ``h // (H / H_kv)``, as in FlexAttention). The sequence length
     ``N`` is taken from the shapes (query and key lengths must agree: self-attention
     over one sequence). The mask is ``mask_mod`` (traced by :func:`pattern`, with
-    ``heads = H``), or the ``mask_mod`` of a FlexAttention ``block_mask`` (its block
-    tables are not used: attncc plans its own), or none (dense). ``scale`` defaults to
-    ``1 / sqrt(D)``. Returns the output ``[B, H, N, D]`` and, with ``return_lse``, the
-    natural-log log-sum-exp ``[B, H, N]`` in float32. A ``score_mod`` is not supported.
+    ``heads = H``), or the ``mask_mod`` of a FlexAttention ``block_mask`` (given as
+    ``block_mask=`` or in ``mask_mod``'s place; its block tables are not used: attncc plans
+    its own), or none (dense). ``score_mod(score, b, h, q_idx, kv_idx)`` is traced into
+    fused score terms (see the module doc), its captured tensors learned through them.
+    ``scale`` defaults to ``1 / sqrt(D)``. Returns the output ``[B, H, N, D]`` and, with
+    ``return_lse``, the natural-log log-sum-exp ``[B, H, N]`` in float32.
 
     Example::
 
         out = attncc.flex.flex_attention(q, k, v, lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+        softcap = lambda score, b, h, q_idx, kv_idx: 30 * torch.tanh(score / 30)
+        out = attncc.flex.flex_attention(q, k, v, score_mod=softcap)
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -174,6 +181,10 @@ def flex_attention(
             key.shape[1],
             f"{query.shape[1]} (the query heads), or enable_gqa=True for fewer key heads",
         )
+    if hasattr(mask_mod, "mask_mod") and hasattr(mask_mod, "seq_lengths"):  # a BlockMask in mask_mod's place
+        if block_mask is not None:
+            raise AttnccError("flex_attention got two block masks (mask_mod and block_mask); give one")
+        mask_mod, block_mask = None, mask_mod
     if block_mask is not None:
         if mask_mod is not None:
             raise AttnccError("flex_attention got both mask_mod and block_mask; give one of them")
@@ -187,7 +198,10 @@ def flex_attention(
             )
         mask_mod = block_mask.mask_mod
     text_of = functools.partial(_text, mask_mod, torch.compiler.is_compiling())
-    return attend(query, key, value, text_of, scale=scale, return_lse=return_lse, layout="sdpa")
+    terms = None if score_mod is None else ScoreFunction(score_mod, "flex")
+    return attend(
+        query, key, value, text_of, scale=scale, return_lse=return_lse, layout="sdpa", score_mod=terms
+    )
 
 
 @torch.compiler.assume_constant_result  # Note [Patterns under torch.compile] in attncc.runtime.dynamo

@@ -61,6 +61,7 @@ from attncc.ir.nodes import Band, Pattern, dense
 from attncc.layouts import to_sdpa_layout
 from attncc.predicate import Matcher
 from attncc.runtime.library import attend, checked_text
+from attncc.score_fn import ScoreFunction
 from attncc.trace import Cond, trace
 
 __all__ = ["JitAttention", "jit", "match"]
@@ -114,6 +115,8 @@ class JitAttention:
                 "or [B, heads, N, D] with grid=(sizes)"
             )
             raise field_error(TraceError, "grid", found.shape, allowed)
+        if callable(kwargs.get("score_mod")):  # a score function's q and k use this grid's names
+            kwargs["score_mod"] = ScoreFunction(kwargs["score_mod"], "coords", self.names)
         return attend(q, k, v, functools.partial(_text, self), grid=found, layout=layout, **kwargs)
 
     def __repr__(self) -> str:
