@@ -1,4 +1,5 @@
-"""FlexAttention's front door: a ``mask_mod(b, h, q_idx, kv_idx)`` traced into the pattern IR.
+"""FlexAttention's front door: a ``mask_mod(b, h, q_idx, kv_idx)`` traced into the pattern IR,
+and a ``score_mod(score, b, h, q_idx, kv_idx)`` into score terms.
 
 A FlexAttention mask over a 1-D sequence becomes an attncc pattern, exactly, or
 is refused with a :class:`~attncc.errors.TraceError` that quotes the
@@ -36,10 +37,40 @@ uses ``h`` is traced once per head with ``h`` a plain ``int`` (``heads=``
 must be given; :func:`flex_attention` takes it from ``query``) and becomes
 ``per_head([...])``; 0-d integer tensors (``windows[h]``) are constants.
 
+A ``score_mod`` (:func:`flex_attention`'s ``score_mod=``) is traced by :mod:`attncc.score_fn`
+into the terms of Note [Score terms] in attncc.ir.score, fused in the kernels, or refused with
+a :class:`~attncc.errors.TraceError` that quotes the sub-expression with no term::
+
+    table = torch.zeros(H, 2 * 64 - 1, requires_grad=True)  # a learned bias per offset kv - q
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return 30 * torch.tanh(score / 30) + table[h, kv_idx - q_idx + 63]
+
+    out = attncc.flex.flex_attention(q, k, v, sliding_window, score_mod=score_mod)
+
+=========================================================  ========================================
+``c * torch.tanh(score / c)``                              ``softcap(c)``
+``score * t[h]`` (also inside the cap)                     ``temperature(t)``
+``score + (kv_idx - q_idx) * s[h]``, ``- s[h] * abs(..)``  ``alibi(s, distance='signed')``,
+                                                           ``alibi(s)``; ``s`` a captured tensor or
+                                                           an expression of ``h`` (attention-gym's
+                                                           ``torch.exp2(-(h + 1) * 8.0 / H)``)
+``t[h, kv_idx - q_idx + r]`` (or ``q_idx - kv_idx``,       ``rel_pos_bias(t)``: ``r`` the centre
+clamped to the table's edges)                              of the table
+``t[kv_idx]``, ``t[b, h, q_idx]``, ``t[h]``                ``key_bias``, ``query_bias``
+``t[b, h, q_idx, kv_idx]``, ``t[q_idx, kv_idx]``           ``bias``
+=========================================================  ========================================
+
+The captured tensors become the terms' tensors (or views of them), so they learn and new values
+reuse the kernel; a function that branches (``torch.where``), puts a bias inside the cap or
+multiplies two tensors has no term. Under torch.compile the ``score_mod`` must be defined outside
+the compiled function (Note [Score functions under torch.compile] in attncc.score_fn).
+
 Note [No trace cache]: :func:`flex_attention` traces on every call, as the
 captured tensors (document ids) may change between calls while the function
 stays the same; tracing costs milliseconds, and the kernel is cached per
-pattern. A loop that reuses one mask can call :func:`pattern` once and
+pattern. (A ``score_mod``'s trace is memoised: only the shapes of its tensors
+matter.) A loop that reuses one mask can call :func:`pattern` once and
 :func:`attncc.attention` with it.
 """
 
