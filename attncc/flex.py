@@ -1,4 +1,5 @@
-"""FlexAttention's front door: a ``mask_mod(b, h, q_idx, kv_idx)`` traced into the pattern IR.
+"""FlexAttention's front door: a ``mask_mod(b, h, q_idx, kv_idx)`` traced into the pattern IR,
+and a ``score_mod(score, b, h, q_idx, kv_idx)`` into score terms.
 
 A FlexAttention mask over a 1-D sequence becomes an attncc pattern, exactly, or
 is refused with a :class:`~attncc.errors.TraceError` that quotes the
@@ -36,10 +37,40 @@ uses ``h`` is traced once per head with ``h`` a plain ``int`` (``heads=``
 must be given; :func:`flex_attention` takes it from ``query``) and becomes
 ``per_head([...])``; 0-d integer tensors (``windows[h]``) are constants.
 
+A ``score_mod`` (:func:`flex_attention`'s ``score_mod=``) is traced by :mod:`attncc.score_fn`
+into the terms of Note [Score terms] in attncc.ir.score, fused in the kernels, or refused with
+a :class:`~attncc.errors.TraceError` that quotes the sub-expression with no term::
+
+    table = torch.zeros(H, 2 * 64 - 1, requires_grad=True)  # a learned bias per offset kv - q
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return 30 * torch.tanh(score / 30) + table[h, kv_idx - q_idx + 63]
+
+    out = attncc.flex.flex_attention(q, k, v, sliding_window, score_mod=score_mod)
+
+=========================================================  ========================================
+``c * torch.tanh(score / c)``                              ``softcap(c)``
+``score * t[h]`` (also inside the cap)                     ``temperature(t)``
+``score + (kv_idx - q_idx) * s[h]``, ``- s[h] * abs(..)``  ``alibi(s, distance='signed')``,
+                                                           ``alibi(s)``; ``s`` a captured tensor or
+                                                           an expression of ``h`` (attention-gym's
+                                                           ``torch.exp2(-(h + 1) * 8.0 / H)``)
+``t[h, kv_idx - q_idx + r]`` (or ``q_idx - kv_idx``,       ``rel_pos_bias(t)``: ``r`` the centre
+clamped to the table's edges)                              of the table
+``t[kv_idx]``, ``t[b, h, q_idx]``, ``t[h]``                ``key_bias``, ``query_bias``
+``t[b, h, q_idx, kv_idx]``, ``t[q_idx, kv_idx]``           ``bias``
+=========================================================  ========================================
+
+The captured tensors become the terms' tensors (or views of them), so they learn and new values
+reuse the kernel; a function that branches (``torch.where``), puts a bias inside the cap or
+multiplies two tensors has no term. Under torch.compile the ``score_mod`` must be defined outside
+the compiled function (Note [Score functions under torch.compile] in attncc.score_fn).
+
 Note [No trace cache]: :func:`flex_attention` traces on every call, as the
 captured tensors (document ids) may change between calls while the function
 stays the same; tracing costs milliseconds, and the kernel is cached per
-pattern. A loop that reuses one mask can call :func:`pattern` once and
+pattern. (A ``score_mod``'s trace is memoised: only the shapes of its tensors
+matter.) A loop that reuses one mask can call :func:`pattern` once and
 :func:`attncc.attention` with it.
 """
 
@@ -58,6 +89,7 @@ from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern, dense, per_head
 from attncc.jit import match
 from attncc.runtime.library import attend, checked_text
+from attncc.score_fn import ScoreFunction
 from attncc.trace import Int, Opaque, Used, run, tensor_reads
 
 __all__ = ["flex_attention", "pattern"]
@@ -78,7 +110,7 @@ def _positional_names(mask_mod: Callable) -> tuple[str, str]:
     except (TypeError, ValueError):
         raise TraceError(
             f"mask_mod {shown} must take four arguments (b, h, q_idx, kv_idx); a score_mod "
-            "(score, b, h, q_idx, kv_idx) is not supported"
+            "(score, b, h, q_idx, kv_idx) is given as score_mod="
         ) from None
     params = [
         p.name
@@ -135,28 +167,34 @@ def flex_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    mask_mod: Callable | None = None,
+    mask_mod: Any = None,
     *,
+    score_mod: Callable | None = None,
     block_mask: Any = None,
     scale: float | None = None,
     enable_gqa: bool = False,
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """``torch.nn.attention.flex_attention.flex_attention`` with a ``mask_mod``, on attncc's kernels.
+    """``torch.nn.attention.flex_attention.flex_attention`` on attncc's kernels: a ``mask_mod``
+    (or a ``block_mask``) and a ``score_mod``, each traced.
 
     ``query`` is ``[B, H, N, D]`` (SDPA layout), ``key``/``value`` ``[B, H_kv, N, D]``
     with ``H_kv == H`` unless ``enable_gqa`` (then ``H_kv`` divides ``H``; query head
     ``h`` reads key head ``h // (H / H_kv)``, as in FlexAttention). The sequence length
     ``N`` is taken from the shapes (query and key lengths must agree: self-attention
     over one sequence). The mask is ``mask_mod`` (traced by :func:`pattern`, with
-    ``heads = H``), or the ``mask_mod`` of a FlexAttention ``block_mask`` (its block
-    tables are not used: attncc plans its own), or none (dense). ``scale`` defaults to
-    ``1 / sqrt(D)``. Returns the output ``[B, H, N, D]`` and, with ``return_lse``, the
-    natural-log log-sum-exp ``[B, H, N]`` in float32. A ``score_mod`` is not supported.
+    ``heads = H``), or the ``mask_mod`` of a FlexAttention ``block_mask`` (given as
+    ``block_mask=`` or in ``mask_mod``'s place; its block tables are not used: attncc plans
+    its own), or none (dense). ``score_mod(score, b, h, q_idx, kv_idx)`` is traced into
+    fused score terms (see the module doc), its captured tensors learned through them.
+    ``scale`` defaults to ``1 / sqrt(D)``. Returns the output ``[B, H, N, D]`` and, with
+    ``return_lse``, the natural-log log-sum-exp ``[B, H, N]`` in float32.
 
     Example::
 
         out = attncc.flex.flex_attention(q, k, v, lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+        softcap = lambda score, b, h, q_idx, kv_idx: 30 * torch.tanh(score / 30)
+        out = attncc.flex.flex_attention(q, k, v, score_mod=softcap)
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -174,6 +212,10 @@ def flex_attention(
             key.shape[1],
             f"{query.shape[1]} (the query heads), or enable_gqa=True for fewer key heads",
         )
+    if hasattr(mask_mod, "mask_mod") and hasattr(mask_mod, "seq_lengths"):  # a BlockMask in mask_mod's place
+        if block_mask is not None:
+            raise AttnccError("flex_attention got two block masks (mask_mod and block_mask); give one")
+        mask_mod, block_mask = None, mask_mod
     if block_mask is not None:
         if mask_mod is not None:
             raise AttnccError("flex_attention got both mask_mod and block_mask; give one of them")
@@ -187,7 +229,10 @@ def flex_attention(
             )
         mask_mod = block_mask.mask_mod
     text_of = functools.partial(_text, mask_mod, torch.compiler.is_compiling())
-    return attend(query, key, value, text_of, scale=scale, return_lse=return_lse, layout="sdpa")
+    terms = None if score_mod is None else ScoreFunction(score_mod, "flex")
+    return attend(
+        query, key, value, text_of, scale=scale, return_lse=return_lse, layout="sdpa", score_mod=terms
+    )
 
 
 @torch.compiler.assume_constant_result  # Note [Patterns under torch.compile] in attncc.runtime.dynamo

@@ -7,6 +7,7 @@
         return (abs(q.t - k.t) <= 2) & (abs(q.h - k.h) <= 7) & (abs(q.w - k.w) <= 7)
 
     out = local_video(q, k, v)              # q, k, v: [B, T, H, W, heads, D]
+    out = local_video(q, k, v, score_mod=lambda score, b, h, q, k: score - s[h] * abs(q.t - k.t))
     out = local_video(q, k, v, grid=(T, H, W))  # or SDPA [B, heads, T*H*W, D]
     print(local_video.pattern((T, H, W)))   # the pattern it compiles to
 
@@ -16,9 +17,11 @@ rendered and cached per (pattern, shape, dtype, device) by
 :func:`attncc.attention`.
 
 Grammar. ``q`` and ``k`` have one attribute per grid axis, named as in
-``grid=`` but lower-case (``q.t``, ``q.h``, ``q.w``), and ``q.index``, the
-flat row-major index. Integer expressions: coordinates, integer constants
-(0-d integer tensors too), ``+``, ``-`` (also unary), ``abs``, ``min``/``max``
+``grid=`` but lower-case (``q.t``, ``q.h``, ``q.w``; also ``q[0]``, ``q[1]``, ...
+by number), and ``q.index``, the flat row-major index. A ``score_mod`` function
+given to the call sees the same names (:mod:`attncc.score_fn`). Integer
+expressions: coordinates, integer constants (0-d integer tensors too), ``+``,
+``-`` (also unary), ``abs``, ``min``/``max``
 (see Note [Traced min and max]), ``// c`` and ``% c`` by a positive constant
 ``c``, and ``t[x]``, a lookup of a coordinate ``x`` in a 1-D integer tensor
 ``t``. Conditions: ``<, <=, >, >=, ==, !=`` between integer expressions,
@@ -61,6 +64,7 @@ from attncc.ir.nodes import Band, Pattern, dense
 from attncc.layouts import to_sdpa_layout
 from attncc.predicate import Matcher
 from attncc.runtime.library import attend, checked_text
+from attncc.score_fn import ScoreFunction
 from attncc.trace import Cond, trace
 
 __all__ = ["JitAttention", "jit", "match"]
@@ -114,6 +118,8 @@ class JitAttention:
                 "or [B, heads, N, D] with grid=(sizes)"
             )
             raise field_error(TraceError, "grid", found.shape, allowed)
+        if callable(kwargs.get("score_mod")):  # a score function's q and k use this grid's names
+            kwargs["score_mod"] = ScoreFunction(kwargs["score_mod"], "coords", self.names)
         return attend(q, k, v, functools.partial(_text, self), grid=found, layout=layout, **kwargs)
 
     def __repr__(self) -> str:

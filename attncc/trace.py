@@ -18,11 +18,21 @@ builtins and must call :func:`minimum`/:func:`maximum` instead.
 Note [Torch functions]: a predicate written for tensors (a FlexAttention
 ``mask_mod``) calls ``torch.abs``, ``torch.logical_and``, tensor methods, and
 indexes captured tensors (``doc[q_idx]``). Traced values define
-``__torch_function__``, so torch hands each such call to :func:`_torch_call`,
+``__torch_function__``, so torch hands each such call to :func:`torch_call`,
 which maps the functions of the grammar onto the Python operators (table
 ``_TORCH``) and refuses any other one by name. Indexing a 1-D integer tensor
 with a traced coordinate is a *lookup* (an :class:`Int` of kind ``lookup``
 holding the tensor's values); 0-d integer or bool tensors are constants.
+
+Note [Outer grammars]: a score function (attncc.score_trace) computes reals from the
+integers of this grammar: ``slopes[h] * abs(q_idx - kv_idx)``. Its values are
+:class:`Outer`: an :class:`Int` operator gives way to one (returns NotImplemented, so
+Python calls the outer value's reflected operator) and :func:`minimum`/:func:`maximum`
+hand it the call. While an outer grammar traces (:func:`outer_grammar`), the operators
+this grammar refuses (``*``, ``/``, ``**``: ``abs(q_idx - kv_idx) / 8``) lift the integer
+into it, and every torch function called on a traced value (an Int's too: ``table[k.index
+- q.index]``) goes to its :meth:`Outer.torch_call`, which passes what is integer-only back
+to :func:`torch_call`.
 """
 
 from __future__ import annotations
@@ -41,7 +51,7 @@ import torch
 from attncc.errors import AttnccError, TraceError
 
 # Python's binding strength (higher binds tighter), to print sub-expressions as written.
-_ATOM, _UNARY, _MUL, _ADD, _AND, _OR, _CMP = 100, 90, 80, 70, 45, 43, 30
+ATOM, UNARY, MUL, ADD, _AND, _OR, _CMP = 100, 90, 80, 70, 45, 43, 30
 _JOIN_HELP = "& and | join comparisons, and bind tighter than them in Python; "
 _BOOL_HELP = (
     "write & for and, | for or, ~ for not, and put each comparison in parentheses: "
@@ -50,21 +60,70 @@ _BOOL_HELP = (
 _LOOKUP_HELP = "a lookup reads a 1-D integer tensor at a coordinate, as in doc[q_idx] == doc[kv_idx]"
 
 
-def _paren(node: Int | Cond, strength: int) -> str:
+class Outer:
+    """A traced value of a grammar built on this one (Note [Outer grammars]): it has ``text``
+    and ``strength`` as :class:`Int` has."""
+
+    text: str
+    strength: int
+
+    @classmethod
+    def extreme(cls, kind: str, values: tuple) -> Any:
+        """``min``/``max`` of ``values``, one of them an Outer."""
+        raise NotImplementedError
+
+    @classmethod
+    def lift(cls, value: Int) -> Outer:
+        """A traced integer as a value of the outer grammar."""
+        raise NotImplementedError
+
+    @classmethod
+    def torch_call(cls, func: Any, args: tuple, kwargs: dict | None) -> Any:
+        """A torch function called on traced values while the outer grammar traces."""
+        raise NotImplementedError
+
+
+def paren(node: Int | Cond | Outer, strength: int) -> str:
+    """``node``'s text, parenthesised where an operator of ``strength`` would bind tighter."""
     return f"({node.text})" if node.strength < strength else node.text
 
 
-def _shown(value: Any) -> str:
-    if isinstance(value, (Int, Cond, Opaque)):
+def text_of(value: Any) -> str:
+    """A traced value as the user wrote it, or a short description of anything else."""
+    if isinstance(value, (Int, Cond, Opaque, Outer)):
         return value.text
     if isinstance(value, torch.Tensor):
         return f"<tensor of shape {list(value.shape)}, {str(value.dtype).removeprefix('torch.')}>"
     return repr(value)
 
 
+_OUTER: ContextVar[type[Outer] | None] = ContextVar("attncc_trace_outer_grammar", default=None)
+
+
+@contextmanager
+def outer_grammar(outer: type[Outer]) -> Iterator[None]:
+    """Trace the block in the grammar of ``outer`` (Note [Outer grammars])."""
+    token = _OUTER.set(outer)
+    try:
+        yield
+    finally:
+        _OUTER.reset(token)
+
+
 def _dispatch(cls: type, func: Any, types: tuple, args: tuple = (), kwargs: dict | None = None) -> Any:
     """``__torch_function__`` of every traced value (Note [Torch functions])."""
-    return _torch_call(func, args, kwargs)
+    outer = _OUTER.get()
+    return torch_call(func, args, kwargs) if outer is None else outer.torch_call(func, args, kwargs)
+
+
+def _gives_way(method: Callable) -> Callable:
+    """An :class:`Int` operator that returns NotImplemented for an :class:`Outer` operand."""
+
+    def operator_(self: Int, other: Any) -> Any:
+        return NotImplemented if isinstance(other, Outer) else method(self, other)
+
+    operator_.__name__ = method.__name__
+    return operator_
 
 
 @dataclass(frozen=True)
@@ -87,26 +146,30 @@ class Int:
     kind: str
     args: tuple
     text: str
-    strength: int = _ATOM
+    strength: int = ATOM
 
     # --- arithmetic ---------------------------------------------------------
 
+    @_gives_way
     def __add__(self, other: Any) -> Int:
         b = _int(other, self, "+")
-        return Int("add", (self, b), f"{_paren(self, _ADD)} + {_paren(b, _ADD + 1)}", _ADD)
+        return Int("add", (self, b), f"{paren(self, ADD)} + {paren(b, ADD + 1)}", ADD)
 
+    @_gives_way
     def __radd__(self, other: Any) -> Int:
         return _int(other, self, "+") + self
 
+    @_gives_way
     def __sub__(self, other: Any) -> Int:
         b = _int(other, self, "-")
-        return Int("sub", (self, b), f"{_paren(self, _ADD)} - {_paren(b, _ADD + 1)}", _ADD)
+        return Int("sub", (self, b), f"{paren(self, ADD)} - {paren(b, ADD + 1)}", ADD)
 
+    @_gives_way
     def __rsub__(self, other: Any) -> Int:
         return _int(other, self, "-") - self
 
     def __neg__(self) -> Int:
-        return Int("neg", (self,), f"-{_paren(self, _UNARY)}", _UNARY)
+        return Int("neg", (self,), f"-{paren(self, UNARY)}", UNARY)
 
     def __pos__(self) -> Int:
         return self
@@ -122,32 +185,57 @@ class Int:
 
     def _by_constant(self, other: Any, symbol: str, kind: str) -> Int:
         other = _constant(other)
-        text = f"{_paren(self, _MUL)} {symbol} {_shown(other)}"
+        text = f"{paren(self, MUL)} {symbol} {text_of(other)}"
         if not _is_int(other) or other < 1:
             raise TraceError(f"{text}: {symbol} takes a positive integer constant on its right")
-        return Int(kind, (self, other), text, _MUL)
+        return Int(kind, (self, other), text, MUL)
 
     def __rfloordiv__(self, other: Any) -> Int:
         raise TraceError(
-            f"{_shown(other)} // {self.text}: // and % divide by a constant, not by a coordinate"
+            f"{text_of(other)} // {self.text}: // and % divide by a constant, not by a coordinate"
         )
 
     def __rmod__(self, other: Any) -> Int:
-        raise TraceError(f"{_shown(other)} % {self.text}: // and % divide by a constant, not by a coordinate")
-
-    def __mul__(self, other: Any) -> Int:
         raise TraceError(
-            f"{self.text} * {_shown(other)}: multiplication is not in the grammar "
+            f"{text_of(other)} % {self.text}: // and % divide by a constant, not by a coordinate"
+        )
+
+    def _lifted(self, other: Any, method: str, symbol: str) -> Any:
+        """``*``, ``/``, ``**``: an outer grammar's (Note [Outer grammars]), else refused."""
+        if isinstance(other, Outer):
+            return NotImplemented
+        outer = _OUTER.get()
+        if outer is not None:
+            return getattr(outer.lift(self), method)(other)
+        what = {"*": "multiplication", "/": "division", "**": "a power"}[symbol]
+        raise TraceError(
+            f"{self.text} {symbol} {text_of(other)}: {what} is not in the grammar "
             "(coordinates combine with +, -, abs, min, max, // and % by constants)"
         )
 
-    __rmul__ = __truediv__ = __rtruediv__ = __pow__ = __rpow__ = __mul__
+    def __mul__(self, other: Any) -> Any:
+        return self._lifted(other, "__mul__", "*")
+
+    def __rmul__(self, other: Any) -> Any:
+        return self._lifted(other, "__rmul__", "*")
+
+    def __truediv__(self, other: Any) -> Any:
+        return self._lifted(other, "__truediv__", "/")
+
+    def __rtruediv__(self, other: Any) -> Any:
+        return self._lifted(other, "__rtruediv__", "/")
+
+    def __pow__(self, other: Any) -> Any:
+        return self._lifted(other, "__pow__", "**")
+
+    def __rpow__(self, other: Any) -> Any:
+        return self._lifted(other, "__rpow__", "**")
 
     # --- comparisons ----------------------------------------------------------
 
     def _compare(self, other: Any, op: str) -> Cond:
         b = _int(other, self, op)
-        return Cond("cmp", (op, self, b), f"{_paren(self, _CMP + 1)} {op} {_paren(b, _CMP + 1)}", _CMP)
+        return Cond("cmp", (op, self, b), f"{paren(self, _CMP + 1)} {op} {paren(b, _CMP + 1)}", _CMP)
 
     def __lt__(self, other: Any) -> Cond:
         return self._compare(other, "<")
@@ -172,7 +260,7 @@ class Int:
     # --- misuse -------------------------------------------------------------
 
     def _join(self, other: Any, op: str, reflected: bool) -> Int:
-        shown = _shown(other)
+        shown = text_of(other)
         text = f"{shown} {op} {self.text}" if reflected else f"{self.text} {op} {shown}"
         raise TraceError(f"{text}: " + _JOIN_HELP + _BOOL_HELP)
 
@@ -200,7 +288,7 @@ class Int:
     __int__ = __index__
 
     def __getitem__(self, index: Any) -> Int:
-        raise TraceError(f"{self.text}[{_shown(index)}]: a traced integer cannot be indexed")
+        raise TraceError(f"{self.text}[{text_of(index)}]: a traced integer cannot be indexed")
 
     def __len__(self) -> int:
         raise TraceError(f"len({self.text}): a traced integer has no length")
@@ -245,7 +333,7 @@ def tensor_reads() -> Iterator[list[str]]:
 def _read(tensor: torch.Tensor, name: str | None = None) -> None:
     reads = _READS.get()
     if reads is not None:
-        reads.append(name or _name_of(tensor) or "tensor")
+        reads.append(name or name_of(tensor) or "tensor")
 
 
 def _int(value: Any, left: Int, op: str) -> Int:
@@ -257,7 +345,7 @@ def _int(value: Any, left: Int, op: str) -> Int:
     if _is_int(value):
         return Int("const", (value,), str(value) if value >= 0 else f"({value})")
     raise TraceError(
-        f"{left.text} {op} {_shown(value)}: traced coordinates combine with integer constants and "
+        f"{left.text} {op} {text_of(value)}: traced coordinates combine with integer constants and "
         "other coordinates only"
     )
 
@@ -269,24 +357,24 @@ class Cond:
     kind: str
     args: tuple
     text: str
-    strength: int = _ATOM
+    strength: int = ATOM
 
     def __and__(self, other: Any) -> Cond:
         b = _cond(other, self, "&")
-        return Cond("and", (self, b), f"{_paren(self, _AND)} & {_paren(b, _AND + 1)}", _AND)
+        return Cond("and", (self, b), f"{paren(self, _AND)} & {paren(b, _AND + 1)}", _AND)
 
     def __rand__(self, other: Any) -> Cond:
         return _cond(other, self, "&", reflected=True) & self
 
     def __or__(self, other: Any) -> Cond:
         b = _cond(other, self, "|")
-        return Cond("or", (self, b), f"{_paren(self, _OR)} | {_paren(b, _OR + 1)}", _OR)
+        return Cond("or", (self, b), f"{paren(self, _OR)} | {paren(b, _OR + 1)}", _OR)
 
     def __ror__(self, other: Any) -> Cond:
         return _cond(other, self, "|", reflected=True) | self
 
     def __invert__(self) -> Cond:
-        return Cond("not", (self,), f"~{_paren(self, _UNARY)}", _UNARY)
+        return Cond("not", (self,), f"~{paren(self, UNARY)}", UNARY)
 
     def __bool__(self) -> bool:
         raise TraceError(f"{self.text} was used as a Python bool (and, or, not, if); " + _BOOL_HELP)
@@ -303,7 +391,7 @@ def _cond(value: Any, cond: Cond, op: str, reflected: bool = False) -> Cond:
         return value
     if isinstance(value, bool):
         return Cond("const", (value,), str(value))
-    shown = _shown(value)
+    shown = text_of(value)
     text = f"{shown} {op} {cond.text}" if reflected else f"{cond.text} {op} {shown}"
     if isinstance(value, Opaque):
         raise value.used(text)
@@ -324,6 +412,9 @@ def _extreme(kind: str, args: tuple) -> Any:
     values = tuple(args[0]) if len(args) == 1 else args
     if not values:
         raise TraceError(f"{kind}() of nothing: give it two or more values")
+    outer = next((v for v in values if isinstance(v, Outer)), None)
+    if outer is not None:
+        return type(outer).extreme(kind, values)
     if not any(isinstance(v, Int) for v in values):
         return (min if kind == "min" else max)(values)
     first = next(v for v in values if isinstance(v, Int))
@@ -382,10 +473,10 @@ def _function_name(func: Any) -> str:
     return f"Tensor.{name}" if getattr(torch.Tensor, name, None) is func else f"torch.{name}"
 
 
-def _torch_call(func: Any, args: tuple, kwargs: dict | None) -> Any:
+def torch_call(func: Any, args: tuple, kwargs: dict | None) -> Any:
     """A torch function called on traced values: the grammar's operation, or a TraceError."""
     kwargs = dict(kwargs or {})
-    shown_args = [*map(_shown, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
+    shown_args = [*map(text_of, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
     shown = f"{_function_name(func)}({', '.join(shown_args)})"
     if func is torch.Tensor.__getitem__:
         return _lookup(args[0], args[1])
@@ -405,7 +496,7 @@ def _torch_call(func: Any, args: tuple, kwargs: dict | None) -> Any:
         )
     for value in args:
         if isinstance(value, torch.Tensor) and value.dim() != 0:
-            raise TraceError(f"{shown}: {_shown(value)} is not a constant; " + _LOOKUP_HELP)
+            raise TraceError(f"{shown}: {text_of(value)} is not a constant; " + _LOOKUP_HELP)
     return op(*(_constant(a) for a in args))
 
 
@@ -420,7 +511,7 @@ def _method(value: Int | Cond, name: str) -> Callable:
     return lambda *args: op(value, *args)
 
 
-def _name_of(value: object) -> str | None:
+def name_of(value: object) -> str | None:
     """The name the predicate's own code gives ``value``, for messages (Note [Lookup names])."""
     frame = sys._getframe(1)
     while frame is not None and _internal(frame.f_globals.get("__name__", "")):
@@ -435,7 +526,8 @@ def _name_of(value: object) -> str | None:
 
 
 def _internal(module: str) -> bool:
-    return module == __name__ or module == "torch" or module.startswith("torch.")
+    # attncc's own tracers (this module, attncc.score_trace) and torch
+    return module.startswith("attncc.") or module == "torch" or module.startswith("torch.")
 
 
 # Note [Lookup names]: a lookup is shown as the predicate wrote it (``doc[q_idx]``), but
@@ -447,14 +539,14 @@ def _internal(module: str) -> bool:
 def _lookup(table: Any, index: Any) -> Int:
     """``table[index]`` with a traced index: a lookup into a 1-D integer tensor."""
     index = index[0] if isinstance(index, tuple) and len(index) == 1 else index
-    name = _name_of(table) or "tensor"
-    shown = f"{name}[{', '.join(map(_shown, index)) if isinstance(index, tuple) else _shown(index)}]"
+    name = name_of(table) or "tensor"
+    shown = f"{name}[{', '.join(map(text_of, index)) if isinstance(index, tuple) else text_of(index)}]"
     if isinstance(index, Opaque):
         raise index.used(shown)
     if not isinstance(index, Int):
         raise TraceError(f"{shown}: the index is not one traced integer; " + _LOOKUP_HELP)
     if not _is_integer_tensor(table) or table.dim() != 1:
-        raise TraceError(f"{shown}: {name} is {_shown(table)}; " + _LOOKUP_HELP)
+        raise TraceError(f"{shown}: {name} is {text_of(table)}; " + _LOOKUP_HELP)
     _read(table, name)
     values = tuple(int(v) for v in table.tolist())
     return Int("lookup", (Table(values, name), index), shown)
@@ -500,7 +592,7 @@ class Opaque:
 
 def _opaque_use(symbol: str) -> Callable:
     def use(self: Opaque, *others: Any) -> Any:
-        raise self.used(" ".join([self.text, symbol, *map(_shown, others)]).strip())
+        raise self.used(" ".join([self.text, symbol, *map(text_of, others)]).strip())
 
     return use
 
@@ -526,7 +618,8 @@ class Used(TraceError):
 
 
 class Coords:
-    """``q`` or ``k``: one attribute per grid axis, and ``index`` for the flat row-major index."""
+    """``q`` or ``k``: one attribute per grid axis (also ``q[a]`` by number), and ``index`` for
+    the flat row-major index."""
 
     def __init__(self, side: str, names: tuple[str, ...]) -> None:
         self._side, self._names = side, names
@@ -543,15 +636,22 @@ class Coords:
             raise TraceError(f"{self._side}.{name}: no such coordinate; allowed: {allowed}")
         return Int("var", (self._side, self._names.index(name)), f"{self._side}.{name}")
 
+    def __getitem__(self, axis: Any) -> Int:
+        """``q[a]``: the coordinate on grid axis ``a``, by number."""
+        if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < len(self._names):
+            allowed = f"an axis number 0..{len(self._names) - 1}"
+            raise TraceError(f"{self._side}[{text_of(axis)}]: no such axis; allowed: {allowed}")
+        return Int("var", (self._side, axis), f"{self._side}[{axis}]")
+
     def __repr__(self) -> str:
         return f"<traced {self._side}: {', '.join([*self._names, 'index'])}>"
 
 
-def run(fn: Callable, args: tuple, what: str) -> Cond | bool:
-    """Run ``fn(*args)`` on traced values and return the condition it built.
+def call(fn: Callable, args: tuple) -> Any:
+    """``fn(*args)`` on traced values, with ``min``/``max`` traced (Note [Traced min and max]).
 
-    ``what`` says what ``fn`` may return, for the refusal. Python errors raised while
-    tracing (a construct this module does not model) become a :class:`TraceError`.
+    Python errors raised while tracing (a construct the tracer does not model) become a
+    :class:`TraceError` naming ``fn``.
     """
     name = getattr(fn, "__name__", type(fn).__name__)
     runnable = fn
@@ -562,14 +662,21 @@ def run(fn: Callable, args: tuple, what: str) -> Cond | bool:
         runnable = types.FunctionType(fn.__code__, env, fn.__name__, fn.__defaults__, fn.__closure__)
         runnable.__kwdefaults__ = fn.__kwdefaults__
     try:
-        result = _constant(runnable(*args))
+        return _constant(runnable(*args))
     except AttnccError:
         raise
-    except Exception as e:  # any other error of the predicate's own code, named
+    except Exception as e:  # any other error of the traced function's own code, named
         raise TraceError(f"{name} raised {type(e).__name__} while tracing: {e}") from e
+
+
+def run(fn: Callable, args: tuple, what: str) -> Cond | bool:
+    """Run ``fn(*args)`` on traced values and return the condition it built (:func:`call`);
+    ``what`` says what ``fn`` may return, for the refusal."""
+    result = call(fn, args)
     if isinstance(result, (Cond, bool)):
         return result
-    raise TraceError(f"{name} returned {_shown(result)}; allowed: {what}")
+    name = getattr(fn, "__name__", type(fn).__name__)
+    raise TraceError(f"{name} returned {text_of(result)}; allowed: {what}")
 
 
 def trace(fn: Callable, names: tuple[str, ...]) -> Cond | bool:

@@ -40,6 +40,7 @@ from attncc.layouts import to_sdpa_layout
 from attncc.memo import forget_all, memo
 from attncc.runtime import data as call_data
 from attncc.runtime import dynamo, ops, terms  # noqa: F401 (dynamo: registers the nodes)
+from attncc.score_fn import ScoreFunction, score_terms
 
 
 @memo
@@ -273,7 +274,7 @@ def attention(
     score: str | Score = "softmax",
     sigmoid_bias: float | None = None,
     layout: str | None = None,
-    score_mod: Score | None = None,
+    score_mod: Score | Callable | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     data: dict[str, torch.Tensor] | None = None,
@@ -293,7 +294,10 @@ def attention(
     per query head; ``distance=`` 'flat', 'signed' or 'axes'), ``rel_pos_bias(table)``
     (``[H or 1, 2 r + 1, ...]``, NATTEN's and Swin's), ``query_bias``/``key_bias``
     (``[B or 1, H or 1, N]``) and ``bias`` (``[B or 1, H or 1, N, N]``), e.g.
-    ``score_mod=softcap(50.0) + rel_pos_bias(table)``. Gradients flow to q, k, v and every
+    ``score_mod=softcap(50.0) + rel_pos_bias(table)``, or a function ``score_mod(score, b, h,
+    q, k)`` traced into those terms (attncc.score_fn: ``lambda score, b, h, q, k: score +
+    table[h, k.index - q.index + 6]``; ``q``/``k`` carry ``index`` and the grid coordinates
+    ``n``, or ``h, w``, or ``t, h, w``). Gradients flow to q, k, v and every
     term tensor that requires grad. ``dropout_p`` drops attention probabilities (the kept ones
     scaled by ``1 / (1 - p)``) by a Philox stream of ``dropout_seed`` (drawn from torch's
     generator when None); the backward regenerates the same mask. ``layout`` ('sdpa' or
@@ -322,7 +326,7 @@ def attend(
     score: str | Score = "softmax",
     sigmoid_bias: float | None = None,
     layout: str | None = None,
-    score_mod: Score | None = None,
+    score_mod: Score | Callable | None = None,
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     data_of: Callable[[Grid, int, int, torch.device], dict[str, torch.Tensor]] | None = None,
@@ -343,7 +347,7 @@ def attend(
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
     b, h, n, d = qs.shape
     pattern_text = text_of(grid.shape, h)
-    terms_ = checked(_combined(score, score_mod), grid, h, return_lse)
+    terms_ = checked(_combined(score, score_mod, pattern_text, grid, h, q.device), grid, h, return_lse)
     params = terms.inputs(terms_, b, h, grid, q.device)
     dropout_p = _probability(dropout_p)
     if dropout_p > 0:
@@ -417,15 +421,22 @@ def _check_interpreter() -> None:
         )
 
 
-def _combined(score: str | Score, score_mod: Score | None) -> Score:
-    """The call's score: ``score`` (a normaliser, or terms) and the terms of ``score_mod``."""
+def _combined(score: str | Score, score_mod: object, pattern_text: str, grid: Grid, heads: int,
+              device: torch.device) -> Score:  # fmt: skip
+    """The call's score: ``score`` (a normaliser, or terms) and the terms of ``score_mod``
+    (terms, or a score function traced into terms: attncc.score_fn)."""
     found = Score(*_parsed(score)) if isinstance(score, str) else as_score(score)
     if score_mod is None:
         return found
-    if not isinstance(score_mod, Score):
-        expected = "score terms (attncc.ir.softcap, alibi, rel_pos_bias, ... composed with +)"
-        raise form_error(AttnccError, "score_mod", score_mod, expected)
-    return found + score_mod
+    if isinstance(score_mod, Score):
+        return found + score_mod
+    if callable(score_mod) or isinstance(score_mod, ScoreFunction):
+        return found + score_terms(score_mod, pattern_text, grid, heads, device)
+    expected = (
+        "score terms (attncc.ir.softcap, alibi, rel_pos_bias, ... composed with +) or a "
+        "function score_mod(score, b, h, q, k)"
+    )
+    raise form_error(AttnccError, "score_mod", score_mod, expected)
 
 
 def _probability(p: object) -> float:
