@@ -87,8 +87,9 @@ from attncc.errors import AttnccError, TraceError, field_error, form_error
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern, dense, per_head
+from attncc.ir.nodes import block_mask as ir_block_mask
 from attncc.jit import match
-from attncc.runtime.library import attend, checked_text
+from attncc.runtime.library import attend, attention, checked_text
 from attncc.score_fn import ScoreFunction
 from attncc.trace import Int, Opaque, Used, run, tensor_reads
 
@@ -228,11 +229,58 @@ def flex_attention(
                 f"({n}, {n}): a BlockMask built for these shapes",
             )
         mask_mod = block_mask.mask_mod
-    text_of = functools.partial(_text, mask_mod, torch.compiler.is_compiling())
     terms = None if score_mod is None else ScoreFunction(score_mod, "flex")
+    if block_mask is not None and _no_mask_mod(mask_mod):  # Note [Block masks as data]
+        size = _block_size(block_mask)
+        return attention(
+            query, key, value, ir_block_mask(size), scale=scale, return_lse=return_lse, layout="sdpa",
+            score_mod=terms, data={"block_mask": _layout(block_mask)},
+        )  # fmt: skip
+    text_of = functools.partial(_text, mask_mod, torch.compiler.is_compiling())
     return attend(
         query, key, value, text_of, scale=scale, return_lse=return_lse, layout="sdpa", score_mod=terms
     )
+
+
+# Note [Block masks as data]: a BlockMask whose mask_mod keeps everything (BlockMask.from_kv_blocks
+# without one: SeerAttention's, VSA's and NSA's selected blocks) is its block tables: they become
+# the data of a block_mask(BLOCK_SIZE) pattern, read by the kernels per call (issue 18: new tables
+# never recompile). A BlockMask with a mask_mod (create_block_mask's) is that mask_mod, traced into
+# a pattern with closed forms; its tables are taken to be the ones create_block_mask derives from
+# it, which attncc plans for itself.
+
+
+def _no_mask_mod(mask_mod: Callable | None) -> bool:
+    try:
+        from torch.nn.attention.flex_attention import noop_mask
+    except ImportError:  # a torch without FlexAttention has no BlockMask either
+        return False
+    return mask_mod is noop_mask
+
+
+def _block_size(block_mask: Any) -> int:
+    q_block, kv_block = block_mask.BLOCK_SIZE
+    if q_block != kv_block:
+        allowed = "equal query and key block sizes (attncc's block_mask blocks both sides alike)"
+        raise field_error(AttnccError, "block_mask BLOCK_SIZE", (q_block, kv_block), allowed)
+    return int(q_block)
+
+
+def _layout(block_mask: Any) -> torch.Tensor:
+    """The BlockMask's kept blocks as an int8 ``[B, H, QB, KB]`` layout (partial and full ones),
+    by one scatter per table on the device."""
+    idx = block_mask.kv_indices
+    kb = idx.shape[-1]
+    out = torch.zeros((*idx.shape[:-1], kb + 1), dtype=torch.int8, device=idx.device)
+    for num, ids in (
+        (block_mask.kv_num_blocks, idx),
+        (block_mask.full_kv_num_blocks, block_mask.full_kv_indices),
+    ):
+        if num is None:
+            continue
+        used = torch.arange(kb, device=ids.device) < num[..., None]
+        out.scatter_(-1, torch.where(used, ids.long(), kb), 1)
+    return out[..., :kb]
 
 
 @torch.compiler.assume_constant_result  # Note [Patterns under torch.compile] in attncc.runtime.dynamo

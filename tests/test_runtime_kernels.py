@@ -8,6 +8,7 @@ same static layout; and one kernel for every value of the data, eager and under 
 
 import math
 
+import pytest
 import torch
 import torch._dynamo.testing
 from conftest import DEVICE
@@ -190,3 +191,31 @@ def test_compile_refuses_data_given_per_call(tmp_path):
     assert isinstance(result.exception, SpecError)
     assert "pattern (for attncc compile) = 'documents'" in str(result.exception)
     assert not (tmp_path / "pkg").exists()
+
+
+def test_flex_block_masks_from_kv_blocks_are_data():
+    """FlexAttention's BlockMask.from_kv_blocks (no mask_mod: SeerAttention's, NSA's selected
+    blocks) is its tables: attncc.flex reads them as block_mask data per call (Note [Block masks
+    as data]), per batch element and head, full blocks included; new tables reuse the graph."""
+    flex_attention_module = pytest.importorskip("torch.nn.attention.flex_attention")
+
+    def tables_of(layout, full):
+        kv_num = layout.sum(-1).int()
+        kv_idx = torch.sort((~layout).to(torch.int8), dim=-1, stable=True).indices.int()
+        f_num = full.sum(-1).int()
+        f_idx = torch.sort((~full).to(torch.int8), dim=-1, stable=True).indices.int()
+        return flex_attention_module.BlockMask.from_kv_blocks(kv_num, kv_idx, f_num, f_idx, BLOCK_SIZE=16)
+
+    q, k, v, _ = _qkv(2, 48)
+    k, v = (t.expand(2, H, 48, D).contiguous() for t in (k, v))
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(attncc.flex.flex_attention, fullgraph=True, backend=counter)
+    for seed in range(3):
+        layout = _layout(2, H, 3, seed)
+        full = _layout(2, H, 3, seed + 10) & ~layout
+        mask = tables_of(layout.to(DEVICE), full.to(DEVICE))
+        want = reference(q, k, v, block_mask(16), data=_on({"block_mask": layout | full}))
+        for fn in (attncc.flex.flex_attention, compiled):
+            torch.testing.assert_close(fn(q, k, v, block_mask=mask), want, atol=1e-5, rtol=1e-5)
+    assert counter.frame_count == 1
