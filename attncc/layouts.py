@@ -6,12 +6,13 @@ view of the same memory (flatten the grid, swap two axes), so no copy is made.
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
 import torch
 
-from attncc.errors import AttnccError, field_error
+from attncc.errors import AttnccError, field_error, form_error
 from attncc.ir.grid import Grid
 
 
@@ -46,25 +47,128 @@ def to_sdpa_layout(
     layout: str | None = None,
 ) -> tuple[Grid, tuple[torch.Tensor, torch.Tensor, torch.Tensor], Layout]:
     """Detect the layout (or take the one ``layout`` names), check shapes, and return
-    ``[B, H, N, D]`` views."""
-    found = _detect(q, grid, layout)
+    ``[B, H, N, D]`` views; q, k and v cover one grid (see :func:`to_sdpa_views` for queries
+    that cover a part of it)."""
+    views = to_sdpa_views(q, k, v, grid, layout)
+    if views.region != views.grid.shape:
+        allowed = f"q over the whole grid {views.grid.shape}, as k and v"
+        raise field_error(AttnccError, "q region", views.region, allowed, "this front door takes one grid")
+    return views.grid, (views.q, views.k, views.v), views.out
+
+
+@dataclass(frozen=True, eq=False)
+class Views:
+    """``[B, H, N, D]`` views of a call's q, k and v. ``grid``: the keys' grid; ``region``: the
+    shape of the box of it the queries cover (the grid's shape when they cover all of it: Note
+    [Query regions]); ``out``: the caller's layout of q-shaped results."""
+
+    grid: Grid
+    region: tuple[int, ...]
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: Layout
+
+
+# Note [Query regions]: q may cover a box of the keys' grid (a KV cache: the last tokens of a
+# sequence, the last frames of a video, a chunk of a prefill). Its shape is q's: in the spatial
+# layout q's grid dims; in SDPA's, q's length (on a grid of rank > 1, whole trailing axes: a
+# number of leading-axis slices). The keys' grid is read from k the way a single grid is read
+# from q. Where the box lies is the call's ``q_offset`` (attncc.runtime.regions).
+
+
+def to_sdpa_views(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: Grid | tuple[int, ...] | None,
+    layout: str | None = None,
+) -> Views:
+    """Detect the layout from k (or take the one ``layout`` names), check shapes, and return
+    ``[B, H, N, D]`` views with q's region of the keys' grid (Note [Query regions])."""
     if k.shape != v.shape or k.dim() != q.dim():
         raise field_error(
             AttnccError, "k/v shape", (tuple(k.shape), tuple(v.shape)), "k and v alike, with q's rank"
         )
-    qs, ks, vs = found(q), found(k), found(v)
-    b, h, n, d = qs.shape
-    h_kv = ks.shape[1]
+    # The keys' grid is the pattern's: read from q when q covers it all, else from k.
+    found = _detect(q, grid, layout) if q.shape == k.shape else _detect(k, grid, layout, "k")
+    region, out = _region(q, found)
+    qs, ks, vs = out(q), found(k), found(v)
+    b, h, _, d = qs.shape
+    h_kv, n = ks.shape[1], ks.shape[2]
     for name, size in (("B", b), ("H", h), ("H_kv", h_kv), ("D", d)):
         if size < 1:  # a head count of 0 would divide by zero, a head dim of 0 scale by 1 / 0
             raise field_error(AttnccError, f"{name} (of q/k/v [B, H, N, D])", size, "an integer >= 1")
-    if ks.shape[0] != b or ks.shape[2] != n or ks.shape[3] != d or h % h_kv:
+    if ks.shape[0] != b or ks.shape[3] != d or h % h_kv:
         allowed = f"[{b}, H_kv, {n}, {d}] with H_kv dividing {h}"
         raise field_error(AttnccError, "k shape", tuple(k.shape), allowed)
-    return found.grid, (qs, ks, vs), found
+    return Views(found.grid, region, qs, ks, vs, out)
 
 
-def _detect(q: torch.Tensor, grid: Grid | tuple[int, ...] | None, layout: str | None) -> Layout:
+def query_offsets(views: Views, q_offset: object, batch: int, device: torch.device) -> torch.Tensor:
+    """Where each batch element's queries lie in the keys' grid: an int64 ``[B, rank]`` tensor of
+    the region's first coordinate per axis (Note [Query regions]). ``q_offset``: None (the
+    region ends where the grid does: bottom-right, FlashAttention's and SDPA's
+    ``causal_lower_right`` alignment, so a query of a KV cache's last token is its last
+    position), an int (the offset along the leading axis; the other axes bottom-right), a tuple
+    (one per axis), or an integer tensor ``[B]`` or ``[B, rank]`` (per batch element: a
+    serving batch's cache lengths, read on the device; an offset out of range is clamped to it).
+    """
+    grid, region = views.grid.shape, views.region
+    last = tuple(g - r for g, r in zip(grid, region))
+    allowed = f"0..{last} per axis (the region {region} inside the grid {grid})"
+    if q_offset is None:
+        values: tuple[int, ...] = last
+    elif isinstance(q_offset, torch.Tensor):
+        if q_offset.dtype.is_floating_point or q_offset.dtype == torch.bool:
+            raise field_error(AttnccError, "q_offset dtype", q_offset.dtype, "an integer tensor")
+        if q_offset.device != device:
+            raise field_error(AttnccError, "q_offset device", q_offset.device, f"the device of q ({device})")
+        if tuple(q_offset.shape) not in ((batch,), (batch, len(grid))):
+            raise field_error(
+                AttnccError, "q_offset shape", tuple(q_offset.shape), f"({batch},) or ({batch}, {len(grid)})"
+            )
+        per_axis = q_offset.reshape(batch, -1).long()
+        if per_axis.shape[1] == 1:
+            rest = torch.tensor(last[1:], dtype=torch.long, device=device).expand(batch, len(grid) - 1)
+            per_axis = torch.cat([per_axis, rest], 1)
+        return torch.minimum(per_axis.clamp(min=0), torch.tensor(last, device=device))
+    else:
+        given = (q_offset,) if isinstance(q_offset, int) and not isinstance(q_offset, bool) else q_offset
+        if not isinstance(given, tuple) or not all(
+            isinstance(o, int) and not isinstance(o, bool) for o in given
+        ):
+            raise form_error(
+                AttnccError, "q_offset", q_offset, "None, an int, a tuple of ints or an integer tensor"
+            )
+        values = given + last[len(given) :] if len(given) <= len(grid) else given
+        if len(values) != len(grid) or any(not 0 <= o <= m for o, m in zip(values, last)):
+            raise field_error(AttnccError, "q_offset", q_offset, allowed)
+    return torch.tensor(values, dtype=torch.long, device=device).expand(batch, len(grid))
+
+
+def _region(q: torch.Tensor, keys: Layout) -> tuple[tuple[int, ...], Layout]:
+    """The box of the keys' grid q covers, and q's layout (Note [Query regions])."""
+    grid, shape = keys.grid, static_shape(q)
+    if keys.spatial:
+        region = shape[1:-2]
+        if len(region) != grid.rank or any(r < 1 or r > g for r, g in zip(region, grid.shape)):
+            allowed = f"{grid.rank} sizes, each from 1 to the keys' grid {grid.shape}"
+            raise field_error(AttnccError, "q grid", region, allowed)
+        return region, Layout(Grid(region), True)
+    n_q, rest = shape[2], math.prod(grid.shape[1:])
+    if n_q == grid.size:
+        return grid.shape, keys
+    if not 1 <= n_q <= grid.size or n_q % rest:
+        allowed = f"1 to {grid.size} tokens, whole slices of the keys' grid {grid.shape} ({rest} tokens each)"
+        raise field_error(AttnccError, "q length", n_q, allowed)
+    region = (n_q // rest, *grid.shape[1:])
+    return region, Layout(Grid(region), False)
+
+
+def _detect(
+    q: torch.Tensor, grid: Grid | tuple[int, ...] | None, layout: str | None, name: str = "q"
+) -> Layout:
     """Note [Ambiguous layouts]: a 4-D q is SDPA's [B, H, N, D] or a 1-D spatial [B, L, H, D]
     (NATTEN's, FlashAttention's). attncc reads it as SDPA's unless ``layout`` or ``grid``
     says otherwise, and refuses where both readings are plausible and nothing says which:
@@ -78,25 +182,30 @@ def _detect(q: torch.Tensor, grid: Grid | tuple[int, ...] | None, layout: str | 
         grid = Grid(tuple(grid))
     if not 4 <= q.dim() <= 6:
         raise field_error(
-            AttnccError, "q.dim()", q.dim(), "4 ([B, H, N, D] or [B, L, H, D]), 5 or 6 ([B, *grid, H, D])"
+            AttnccError,
+            f"{name}.dim()",
+            q.dim(),
+            "4 ([B, H, N, D] or [B, L, H, D]), 5 or 6 ([B, *grid, H, D])",
         )
     shape = static_shape(q)
     if q.dim() > 4 or layout == "spatial":
         if q.dim() > 4 and layout == "sdpa":
-            raise field_error(AttnccError, "layout", layout, f"'spatial' or None for a {q.dim()}-D q")
+            raise field_error(AttnccError, "layout", layout, f"'spatial' or None for a {q.dim()}-D {name}")
         spatial_grid = Grid(shape[1:-2])
         if grid is not None and grid != spatial_grid:
-            raise field_error(AttnccError, "grid", grid.shape, f"{spatial_grid.shape} (q's spatial dims)")
+            raise field_error(
+                AttnccError, "grid", grid.shape, f"{spatial_grid.shape} ({name}'s spatial dims)"
+            )
         return Layout(spatial_grid, True)
     if layout is None and grid is not None and grid.rank == 1 and grid.size == shape[1]:
         if grid.size != shape[2]:
             return Layout(grid, True)  # [B, L, H, D] named by its grid
-        raise AttnccError(_ambiguous(shape, "grid=" + str(grid.shape) + " fits both"))
+        raise AttnccError(_ambiguous(shape, "grid=" + str(grid.shape) + " fits both", name))
     if layout is None and grid is None and shape[1] >= shape[2] and shape[1] > 1:
-        raise AttnccError(_ambiguous(shape, "nothing says which"))
+        raise AttnccError(_ambiguous(shape, "nothing says which", name))
     grid = grid or Grid((shape[2],))
     if grid.size != shape[2]:
-        raise field_error(AttnccError, "grid", grid.shape, f"a grid of {shape[2]} tokens (q.shape[2])")
+        raise field_error(AttnccError, "grid", grid.shape, f"a grid of {shape[2]} tokens ({name}.shape[2])")
     return Layout(grid, False)
 
 
@@ -114,9 +223,9 @@ def static_shape(t: torch.Tensor) -> tuple[int, ...]:
 # alone: the kernel launches for any batch, so it may stay symbolic (one graph for every batch).
 
 
-def _ambiguous(shape: tuple[int, ...], why: str) -> str:
+def _ambiguous(shape: tuple[int, ...], why: str, name: str = "q") -> str:
     return (
-        f"q.shape = {shape} is ambiguous ({why}): SDPA's [B, H, N, D] would be {shape[1]} heads of "
+        f"{name}.shape = {shape} is ambiguous ({why}): SDPA's [B, H, N, D] would be {shape[1]} heads of "
         f"{shape[2]} tokens, a 1-D spatial [B, L, H, D] (NATTEN's) {shape[1]} tokens in {shape[2]} "
         "heads; pass layout='sdpa' or layout='spatial' (Note [Ambiguous layouts])"
     )

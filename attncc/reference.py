@@ -18,6 +18,7 @@ for ``p > 0``; NaN, or ``inf`` and ``-inf`` together, give NaN).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -28,7 +29,7 @@ from attncc.ir.mask import coordinates
 from attncc.ir.mask import mask as brute_force_mask
 from attncc.ir.nodes import Pattern
 from attncc.ir.score import Score, as_score, checked, table_units
-from attncc.layouts import to_sdpa_layout
+from attncc.layouts import query_offsets, to_sdpa_views
 from attncc.runtime.data import checked as checked_data
 
 
@@ -47,6 +48,7 @@ def attention(
     dropout_p: float = 0.0,
     dropout_mask: torch.Tensor | None = None,
     data: dict[str, torch.Tensor] | None = None,
+    q_offset: object = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax (or sigmoid) attention, computed naively.
 
@@ -69,12 +71,71 @@ def attention(
     the tensors of the pattern's primitives read at call time (``block_mask``, ``topk_blocks``,
     ``documents`` or ``cu_seqlens``, ``key_lengths``: Note [Runtime data forms] in
     attncc.runtime.data), checked as ``attncc.attention`` checks them; the mask then varies by
-    batch element.
+    batch element. q may cover a box of the keys' grid (a KV cache: Note [Query regions] in
+    attncc.layouts) at ``q_offset`` (:func:`attncc.layouts.query_offsets`); its rows are then
+    computed as those rows of the whole grid's problem (the queries in their global positions),
+    one batch element at a time, with per-query data (``query_bias``, ``bias``, the dropout
+    mask) given for the region's rows.
     """
-    grid, (q, k, v), found = to_sdpa_layout(q, k, v, grid, layout)
+    views = to_sdpa_views(q, k, v, grid, layout)
+    args = (pattern, scale, views.grid, score, sigmoid_bias, score_mod, dropout_p, dropout_mask, data)
+    if views.region == views.grid.shape and q_offset is None:
+        out, lse = _on_grid(views.q, views.k, views.v, *args)
+    else:
+        offsets = query_offsets(views, q_offset, views.q.shape[0], views.q.device)
+        out, lse = _in_regions(views, offsets, args)
+    out = views.out.output(out)
+    if lse is None:
+        return out
+    return (out, views.out.lse(lse)) if return_lse else out
+
+
+def _in_regions(views, offsets: torch.Tensor, args: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each batch element's region rows of the whole grid's problem (Note [Query regions])."""
+    pattern, scale, grid, score, sigmoid_bias, score_mod, dropout_p, dropout_mask, data = args
+    b, h = views.q.shape[:2]
+    n = grid.size
+    terms = as_score(score) if score_mod is None else as_score(score) + score_mod
+    normalised = checked_data(pattern, grid, b, h, data, views.q.device)
+    box = coordinates(Grid(views.region), views.q.device)  # [Nq, rank]
+    strides = torch.tensor([math.prod(grid.shape[a + 1 :]) for a in range(grid.rank)], device=box.device)
+    outs, lses = [], []
+    for i, offset in enumerate(offsets.tolist()):
+        rows = ((box + torch.tensor(offset, device=box.device)) * strides).sum(-1)  # the region's flat rows
+
+        def embed(t: torch.Tensor, dim: int, rows: torch.Tensor = rows) -> torch.Tensor:
+            shape = list(t.shape)
+            shape[dim] = n
+            return t.new_zeros(shape).index_copy(dim, rows, t)
+
+        def one(t: torch.Tensor, i: int = i) -> torch.Tensor:
+            return t[i : i + 1] if t.shape[0] > 1 else t
+
+        q_i = embed(views.q[i : i + 1], 2)
+        values = []
+        for name, value in terms.values:
+            if name in ("query_bias", "bias") and isinstance(value, torch.Tensor):
+                value = embed(one(value), 2)
+            elif name == "key_bias" and isinstance(value, torch.Tensor):
+                value = one(value)
+            values.append((name, value))
+        terms_i = dataclasses.replace(terms, values=tuple(values))
+        mask_i = None if dropout_mask is None else embed(one(dropout_mask), 2)
+        data_i = {key: one(t) for key, t in normalised.items()}
+        out, lse = _on_grid(
+            q_i, views.k[i : i + 1], views.v[i : i + 1], pattern, scale, grid, terms_i, sigmoid_bias, None,
+            dropout_p, mask_i, data_i,
+        )  # fmt: skip
+        outs.append(out[:, :, rows])
+        lses.append(None if lse is None else lse[:, :, rows])
+    return torch.cat(outs), (None if lses[0] is None else torch.cat(lses))
+
+
+def _on_grid(q, k, v, pattern, scale, grid, score, sigmoid_bias, score_mod, dropout_p, dropout_mask, data):
+    """(out, lse or None) of ``[B, H, N, D]`` views covering ``grid``."""
     d = q.shape[-1]
     h, h_kv = q.shape[1], k.shape[1]
-    terms = checked(score if score_mod is None else as_score(score) + score_mod, grid, h, return_lse)
+    terms = checked(score if score_mod is None else as_score(score) + score_mod, grid, h, False)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (t.to(compute) for t in (q, k, v))
     kc, vc = (t.repeat_interleave(h // h_kv, dim=1) for t in (kc, vc))
@@ -87,12 +148,10 @@ def attention(
     if terms.kind == "sigmoid":
         bias = -math.log(scores.shape[-1]) if sigmoid_bias is None else sigmoid_bias
         weights = torch.sigmoid(scores + bias)  # sigmoid(-inf) = 0
-        return found.output(_weighted_sum(weights * keep_drop, vc, keep).to(q.dtype))
+        return _weighted_sum(weights * keep_drop, vc, keep).to(q.dtype), None
     lse = torch.logsumexp(scores, dim=-1)  # -inf where a row keeps nothing
     probs = torch.exp(scores - lse.masked_fill(torch.isinf(lse), 0.0)[..., None])
-    out = _weighted_sum(probs * keep_drop, vc, keep).to(q.dtype)
-    out, lse = found.output(out), found.lse(lse)
-    return (out, lse) if return_lse else out
+    return _weighted_sum(probs * keep_drop, vc, keep).to(q.dtype), lse
 
 
 def _scores(s: torch.Tensor, terms: Score, pattern: Pattern, grid: Grid) -> torch.Tensor:
