@@ -60,7 +60,7 @@ def to_sdpa_layout(
 class Views:
     """``[B, H, N, D]`` views of a call's q, k and v. ``grid``: the keys' grid; ``region``: the
     shape of the box of it the queries cover (the grid's shape when they cover all of it: Note
-    [Query regions]); ``out``: the caller's layout of q-shaped results."""
+    [Query boxes]); ``out``: the caller's layout of q-shaped results."""
 
     grid: Grid
     region: tuple[int, ...]
@@ -70,11 +70,11 @@ class Views:
     out: Layout
 
 
-# Note [Query regions]: q may cover a box of the keys' grid (a KV cache: the last tokens of a
+# Note [Query boxes]: q may cover a box of the keys' grid (a KV cache: the last tokens of a
 # sequence, the last frames of a video, a chunk of a prefill). Its shape is q's: in the spatial
 # layout q's grid dims; in SDPA's, q's length (on a grid of rank > 1, whole trailing axes: a
 # number of leading-axis slices). The keys' grid is read from k the way a single grid is read
-# from q. Where the box lies is the call's ``q_offset`` (attncc.runtime.regions).
+# from q. Where the box lies is the call's ``q_offset`` (query_offsets, below).
 
 
 def to_sdpa_views(
@@ -85,7 +85,7 @@ def to_sdpa_views(
     layout: str | None = None,
 ) -> Views:
     """Detect the layout from k (or take the one ``layout`` names), check shapes, and return
-    ``[B, H, N, D]`` views with q's region of the keys' grid (Note [Query regions])."""
+    ``[B, H, N, D]`` views with q's region of the keys' grid (Note [Query boxes])."""
     if k.shape != v.shape or k.dim() != q.dim():
         raise field_error(
             AttnccError, "k/v shape", (tuple(k.shape), tuple(v.shape)), "k and v alike, with q's rank"
@@ -107,7 +107,7 @@ def to_sdpa_views(
 
 def query_offsets(views: Views, q_offset: object, batch: int, device: torch.device) -> torch.Tensor:
     """Where each batch element's queries lie in the keys' grid: an int64 ``[B, rank]`` tensor of
-    the region's first coordinate per axis (Note [Query regions]). ``q_offset``: None (the
+    the region's first coordinate per axis (Note [Query boxes]). ``q_offset``: None (the
     region ends where the grid does: bottom-right, FlashAttention's and SDPA's
     ``causal_lower_right`` alignment, so a query of a KV cache's last token is its last
     position), an int (the offset along the leading axis; the other axes bottom-right), a tuple
@@ -148,7 +148,7 @@ def query_offsets(views: Views, q_offset: object, batch: int, device: torch.devi
 
 
 def _region(q: torch.Tensor, keys: Layout) -> tuple[tuple[int, ...], Layout]:
-    """The box of the keys' grid q covers, and q's layout (Note [Query regions])."""
+    """The box of the keys' grid q covers, and q's layout (Note [Query boxes])."""
     grid, shape = keys.grid, static_shape(q)
     if keys.spatial:
         region = shape[1:-2]

@@ -71,7 +71,7 @@ def attention(
     the tensors of the pattern's primitives read at call time (``block_mask``, ``topk_blocks``,
     ``documents`` or ``cu_seqlens``, ``key_lengths``: Note [Runtime data forms] in
     attncc.runtime.data), checked as ``attncc.attention`` checks them; the mask then varies by
-    batch element. q may cover a box of the keys' grid (a KV cache: Note [Query regions] in
+    batch element. q may cover a box of the keys' grid (a KV cache: Note [Query boxes] in
     attncc.layouts) at ``q_offset`` (:func:`attncc.layouts.query_offsets`); its rows are then
     computed as those rows of the whole grid's problem (the queries in their global positions),
     one batch element at a time, with per-query data (``query_bias``, ``bias``, the dropout
@@ -91,7 +91,7 @@ def attention(
 
 
 def _in_regions(views, offsets: torch.Tensor, args: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Each batch element's region rows of the whole grid's problem (Note [Query regions])."""
+    """Each batch element's region rows of the whole grid's problem (Note [Query boxes] in attncc.layouts)."""
     pattern, scale, grid, score, sigmoid_bias, score_mod, dropout_p, dropout_mask, data = args
     b, h = views.q.shape[:2]
     n = grid.size

@@ -68,6 +68,8 @@ def refusal(plan: KernelPlan) -> str | None:
         return f"score {plan.score}: the example's epilogue is softmax's"
     if plan.score_terms:
         return "score terms (softcap, biases, dropout, ...): the example's epilogue is plain softmax's"
+    if plan.region:
+        return "queries over a part of the grid: the CUTLASS kernel's tiles cover its own queries"
     if plan.iteration == "runtime":
         return "data given with each call: the CUTLASS kernel bakes its tile list in"
     if plan.iteration == "range" and not plan.split_full:

@@ -72,13 +72,15 @@ def lower(
     score: str | Score = "softmax",
     config: LaunchConfig | None = None,
     device_type: str = "cuda",
+    region: tuple[int, ...] | None = None,
 ) -> KernelPlan:
     """Plan the forward kernel of a head-independent ``pattern`` on ``grid``.
 
     Explicit ``q_tile``/``kv_tile`` boxes override the config's token counts. ``score`` is a
     score or its text form (``"softmax"``, ``"sigmoid"``, ``"softcap(30.0) + key_bias"``, ...:
     attncc.ir.score); only its form counts (term values are kernel inputs). ``device_type``
-    is where the kernel runs ("cuda", or "cpu" for Triton's interpreter).
+    is where the kernel runs ("cuda", or "cpu" for Triton's interpreter). ``region``: the shape
+    of the box of the grid the queries cover, if not all of it (Note [Query regions]).
     """
     config = config or LaunchConfig()
     if dtype not in SUPPORTED_DTYPES:
@@ -106,6 +108,7 @@ def lower(
         head_dim_padded=head_dim_padded,
         dtype=dtype,
         **_term_fields(scored, canon, grid, dilation, dtype, device_type),
+        q_region=_region(region, grid, dilation),
         num_warps=config.num_warps,
         num_stages=config.num_stages or DEEP_PIPELINE,
     )
@@ -643,6 +646,23 @@ def runtime_leaves(canon: Pattern, grid: Grid) -> tuple[RuntimeLeaf, ...]:
             raise field_error(PatternError, f"{node.NAME} leaves", 2, allowed)
         leaves[node.NAME] = _leaf(node, grid)
     return tuple(leaves[k] for k in RUNTIME_KINDS if k in leaves)
+
+
+def _region(region: tuple[int, ...] | None, grid: Grid, dilation: tuple) -> tuple[int, int, int] | None:
+    """The plan's ``q_region`` (Note [Query regions]): None for the whole grid."""
+    if region is None or tuple(region) == grid.shape:
+        return None
+    if len(region) != grid.rank or any(not 1 <= r <= g for r, g in zip(region, grid.shape)):
+        allowed = f"{grid.rank} sizes, each from 1 to the grid's {grid.shape}"
+        raise field_error(PatternError, "q region", tuple(region), allowed)
+    padded = pad3(tuple(region), 1)
+    for a, (r, g, d) in enumerate(zip(padded, pad3(grid.shape, 1), dilation)):
+        if r < g and d > 1:
+            axis = a - (RANK - grid.rank)
+            allowed = f"the whole axis ({g} tokens)"
+            why = "the pattern is dilated there: a dilation group's tiles would not line up with q's rows"
+            raise field_error(PatternError, f"q region on axis {axis}", r, allowed, why)
+    return padded  # type: ignore[return-value]
 
 
 def _block_aligned(

@@ -74,6 +74,17 @@ lists: counts ``[B', H', tiles, 2]`` (full, partial) and indices ``[B', H', tile
 tiles]``, each with its strides (B', H' are 1 where the data broadcast: stride 0). Changing
 the data never re-lowers, re-renders or recompiles a kernel.
 
+Note [Query regions]: the queries may cover a box of the grid (a KV cache's last tokens, a
+video's last frames, a prefill chunk: ``q_region``, its shape), at offsets each batch element
+gives at run time (an int32 ``[B, 3]`` tensor: new offsets, as a cache grows, never recompile).
+The kernels keep the grid's tiling: a forward or dQ program takes the grid's Q tile its box
+reaches (``q_launch_tiles`` of them per axis, one more than the box holds, as it may straddle
+a tile border), its rows outside the box are padding, and the dK/dV walk clips its Q tiles
+to the box and masks the rest; the pattern and the scores see each row's place in the grid
+(``qf``), q's own tensors (q, out, lse, dO, dQ, per-query terms) its place in the box
+(``qr``). A box is shorter than the grid only on axes without dilation (lowering refuses
+others): a dilation group's tiles would not line up with the box's rows.
+
 Note [Table gradient]: the gradient of a relative position table's entry at offset ``o``
 sums the score gradients of the kept pairs ``(q, q + o)``. Summing them inside a tile would
 reduce along its diagonals (a pair's entry depends on both its row and its column), which
@@ -208,6 +219,8 @@ class KernelPlan:
     # them with its static parts (Note [Runtime plans]).
     runtime: tuple[RuntimeLeaf, ...] = ()
     program: tuple = ()
+    # The box of the grid the queries cover, padded to rank 3; None: all of it (Note [Query regions]).
+    q_region: tuple[int, int, int] | None = None
     num_warps: int = 4
     num_stages: int = 2
     # Range plans whose first term can mark tiles full: whether some Q tile's walk (forward,
@@ -245,6 +258,30 @@ class KernelPlan:
         """The soft-cap c in the kernels' units (:attr:`score_units`)."""
         assert self.softcap is not None, "a plan without a soft-cap has no cap to spell"
         return self.softcap * self.score_units
+
+    @property
+    def region(self) -> bool:
+        """Whether the queries cover a part of the grid only (Note [Query regions])."""
+        return self.q_region is not None
+
+    @property
+    def region_axes(self) -> tuple[int, ...]:
+        """The axes on which q's box is shorter than the grid (never a dilated one)."""
+        if self.q_region is None:
+            return ()
+        return tuple(a for a in range(RANK) if self.q_region[a] < self.grid[a])
+
+    @property
+    def region_shape(self) -> tuple[int, int, int]:
+        return self.q_region or self.grid
+
+    def q_launch_tiles(self) -> tuple[int, int, int]:
+        """Q tiles per axis a launch runs: the grid's (group 0's), or on an axis of q's box the
+        tiles a box of that length can touch wherever it lies (one more than it holds)."""
+        tiles = list(self.q_tiles())
+        for a in self.region_axes:
+            tiles[a] = min(tiles[a], math.ceil(self.region_shape[a] / self.q_tile[a]) + 1)
+        return tuple(tiles)  # type: ignore[return-value]
 
     def full_loop(self, inverse: bool) -> bool:
         """Whether the walk (dK/dV's with ``inverse``) has a full-tile loop (Note [Loops])."""

@@ -20,6 +20,7 @@ disk is ever read for them.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
@@ -53,7 +54,30 @@ def kernel_dir() -> Path:
 
 def render(plan: KernelPlan) -> str:
     """The Triton module source of ``plan``: forward and backward kernels and their launchers."""
-    return ENV.get_template("attention.py.j2").render(plan=plan)
+    source = ENV.get_template("attention.py.j2").render(plan=plan)
+    _check_names(source)
+    return source
+
+
+def _check_names(source: str) -> None:
+    """Refuse a module that binds one top-level name twice.
+
+    Note [One name, one constant]: the template's sections (grid, region, score terms,
+    runtime data) each write their constants at module level; two sections choosing one
+    name would let the later silently redefine the earlier for every kernel, which is
+    an out-of-bounds access, not an error. A rendering that does so is a bug of the
+    template's, caught here before anything runs.
+    """
+    seen: set[str] = set()
+    for node in ast.parse(source).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", None)]
+        names = [t.id for t in targets if isinstance(t, ast.Name)]
+        if isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names = [node.name]
+        for name in names:
+            if name in seen:
+                raise AssertionError(f"attncc template bug: the kernel module binds {name} twice")
+            seen.add(name)
 
 
 @memo

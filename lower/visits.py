@@ -103,14 +103,55 @@ def _names(plan: KernelPlan, inverse: bool) -> list[str]:
 
 
 def walk(plan: KernelPlan, tables: tuple[np.ndarray, ...] | None = None) -> list[LoopTiles]:
-    """The forward and dQ kernels' loops, per Q tile (table plans read their ``offsets``)."""
+    """The forward and dQ kernels' loops, per Q tile (table plans read their ``offsets``).
+
+    A plan whose queries cover a box of the grid walks the Q tiles that box touches, with the
+    box at the end of the grid (Note [Walks of a region])."""
     _static(plan)
     if plan.iteration == "table":
-        return _table_loops(tables[1] if tables is not None else None)
-    per_loop = [_loops(plan, *_forward_boxes(plan, group)) for group in _groups(plan)]
+        loops = _table_loops(tables[1] if tables is not None else None)
+        if plan.region:  # a table plan's entries are per Q tile of every group, in group order
+            shapes = [
+                tuple(math.ceil(lg / t) for lg, t in zip(plan.group_lengths(g), plan.q_tile))
+                for g in _groups(plan)
+            ]
+            keep = np.concatenate([_region_tiles(plan, shape).ravel() for shape in shapes])
+            loops = [LoopTiles(lp.name, lp.per_program[keep]) for lp in loops]
+        return loops
+    per_loop = []
+    for group in _groups(plan):
+        boxes, full, shape = _forward_boxes(plan, group)
+        keep = _region_tiles(plan, shape).ravel()
+        per_loop.append([counts[keep] for counts in _loops(plan, boxes, full, shape)])
     return [
         LoopTiles(name, np.concatenate(parts)) for name, parts in zip(_names(plan, False), zip(*per_loop))
     ]
+
+
+# Note [Walks of a region]: the queries of a region plan (Note [Query regions] in
+# attncc.lower.plan) sit where each call's offsets put them; a static walk takes the default,
+# the end of the grid (a KV cache's newest rows). The forward and dQ kernels run the Q tiles
+# the box touches (the others return at once); the dK/dV kernel clips each KV tile's range of
+# Q tiles to them, except in table plans, whose dK/dV lists are the whole grid's (the tiles
+# outside the box are masked off: wasted, not wrong). A region never lies along a dilated axis,
+# so every group's length there is the grid's. Lowering's box choice (Note [Box choice]) reads
+# these walks, so a region gets the boxes that suit its own rows, not the whole grid's.
+
+
+def _region_tiles(plan: KernelPlan, shape: tuple[int, ...]) -> np.ndarray:
+    """Which of a ``shape`` grid of Q tiles the queries' box touches (all when no region)."""
+    keep = np.ones(shape, bool)
+    for a in plan.region_axes:
+        lo, hi = _region_span(plan, a)
+        tiles = np.arange(shape[a]).reshape(_axis_shape(a, shape[a]))
+        keep = keep & (tiles >= lo) & (tiles <= hi)
+    return keep
+
+
+def _region_span(plan: KernelPlan, a: int) -> tuple[int, int]:
+    """The first and last Q tile along axis ``a`` of the box at the end of the grid."""
+    start = plan.grid[a] - plan.region_shape[a]
+    return start // plan.q_tile[a], (plan.grid[a] - 1) // plan.q_tile[a]
 
 
 def _forward_boxes(plan: KernelPlan, group: tuple[int, int, int]) -> tuple[list, tuple | None, tuple]:
@@ -200,6 +241,9 @@ def inverse_walk(plan: KernelPlan, tables: tuple[np.ndarray, ...] | None = None)
                 tq = plan.q_tile[a]
                 lo.append(ilo // tq)
                 hi.append(np.where(ihi > ilo, (ihi - 1) // tq, ilo // tq - 1))
+                if a in plan.region_axes:  # Note [Walks of a region]
+                    first_tile, last_tile = _region_span(plan, a)
+                    lo[a], hi[a] = np.maximum(lo[a], first_tile), np.minimum(hi[a], last_tile)
                 flo_fhi.append((np.searchsorted(last, k1, "left"), np.searchsorted(first, k0, "right")))
             boxes.append((lo, hi))
             if t_idx == 0 and plan.full_loop(True):

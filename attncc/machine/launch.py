@@ -76,22 +76,27 @@ def capture(
     dtype: torch.dtype,
     backward: bool,
     score: str = "softmax",
+    n_q: int | None = None,
 ) -> list[Call]:
     """The kernel launches of a forward (and backward) on contiguous ``[B, H, N, D]`` tensors
-    (and contiguous score-term tensors: attncc.runtime.terms.placeholders)."""
+    (and contiguous score-term tensors: attncc.runtime.terms.placeholders); ``n_q``: q's rows
+    when the queries cover a box of the grid (offsets ``[B, 3]`` int32)."""
     b, h, n, d = shape
-    q = torch.empty((b, h, n, d), dtype=dtype, device="meta")
+    n_q = n if n_q is None else n_q
+    q = torch.empty((b, h, n_q, d), dtype=dtype, device="meta")
     k, v = (torch.empty((b, kv_heads, n, d), dtype=dtype, device="meta") for _ in range(2))
     recorder = Recorder()
     scale, bias = d**-0.5, 0.0
-    params = terms.placeholders(launches[0].kernel.plan, b, h, n, "meta")
+    params = terms.placeholders(launches[0].kernel.plan, b, h, n, "meta", n_q)
     dropout_p = 0.1 if launches[0].kernel.plan.dropout else 0.0
     write_lse = parse_score(score).kind == "softmax"
-    o, lse = ops.forward(q, k, v, launches, scale, bias, write_lse, params, dropout_p, wrap=recorder)
+    offsets = torch.empty((b, 3), dtype=torch.int32, device="meta") if n_q != n else None
+    args = (scale, bias, write_lse, params, dropout_p, recorder, None, offsets)
+    o, lse = ops.forward(q, k, v, launches, *args)
     if backward:
         do = torch.empty_like(q)
         dlse = torch.zeros_like(lse)
-        ops.backward(q, k, v, o, lse, do, dlse, launches, scale, bias, params, dropout_p, wrap=recorder)
+        ops.backward(q, k, v, o, lse, do, dlse, launches, *args[:2], *args[3:])
     return recorder.calls
 
 

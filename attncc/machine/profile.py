@@ -3,6 +3,7 @@ loop by loop, and the estimate of Note [Issue model] from the plans' exact tile 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -116,9 +117,12 @@ def profile(
     config: LaunchConfig | None = None,
     score: str = "softmax",
     name: str = "",
+    region: tuple[int, ...] | None = None,
 ) -> Profile:
     """Compile every kernel that ``attncc.attention`` launches for this case on an sm_90 GPU
     (the default config, or ``config`` for the forward and dQ), with no GPU, and read them.
+    ``region``: the box of the grid the queries cover, if not all of it (at the grid's end:
+    Note [Walks of a region] in attncc.lower.visits).
 
     Needs the real Triton JIT: unset ``TRITON_INTERPRET`` before triton is imported.
     """
@@ -130,7 +134,7 @@ def profile(
     validate(pattern, grid, heads)
     config = config or LaunchConfig.default("cuda", head_dim, dtype)
     launches = tuple(
-        ops.Launch(ops.kernel_for(p, grid, head_dim, dtype, "cuda", score, config), ids)
+        ops.Launch(ops.kernel_for(p, grid, head_dim, dtype, "cuda", score, config, region), ids)
         for p, ids in ops.head_groups(pattern, grid, heads)
     )
     if not isinstance(launches[0].kernel.module.attention_fwd_kernel, JITFunction):
@@ -139,7 +143,8 @@ def profile(
             "TRITON_INTERPRET in the process that profiles (attncc inspect does not set it)"
         )
     shape = (batch, heads, grid.size, head_dim)
-    calls = capture(launches, shape, kv_heads, _TORCH_DTYPES[dtype], backward, score)
+    n_q = None if region is None else math.prod(region)
+    calls = capture(launches, shape, kv_heads, _TORCH_DTYPES[dtype], backward, score, n_q)
     group = heads // kv_heads
     kernels = []
     for call in calls:

@@ -36,7 +36,7 @@ from attncc.ir.score import Score, as_score, checked, parse_score
 from attncc.ir.symbolic import RUNTIME_KINDS
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
-from attncc.layouts import to_sdpa_layout
+from attncc.layouts import query_offsets, to_sdpa_views
 from attncc.memo import forget_all, memo
 from attncc.runtime import data as call_data
 from attncc.runtime import dynamo, ops, terms  # noqa: F401 (dynamo: registers the nodes)
@@ -45,8 +45,9 @@ from attncc.score_fn import ScoreFunction, score_terms
 
 @memo
 def _launches(pattern: str, grid: tuple[int, ...], batch: int, heads: int, head_dim: int, dtype: torch.dtype,
-              device: str, score: str) -> tuple[ops.Launch, ...]:  # fmt: skip
-    return ops.launches(parse(pattern), Grid(grid), batch, heads, head_dim, ops.DTYPES[dtype], device, score)
+              device: str, score: str, region: tuple[int, ...] | None) -> tuple[ops.Launch, ...]:  # fmt: skip
+    dtype_ = ops.DTYPES[dtype]
+    return ops.launches(parse(pattern), Grid(grid), batch, heads, head_dim, dtype_, device, score, region)
 
 
 def forget_kernels() -> None:
@@ -73,18 +74,24 @@ def _data(data_: Terms) -> dict[str, torch.Tensor]:
     return {name: t for name, t in zip(DATA, data_) if t is not None}
 
 
-def _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap):
+def _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region, q_offset, wrap):
     b, h, _, d = q.shape
-    plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
+    plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score, _box(region))
     write_lse = parse_score(score).kind == "softmax"
-    return ops.forward(q, k, v, plan, scale, bias, write_lse, _params(terms_), dropout_p, wrap, _data(data_))
-
-
-def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap):
-    b, h, _, d = q.shape
-    plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score)
     params, data = _params(terms_), _data(data_)
-    return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, params, dropout_p, wrap, data)
+    return ops.forward(q, k, v, plan, scale, bias, write_lse, params, dropout_p, wrap, data, q_offset)
+
+
+def _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region,
+         q_offset, wrap):  # fmt: skip
+    b, h, _, d = q.shape
+    plan = _launches(pattern, tuple(grid), b, h, d, q.dtype, q.device.type, score, _box(region))
+    params, data = _params(terms_), _data(data_)
+    return ops.backward(q, k, v, o, lse, do, dlse, plan, scale, bias, params, dropout_p, wrap, data, q_offset)
+
+
+def _box(region: list[int] | None) -> tuple[int, ...] | None:
+    return None if region is None else tuple(region)
 
 
 @triton_op("attncc::fwd", mutates_args=())
@@ -109,6 +116,8 @@ def fwd(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    region: list[int] | None = None,
+    q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on ``[B, H, N, D]`` tensors: (out, lse float32 ``[B, H, N]``). ``score`` is the
     score's form (its text: attncc.ir.score); ``temperature`` .. ``seed`` its terms' views
@@ -117,7 +126,9 @@ def fwd(
     arguments])."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
     data_ = (block_mask, topk_blocks, documents, key_lengths)
-    return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap_triton)
+    return _fwd(
+        q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region, q_offset, wrap_triton
+    )
 
 
 @triton_op("attncc::bwd", mutates_args=())
@@ -146,6 +157,8 @@ def bwd(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    region: list[int] | None = None,
+    q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Backward: (dq, dk, dv, the gradients of the score's ``grad=True`` terms, in its order),
     given the gradients of out (``do``) and of lse (``dlse``)."""
@@ -178,11 +191,13 @@ def fwd_opaque(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    region: list[int] | None = None,
+    q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fwd` as an opaque op (the CPU interpreter)."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
     data_ = (block_mask, topk_blocks, documents, key_lengths)
-    return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, None)
+    return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region, q_offset, None)
 
 
 @custom_op("attncc::bwd_opaque", mutates_args=())
@@ -211,11 +226,16 @@ def bwd_opaque(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    region: list[int] | None = None,
+    q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """:func:`bwd` as an opaque op."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
     data_ = (block_mask, topk_blocks, documents, key_lengths)
-    return _bwd(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, None)
+    return _bwd(
+        q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region,
+        q_offset, None,
+    )  # fmt: skip
 
 
 @register_fake("attncc::fwd_opaque")
@@ -233,12 +253,13 @@ def _bwd_fake(q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, *ter
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, pattern, grid, scale, score, bias, *rest = inputs
-    terms_, dropout_p, data_ = rest[: len(TERMS)], rest[len(TERMS)], rest[len(TERMS) + 1 :]
+    terms_, dropout_p = rest[: len(TERMS)], rest[len(TERMS)]
+    data_, (region, q_offset) = rest[len(TERMS) + 1 : -2], rest[-2:]
     o, lse = output
-    ctx.given = tuple(t is not None for t in (*terms_, *data_))
-    ctx.save_for_backward(q, k, v, o, lse, *_params((*terms_, *data_)))
+    ctx.given = tuple(t is not None for t in (*terms_, *data_, q_offset))
+    ctx.save_for_backward(q, k, v, o, lse, *_params((*terms_, *data_, q_offset)))
     ctx.args = (pattern, grid, scale, score, bias)
-    ctx.dropout_p = dropout_p
+    ctx.dropout_p, ctx.region = dropout_p, region
 
 
 def _backward_with(op):
@@ -248,12 +269,14 @@ def _backward_with(op):
         dlse = torch.zeros_like(lse) if dlse is None else dlse
         given = iter(params)
         both = [next(given) if here else None for here in ctx.given]
-        terms_, data_ = both[: len(TERMS)], both[len(TERMS) :]
-        dq, dk, dv, grads = op(q, k, v, o, lse, do, dlse, *ctx.args, *terms_, ctx.dropout_p, *data_)
+        terms_, data_, q_offset = both[: len(TERMS)], both[len(TERMS) : -1], both[-1]
+        dq, dk, dv, grads = op(
+            q, k, v, o, lse, do, dlse, *ctx.args, *terms_, ctx.dropout_p, *data_, ctx.region, q_offset
+        )
         dterms: list[torch.Tensor | None] = [None] * len(TERMS)
         for name, grad in zip(parse_score(ctx.args[3]).grads, grads):
             dterms[TERMS.index(name)] = grad
-        return dq, dk, dv, None, None, None, None, None, *dterms, None, *[None] * len(DATA)
+        return dq, dk, dv, None, None, None, None, None, *dterms, None, *[None] * len(DATA), None, None
 
     return backward
 
@@ -278,6 +301,7 @@ def attention(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     data: dict[str, torch.Tensor] | None = None,
+    q_offset: object = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of ``pattern`` with fused, pattern-specialised kernels (differentiable).
 
@@ -305,12 +329,20 @@ def attention(
     attncc.layouts). ``data`` gives the pattern's primitives whose data come with each call
     (``block_mask``, ``topk_blocks``, ``documents``/``cu_seqlens``, ``key_lengths``: attncc.runtime.
     data); new data reuse the compiled kernels.
+
+    ``q`` may cover a part of ``k``'s grid (a KV cache's newest rows, a chunk of a prefill,
+    a box of an image): whole rows (SDPA), or a box of whole slices (spatial, or SDPA on a
+    ``grid``); ``q_offset`` places it, in grid coordinates: None (the last rows, i.e.
+    bottom-right), an int or a tuple per axis, or a tensor ``[B]``/``[B, rank]`` per batch element
+    (clamped to the grid; new values reuse the kernels and torch.compile's graph). Patterns read
+    every query at its place in the grid (Note [Query regions] in attncc.lower.plan); a region
+    along a dilated axis is refused.
     """
     text_of = functools.partial(_text, pattern)
     data_of = functools.partial(_data_of, pattern, data)
     return attend(
         q, k, v, text_of, scale, return_lse, grid, out, score, sigmoid_bias, layout, score_mod, dropout_p,
-        dropout_seed, data_of,
+        dropout_seed, data_of, q_offset,
     )  # fmt: skip
 
 
@@ -330,12 +362,14 @@ def attend(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     data_of: Callable[[Grid, int, int, torch.device], dict[str, torch.Tensor]] | None = None,
+    q_offset: object = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention`, the pattern given as ``text_of(grid shape, heads)``: its text, checked
     against the call's grid and head count. The front doors (a pattern, ``@attncc.jit``,
     ``attncc.flex``) differ only in that function, which torch.compile calls at trace time
     (Note [Patterns under torch.compile] in attncc.runtime.dynamo)."""
-    grid, (qs, ks, vs), found = to_sdpa_layout(q, k, v, grid, layout)
+    views = to_sdpa_views(q, k, v, grid, layout)
+    grid, qs, ks, vs, found = views.grid, views.q, views.k, views.v, views.out
     if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         allowed = "float16, bfloat16 or float32, the same for q, k and v"
         raise field_error(AttnccError, "dtype", (q.dtype, k.dtype, v.dtype), allowed)
@@ -345,10 +379,11 @@ def attend(
         _check_interpreter()
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
-    b, h, n, d = qs.shape
+    b, h, n_q, d = qs.shape
+    n = grid.size
     pattern_text = text_of(grid.shape, h)
     terms_ = checked(_combined(score, score_mod, pattern_text, grid, h, q.device), grid, h, return_lse)
-    params = terms.inputs(terms_, b, h, grid, q.device)
+    params = terms.inputs(terms_, b, h, grid, q.device, n_q)
     dropout_p = _probability(dropout_p)
     if dropout_p > 0:
         params.append(terms.seed_for(dropout_seed, q.device))
@@ -371,19 +406,15 @@ def attend(
     terms_args = [by_name.get(name) for name in TERMS]  # Note [Term arguments]
     runtime_data = data_of(grid, b, h, q.device) if data_of is not None else {}
     data_args = [runtime_data.get(name) for name in DATA]
+    region, offsets = None, None
+    if views.region != grid.shape:  # Note [Query regions] in attncc.lower.plan
+        region = list(views.region)
+        per_axis = query_offsets(views, q_offset, b, q.device).to(torch.int32)
+        offsets = torch.cat([per_axis.new_zeros(b, 3 - grid.rank), per_axis], 1).contiguous()
     o, lse = op(
-        qs,
-        ks,
-        vs,
-        pattern_text,
-        list(grid.shape),
-        scale,
-        score_text,
-        bias,
-        *terms_args,
-        dropout_p,
-        *data_args,
-    )
+        qs, ks, vs, pattern_text, list(grid.shape), scale, score_text, bias, *terms_args, dropout_p,
+        *data_args, region, offsets,
+    )  # fmt: skip
     result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)

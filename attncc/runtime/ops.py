@@ -108,13 +108,15 @@ def cutlass_config(head_dim: int) -> LaunchConfig:
 
 @memo
 def compiled(
-    pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str, batch_heads: int
-) -> Kernel:
+    pattern: Pattern, grid: Grid, head_dim: int, dtype: str, device_type: str, score: str, batch_heads: int,
+    region: tuple[int, ...] | None = None,
+) -> Kernel:  # fmt: skip
     """The kernel of one head-independent pattern (cached per process): the config of a
     tuning record (``attncc tune``) when one exists for this launch, else the default.
 
     A CUTLASS config runs the forward in CUTLASS and keeps a Triton module of the
-    default config for the backward (it needs only the output and the log-sum-exp).
+    default config for the backward (it needs only the output and the log-sum-exp). ``region``:
+    q's box, when it covers a part of the grid (Note [Query regions] in attncc.lower.plan).
     """
     setting = settings.backend()
     tuned = tuned_config(pattern, grid, batch_heads, head_dim, dtype, score, device_type)
@@ -128,12 +130,14 @@ def compiled(
         log.info("%s: the tuning record's CUTLASS config declined (ATTNCC_BACKEND=triton)", what)
         config = default
     if config.backend == "cutlass":
-        plan = lower(pattern, grid, head_dim, dtype, score=score, config=config, device_type=device_type)
+        plan = lower(
+            pattern, grid, head_dim, dtype, score=score, config=config, device_type=device_type, region=region
+        )
         cplan = cutlass_kernel.plan_for(pattern, grid, plan)
         reason = cplan if isinstance(cplan, str) else cutlass_kernel.unavailable(device_type)
         if reason is None:
             log.info("%s: CUTLASS forward, Triton backward (ATTNCC_BACKEND=%s)", what, setting)
-            triton = kernel_for(pattern, grid, head_dim, dtype, device_type, score, default)
+            triton = kernel_for(pattern, grid, head_dim, dtype, device_type, score, default, region)
             return dataclasses.replace(triton, cutlass=cutlass_kernel.load(cplan))
         if setting == "cutlass":
             allowed = "triton here (ATTNCC_BACKEND=triton)"
@@ -142,7 +146,7 @@ def compiled(
         warnings.warn(f"attncc: the tuned CUTLASS kernel cannot run ({reason}); using Triton", stacklevel=2)
         config = default
     log.info("%s: Triton (ATTNCC_BACKEND=%s%s)", what, setting, ", tuned" if config == tuned else "")
-    return kernel_for(pattern, grid, head_dim, dtype, device_type, score, config)
+    return kernel_for(pattern, grid, head_dim, dtype, device_type, score, config, region)
 
 
 def kernel_for(
@@ -153,12 +157,14 @@ def kernel_for(
     device_type: str,
     score: str,
     config: LaunchConfig,
+    region: tuple[int, ...] | None = None,
 ) -> Kernel:
     """The Triton kernels of one head-independent pattern: forward and dQ in ``config``'s
     tiles, dK/dV in its own (Note [Backward tiles] in attncc.lower.lowering)."""
-    plan = lower(pattern, grid, head_dim, dtype, score=score, config=config, device_type=device_type)
+    options = dict(score=score, device_type=device_type, region=region)
+    plan = lower(pattern, grid, head_dim, dtype, config=config, **options)
     dkdv_config = LaunchConfig.default_dkdv(device_type, head_dim, dtype)
-    dkdv = lower(pattern, grid, head_dim, dtype, score=score, config=dkdv_config, device_type=device_type)
+    dkdv = lower(pattern, grid, head_dim, dtype, config=dkdv_config, **options)
     tables, dkdv_tables = kernel_tables(pattern, grid, plan), kernel_tables(pattern, grid, dkdv)
     statics = (tables_.static_classes_of(plan, grid), tables_.static_classes_of(dkdv, grid))
     return Kernel(plan, load(plan), tables, dkdv, load(dkdv), dkdv_tables, None, *statics)
@@ -187,11 +193,13 @@ def launches(
     dtype: str,
     device_type: str,
     score: str,
+    region: tuple[int, ...] | None = None,
 ) -> tuple[Launch, ...]:
-    """The launches of ``pattern`` over ``heads`` query heads: one per distinct head pattern."""
+    """The launches of ``pattern`` over ``heads`` query heads: one per distinct head pattern
+    (``region``: q's box of the grid, if not all of it)."""
     with progress.step(f"kernels for {_label(pattern, grid, head_dim, dtype)}"):
         return tuple(
-            Launch(compiled(p, grid, head_dim, dtype, device_type, score, batch * len(ids)), ids)
+            Launch(compiled(p, grid, head_dim, dtype, device_type, score, batch * len(ids), region), ids)
             for p, ids in head_groups(pattern, grid, heads)
         )
 
@@ -242,8 +250,14 @@ def _broadcast_strides(t: torch.Tensor) -> tuple[int, ...]:
     return tuple(0 if size == 1 else stride for size, stride in zip(t.shape, t.stride()))
 
 
+def _region_args(plan: KernelPlan, q_offsets: torch.Tensor | None) -> list:
+    """q's offsets in the grid ``[B, 3]`` int32 and their batch stride, for a plan whose queries
+    cover a box of it (Note [Query regions] in attncc.lower.plan)."""
+    return [q_offsets, q_offsets.stride(0)] if plan.region else []
+
+
 def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, params=(),
-            dropout_p: float = 0.0, wrap: Wrap = None, data=None):  # fmt: skip
+            dropout_p: float = 0.0, wrap: Wrap = None, data=None, q_offsets=None):  # fmt: skip
     """(out, lse) of ``[B, H, N, D]`` views; ``lse`` is float32 ``[B, H, N]``. ``params``: the
     score terms' tensors (attncc.runtime.terms.inputs) and, with dropout, the seed."""
     b, h, n, _ = q.shape
@@ -260,13 +274,13 @@ def forward(q, k, v, plan_launches, scale: float, bias: float, write_lse: bool, 
         runtime = _runtime_args(launch.kernel, data or {}, q.device)
         launch.kernel.module.launch(
             q, k, v, o, lse, values, offsets, entries, head_map, scale, write_lse, bias, wrap=wrap,
-            terms=terms, runtime=runtime,
+            terms=terms, runtime=runtime, region=_region_args(launch.kernel.plan, q_offsets),
         )  # fmt: skip
     return o, lse
 
 
 def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float, params=(),
-             dropout_p: float = 0.0, wrap: Wrap = None, data=None):  # fmt: skip
+             dropout_p: float = 0.0, wrap: Wrap = None, data=None, q_offsets=None):  # fmt: skip
     """(dq, dk, dv, term gradients) in the inputs' dtypes. Deterministic: no atomics (see the
     template). The term gradients are those of the plan's ``grads``, in its order, shaped as
     the views in ``params`` (Note [Term gradients] in attncc.runtime.terms).
@@ -289,7 +303,7 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
     dv = torch.zeros(v.shape, device=v.device, dtype=torch.float32) if accumulate else _output_like(v)
     params = list(params)
     first = plan_launches[0].kernel.plan
-    parts = terms.buffers(first, params, b, h, n, q.device)
+    parts = terms.buffers(first, params, b, h, n, k.shape[2], q.device)
     for launch in plan_launches:
         plan = launch.kernel.plan
         values, offsets, entries, _, _ = _tables(launch.kernel, q)
@@ -313,6 +327,7 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
             wrap=wrap,
             terms=args,
             runtime=_runtime_args(launch.kernel, data or {}, q.device),
+            region=_region_args(plan, q_offsets),
         )
         values, _, _, kv_offsets, kv_entries = _tables(launch.kernel, q, dkdv=True)
         slots = (_int32(t, q) for t in _slots(launch.heads, group, h_kv, accumulate))
@@ -336,6 +351,7 @@ def backward(q, k, v, o, lse, do, dlse, plan_launches, scale: float, bias: float
             terms=_term_args(launch.kernel.dkdv_plan, params, dropout_p, h)
             + [parts[n] for n in plan.grads if n in DKDV_GRADS],
             runtime=_runtime_args(launch.kernel, data or {}, q.device, dkdv=True),
+            region=_region_args(launch.kernel.dkdv_plan, q_offsets),
         )
     if accumulate:
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)

@@ -38,10 +38,15 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 MAX_BIAS_TOKENS = 46340  # the largest N with N * N < 2^31
 
 
-def inputs(score: Score, batch: int, heads: int, grid: Grid, device: torch.device) -> list[torch.Tensor]:
-    """The tensors of ``score``'s terms for a call on ``[batch, heads, N]`` queries, in the
-    order of ``score.inputs``, as views the kernels index with their strides."""
+def inputs(
+    score: Score, batch: int, heads: int, grid: Grid, device: torch.device, n_q: int | None = None
+) -> list[torch.Tensor]:
+    """The tensors of ``score``'s terms for a call on ``[batch, heads, n_q]`` queries over
+    ``grid``'s keys (``n_q`` its size unless the queries cover a box of it: Note [Query regions]
+    in attncc.lower.plan), in the order of ``score.inputs``, as views the kernels index with
+    their strides."""
     n = grid.size
+    n_q = n if n_q is None else n_q
     out = []
     for name in score.inputs:
         value = score.value(name)
@@ -57,12 +62,12 @@ def inputs(score: Score, batch: int, heads: int, grid: Grid, device: torch.devic
             raise form_error(AttnccError, name, shown, "a float16, bfloat16 or float32 tensor")
         if value.device != device:
             raise field_error(AttnccError, f"{name} device", value.device, f"the device of q ({device})")
-        out.append(_view(name, value, score, batch, heads, grid.rank, n))
+        out.append(_view(name, value, score, batch, heads, grid.rank, n, n_q))
     return out
 
 
 def _view(
-    name: str, t: torch.Tensor, score: Score, batch: int, heads: int, rank: int, n: int
+    name: str, t: torch.Tensor, score: Score, batch: int, heads: int, rank: int, n: int, n_q: int
 ) -> torch.Tensor:
     shape = tuple(t.shape)
     if name == "temperature":
@@ -90,7 +95,11 @@ def _view(
         # Note [Term inputs]: each head's table contiguous (the kernels index it with constants).
         padded = t.contiguous().reshape(shape[0], *(1,) * (RANK - rank), *sizes)
         return padded.expand(heads, *(1,) * (RANK - rank), *sizes)
-    full = (batch, heads, n) if name != "bias" else (batch, heads, n, n)
+    full = {
+        "query_bias": (batch, heads, n_q),
+        "key_bias": (batch, heads, n),
+        "bias": (batch, heads, n_q, n),
+    }[name]
     if name == "bias" and n > MAX_BIAS_TOKENS:
         why = "a dense bias is N x N; the kernels index it with 32-bit offsets"
         raise field_error(
@@ -123,16 +132,20 @@ def _constant(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
     return _CONSTANTS[key]
 
 
-def placeholders(plan: KernelPlan, batch: int, heads: int, n: int, device: str) -> list[torch.Tensor]:
+def placeholders(
+    plan: KernelPlan, batch: int, heads: int, n: int, device: str, n_q: int | None = None
+) -> list[torch.Tensor]:
     """Tensors shaped as a call's term views (and the seed) of ``plan``, contiguous: what the
-    static profile launches with (attncc.machine.launch; ``device="meta"``)."""
+    static profile launches with (attncc.machine.launch; ``device="meta"``); ``n_q``: q's rows
+    (default ``n``)."""
+    n_q = n if n_q is None else n_q
     shapes = {
         "temperature": (heads,),
         "alibi": (heads, RANK if plan.alibi == "axes" else 1),
         "rel_pos_bias": (heads, *(plan.rel_pos_bias or ())),
-        "query_bias": (batch, heads, n),
+        "query_bias": (batch, heads, n_q),
         "key_bias": (batch, heads, n),
-        "bias": (batch, heads, n, n),
+        "bias": (batch, heads, n_q, n),
     }
     out = [torch.empty(shapes[name], device=device, dtype=torch.float32) for name in plan.inputs]
     if plan.dropout:
@@ -159,7 +172,7 @@ def seed_for(seed: int | None, device: torch.device) -> torch.Tensor:
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
-def buffers(plan: KernelPlan, params: list[torch.Tensor], batch: int, heads: int, n: int,
+def buffers(plan: KernelPlan, params: list[torch.Tensor], batch: int, heads: int, n_q: int, n: int,
             device: torch.device) -> dict[str, torch.Tensor]:  # fmt: skip
     """Zeroed float32 buffers the backward kernels write each learned input's parts into
     (Note [Term gradients]): ``[B, H, N]`` rows (``[B, H, N, A]`` for the slopes), the dense
@@ -168,13 +181,15 @@ def buffers(plan: KernelPlan, params: list[torch.Tensor], batch: int, heads: int
     out = {}
     for name in plan.grads:
         if name == "bias":
-            shape: tuple[int, ...] = (batch, heads, n, n)
+            shape: tuple[int, ...] = (batch, heads, n_q, n)
         elif name == "alibi":
-            shape = (batch, heads, n, params[plan.inputs.index("alibi")].shape[1])
+            shape = (batch, heads, n_q, params[plan.inputs.index("alibi")].shape[1])
         elif name == "rel_pos_bias":  # Note [Table gradient] in attncc.lower.plan: a row per query
-            shape = (batch, heads, n, plan.table_entries)
-        else:
+            shape = (batch, heads, n_q, plan.table_entries)
+        elif name == "key_bias":
             shape = (batch, heads, n)
+        else:
+            shape = (batch, heads, n_q)
         out[name] = torch.zeros(shape, device=device, dtype=torch.float32)
     return out
 
