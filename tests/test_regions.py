@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attncc import AttnccError
-from attncc.ir import Grid, causal, key_bias, neighborhood, query_bias, sliding_window
+from attncc.ir import Grid, causal, key_bias, neighborhood, query_bias, sliding_window, topk_blocks
 from attncc.layouts import query_offsets, to_sdpa_views
 from attncc.reference import attention as reference
 
@@ -91,3 +91,13 @@ def test_a_region_that_is_not_whole_slices_is_refused():
     q, k, v = _qkv(1, 60)
     with pytest.raises(AttnccError, match=r"q length = 7 is out of range.*whole slices"):
         reference(q[:, :, :7], k, v, causal(), grid=(5, 12))
+
+
+def test_top_k_data_in_a_region():
+    """The region path normalises the data once: top-k indices are not read back from their layout."""
+    q, k, v = _qkv(2, 40)
+    picks = torch.randint(-1, 5, (2, H, 5, 2), generator=torch.Generator().manual_seed(3))
+    pattern, data = topk_blocks(8) & causal(), {"topk_blocks": picks}
+    full = reference(q, k, v, pattern, data=data)
+    tail = reference(q[:, :, -6:], k, v, pattern, data=data)
+    torch.testing.assert_close(tail, full[:, :, -6:], atol=0, rtol=0)
