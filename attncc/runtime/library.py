@@ -36,10 +36,10 @@ from attncc.ir.score import Score, as_score, checked, parse_score
 from attncc.ir.symbolic import RUNTIME_KINDS
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
-from attncc.layouts import to_sdpa_layout
+from attncc.layouts import Views, query_offsets, to_sdpa_views
 from attncc.memo import forget_all, memo
 from attncc.runtime import data as call_data
-from attncc.runtime import dynamo, ops, terms  # noqa: F401 (dynamo: registers the nodes)
+from attncc.runtime import decode, decode_op, dynamo, ops, terms  # noqa: F401 (registers the nodes, the ops)
 from attncc.score_fn import ScoreFunction, score_terms
 
 
@@ -278,6 +278,7 @@ def attention(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     data: dict[str, torch.Tensor] | None = None,
+    q_offset: object = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of ``pattern`` with fused, pattern-specialised kernels (differentiable).
 
@@ -304,13 +305,16 @@ def attention(
     'spatial') says how a 4-D q reads where its shape does not (Note [Ambiguous layouts] in
     attncc.layouts). ``data`` gives the pattern's primitives whose data come with each call
     (``block_mask``, ``topk_blocks``, ``documents``/``cu_seqlens``, ``key_lengths``: attncc.runtime.
-    data); new data reuse the compiled kernels.
+    data); new data reuse the compiled kernels. q may be the last tokens of a longer 1-D key
+    sequence (a KV cache: 1 to 64 queries per batch element at positions ``q_offset``: None for
+    the sequence's end, an int, or a ``[B]`` tensor, attncc.layouts.query_offsets): a decode
+    step, run by the decode kernels (forward only; Note [Decode dispatch] in attncc.runtime.decode).
     """
     text_of = functools.partial(_text, pattern)
     data_of = functools.partial(_data_of, pattern, data)
     return attend(
         q, k, v, text_of, scale, return_lse, grid, out, score, sigmoid_bias, layout, score_mod, dropout_p,
-        dropout_seed, data_of,
+        dropout_seed, data_of, q_offset,
     )  # fmt: skip
 
 
@@ -330,12 +334,14 @@ def attend(
     dropout_p: float = 0.0,
     dropout_seed: int | None = None,
     data_of: Callable[[Grid, int, int, torch.device], dict[str, torch.Tensor]] | None = None,
+    q_offset: object = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention`, the pattern given as ``text_of(grid shape, heads)``: its text, checked
     against the call's grid and head count. The front doors (a pattern, ``@attncc.jit``,
     ``attncc.flex``) differ only in that function, which torch.compile calls at trace time
     (Note [Patterns under torch.compile] in attncc.runtime.dynamo)."""
-    grid, (qs, ks, vs), found = to_sdpa_layout(q, k, v, grid, layout)
+    views = to_sdpa_views(q, k, v, grid, layout)
+    grid, qs, ks, vs, found = views.grid, views.q, views.k, views.v, views.out
     if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         allowed = "float16, bfloat16 or float32, the same for q, k and v"
         raise field_error(AttnccError, "dtype", (q.dtype, k.dtype, v.dtype), allowed)
@@ -345,7 +351,8 @@ def attend(
         _check_interpreter()
     if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
         raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
-    b, h, n, d = qs.shape
+    b, h, _, d = qs.shape
+    n = grid.size
     pattern_text = text_of(grid.shape, h)
     terms_ = checked(_combined(score, score_mod, pattern_text, grid, h, q.device), grid, h, return_lse)
     params = terms.inputs(terms_, b, h, grid, q.device)
@@ -371,25 +378,52 @@ def attend(
     terms_args = [by_name.get(name) for name in TERMS]  # Note [Term arguments]
     runtime_data = data_of(grid, b, h, q.device) if data_of is not None else {}
     data_args = [runtime_data.get(name) for name in DATA]
-    o, lse = op(
-        qs,
-        ks,
-        vs,
-        pattern_text,
-        list(grid.shape),
-        scale,
-        score_text,
-        bias,
-        *terms_args,
-        dropout_p,
-        *data_args,
-    )
+    if views.region != grid.shape:  # Note [Decode dispatch] in attncc.runtime.decode
+        o, lse = _decode(views, qs, ks, vs, q_offset, pattern_text, score_text, scale, terms_args, data_args)
+    else:
+        o, lse = op(
+            qs,
+            ks,
+            vs,
+            pattern_text,
+            list(grid.shape),
+            scale,
+            score_text,
+            bias,
+            *terms_args,
+            dropout_p,
+            *data_args,
+        )
     result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)
     if not return_lse:
         return result
     return result, found.lse(lse)
+
+
+def _decode(views: Views, qs, ks, vs, q_offset: object, pattern_text: str, score_text: str, scale: float,
+            terms_args: list, data_args: list) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out, lse) of queries over a part of the keys' grid, from the decode kernels (Note [Decode
+    dispatch] in attncc.runtime.decode): ``qs``/``ks``/``vs`` the call's views (widened for the
+    CPU's bf16), ``terms_args``/``data_args`` the ops' optional tensors. A region they do not
+    take is refused: the general kernels' regions are in progress (issue 16 part 1)."""
+    reason = decode.refusal(views.grid, views.region, parse_score(score_text))
+    if reason:
+        allowed = f"q over the whole grid {views.grid.shape}, as k and v, or a decode step"
+        raise field_error(AttnccError, "q region", views.region, allowed, reason)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (qs, ks, vs)):
+        raise AttnccError(
+            "q, k or v requires grad in a decode call (q over a part of the keys): the decode kernels "
+            "are forward only, and the backward of such a call is the general kernels', which is in "
+            "progress (issue 16 part 1); run it under torch.no_grad() or pass detached tensors"
+        )
+    by_name = dict(zip(TERMS, terms_args))
+    offsets = query_offsets(views, q_offset, qs.shape[0], qs.device)[:, 0].to(torch.int32).contiguous()
+    visible = qs.device.type == "cuda"
+    op = torch.ops.attncc.decode if visible else torch.ops.attncc.decode_opaque
+    return op(qs, ks, vs, pattern_text, scale, score_text, offsets, by_name["temperature"], by_name["alibi"],
+              *data_args)  # fmt: skip
 
 
 def _real(name: str, value: object) -> float:
