@@ -79,6 +79,10 @@ TERMS = ("temperature", "alibi")  # the tensor terms the decode kernels read (an
 # Leaves that make a plan a ``list`` plan (Note [Decode iteration]).
 LISTED = (BlockSparse, BlockMask, TopkBlocks, Document, Documents, GlobalTokens)
 
+# Note [Decode warps]: 16 rows take 4 warps; from 32 rows on, 4 warps hold too much of the score
+# and accumulator tiles per thread (sm_90, bf16, D = 128: 32 rows on 4 warps spill, 168
+# registers; on 8 warps 126 and none: benchmarks/STATIC.md "Decode"), so they take 8.
+WIDE_ROWS = 32
 _kl = sympy.Symbol("kl", integer=True)  # a batch element's key length (the key_lengths leaf)
 _MAX_SPANS = 2
 
@@ -86,31 +90,34 @@ _MAX_SPANS = 2
 @dataclass(frozen=True)
 class DecodeConfig:
     """The launch knobs of the decode kernel: the most rows of a program, keys per KV tile,
-    warps and pipeline stages."""
+    warps (None: lowering picks, Note [Decode warps]) and pipeline stages."""
 
     block_m: int = 64
     block_n: int = 64
-    num_warps: int = 4
+    num_warps: int | None = None
     num_stages: int = 3
 
     def __post_init__(self) -> None:
         _check_pow2("decode block_m", self.block_m, 16, 128)
         _check_pow2("decode block_n", self.block_n, 16, 256)
-        if self.num_warps not in (1, 2, 4, 8):
-            raise field_error(PatternError, "decode num_warps", self.num_warps, "1, 2, 4, 8")
+        if self.num_warps not in (None, 1, 2, 4, 8):
+            raise field_error(PatternError, "decode num_warps", self.num_warps, "1, 2, 4, 8 or None")
         if isinstance(self.num_stages, bool) or self.num_stages not in range(1, 6):
             raise field_error(PatternError, "decode num_stages", self.num_stages, "1..5")
 
     @staticmethod
     def default(device_type: str, head_dim: int, dtype: str) -> DecodeConfig:
-        """64-key tiles in 3 stages (two programs fit an sm_90 SM at D = 128: 96 KiB of K/V
-        stages each), 32-key tiles at D = 256 and for fp32 (IEEE dots on the FMA pipes); the
-        interpreter takes 16-row, 16-key tiles, so small tests walk many tiles and M tiles."""
+        """64-key tiles in 3 stages (three programs fit an sm_90 SM at D = 128: 70 KiB of shared
+        memory each), 32-key tiles at D = 256 and for fp32 (IEEE dots on the FMA pipes: on 8
+        warps, as 4 spill at D = 128); the interpreter takes 16-row, 16-key tiles, so small tests
+        walk many tiles and M tiles."""
         if device_type != "cuda":
             return DecodeConfig(16, 16, 4, 1)
-        if dtype == "float32" or head_dim > 128:
-            return DecodeConfig(64, 32, 4, 2)
-        return DecodeConfig(64, 64, 4, 3)
+        if dtype == "float32":
+            return DecodeConfig(64, 32, 8, 2)
+        if head_dim > 128:
+            return DecodeConfig(64, 32, None, 2)
+        return DecodeConfig(64, 64, None, 3)
 
 
 @dataclass(frozen=True)
@@ -235,6 +242,7 @@ def lower_decode(
     listed = _listed(canon)
     spans = () if listed else spans_of(rule, keys)
     rows = queries * group
+    block_m = min(config.block_m, max(16, 1 << (rows - 1).bit_length()))
     return DecodePlan(
         keys=keys,
         queries=queries,
@@ -242,7 +250,7 @@ def lower_decode(
         head_dim=head_dim,
         head_dim_padded=max(16, 1 << (head_dim - 1).bit_length()),
         dtype=dtype,
-        block_m=min(config.block_m, max(16, 1 << (rows - 1).bit_length())),
+        block_m=block_m,
         block_n=config.block_n,
         iteration="list" if listed else "range",
         spans=tuple(Span(_spell(f), _spell(last)) for f, last in spans),
@@ -254,7 +262,7 @@ def lower_decode(
         temperature=scored.temperature,
         alibi=None if scored.alibi is None else ("signed" if scored.alibi == "signed" else "flat"),
         fast_tanh=scored.softcap is not None and device_type == "cuda" and dtype != "float32",
-        num_warps=config.num_warps,
+        num_warps=config.num_warps or (8 if block_m >= WIDE_ROWS else 4),
         num_stages=config.num_stages,
     )
 

@@ -209,8 +209,8 @@ def test_split_model():
     batch that fills the machine is not; a window's splits follow its keys, not the cache's."""
     h100 = device_spec("NVIDIA H100 80GB HBM3")
     causal_128k = lower_decode(causal(), 131072, 1, 8, 128, "bfloat16")
-    assert split_count(causal_128k, 1, 1, h100) >= 48
-    assert split_count(causal_128k, 64, 8, h100) <= 32
+    assert split_count(causal_128k, 1, 1, h100) >= h100.sms
+    assert split_count(causal_128k, 64, 8, h100) == 1
     window = lower_decode(sliding_window(4095) | key_range(0, hi=3), 131072, 1, 8, 128, "bfloat16")
     assert tiles(window) == 67 and split_count(window, 1, 1, h100) <= tiles(window)
 
