@@ -122,6 +122,10 @@ def _in_regions(views, offsets: torch.Tensor, args: tuple) -> tuple[torch.Tensor
         terms_i = dataclasses.replace(terms, values=tuple(values))
         mask_i = None if dropout_mask is None else embed(one(dropout_mask), 2)
         data_i = {key: one(t) for key, t in normalised.items()}
+        if "topk_blocks" in data_i:  # normalised into a layout, which _on_grid takes as indices again
+            layout = data_i["topk_blocks"]
+            blocks = torch.arange(layout.shape[-1], device=layout.device)
+            data_i["topk_blocks"] = torch.where(layout != 0, blocks, -1)
         out, lse = _on_grid(
             q_i, views.k[i : i + 1], views.v[i : i + 1], pattern, scale, grid, terms_i, sigmoid_bias, None,
             dropout_p, mask_i, data_i,

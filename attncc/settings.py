@@ -23,6 +23,8 @@ setting, never a silent default.
                           tables, pattern texts), least recently used dropped first
                           (default 256, 1 to 1048576; read when attncc is imported:
                           :mod:`attncc.memo`)
+``ATTNCC_DECODE_SPLITS``  the split count of every decode launch, 1 to 256 (default: the
+                          cost model's, Note [Split count] in attncc.autotune.decode)
 ========================  ==============================================================
 """
 
@@ -115,3 +117,19 @@ def memo_size() -> int:
     if not 1 <= size <= MAX_MEMO_SIZE:
         raise field_error(AttnccError, "ATTNCC_MEMO_SIZE", value, f"an integer from 1 to {MAX_MEMO_SIZE}")
     return size
+
+
+MAX_DECODE_SPLITS = 256  # the decode kernels' bound (attncc.lower.decode.MAX_SPLITS)
+
+
+def decode_splits() -> int | None:
+    """``ATTNCC_DECODE_SPLITS``: a fixed split count for the decode kernels, or None (the cost
+    model chooses: Note [Split count] in attncc.autotune.decode)."""
+    value = os.environ.get("ATTNCC_DECODE_SPLITS", "")
+    if not value:
+        return None
+    splits = int(value) if value.strip().isdigit() else 0
+    if not 1 <= splits <= MAX_DECODE_SPLITS:
+        allowed = f"an integer from 1 to {MAX_DECODE_SPLITS} (unset: the cost model's)"
+        raise field_error(AttnccError, "ATTNCC_DECODE_SPLITS", value, allowed)
+    return splits

@@ -80,6 +80,29 @@ class KernelConstants:
 
 
 KERNEL = KernelConstants()
+
+
+@dataclass(frozen=True)
+class DecodeConstants:
+    """Constants of the decode kernels (Note [Split count] in attncc.autotune.decode; estimates,
+    each with its reasoning, until a GPU measures them)."""
+
+    # Per program, microseconds: the Q rows' load, the spans' reductions (or the list's count),
+    # the pipeline's prologue (the first tiles' loads wait one DRAM latency before any dot) and
+    # the partial rows' store: about one DRAM round trip and a few hundred cycles.
+    program_us: float = 1.0
+    # The latency a program's K/V loads wait on, microseconds: HBM3's 0.6-0.8 when idle, more
+    # when every SM streams (the decode kernels' case); with 2 of 3 stages' 32 KiB tiles in
+    # flight a program then streams about 65 GB/s, so some 50 programs fill an H100's 3.35 TB/s.
+    dram_latency_us: float = 1.0
+    # What one SM moves from L2 per clock (sm_90: 64 bytes), shared by its resident programs.
+    sm_bytes_per_clock: int = 64
+    # The merge of split rows: one more launch (KernelConstants.launch_us), and every partial
+    # row (float32, the head dim padded) read once from DRAM.
+    merge_launch_us: float = 4.0
+
+
+DECODE = DecodeConstants()
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 # Note [Term costs]: what each score term (attncc.ir.score) adds to a forward tile, per score

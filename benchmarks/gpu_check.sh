@@ -5,8 +5,8 @@
 # machine, copied to $OUT so they come back to be committed. A device command may run 10
 # minutes at most, so each part runs on its own; in order of priority:
 #   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | tests-terms | tests-runtime | bench-issue3 |
-#        bench-bwd | bench-terms | bench-tables | cutlass | bench-cutlass | bench-grids | bench-flat | bench-models |
-#        extras | examples | tune
+#        bench-bwd | bench-terms | bench-tables | bench-decode | cutlass | bench-cutlass | bench-grids | bench-flat |
+#        bench-models | extras | examples | tune
 #   (all = every part but smoke, bench = every bench-*)
 # A session that gets a GPU runs `smoke` first: one call under 8 minutes, every kernel family
 # forward and backward at bf16/fp16/fp32, the issue3 forward against SDPA and FlexAttention,
@@ -95,6 +95,15 @@ bench_part cutlass issue3 --fwd --peers sdpa,flex,attncc-cutlass,cutlass-example
 [[ $part == all || $part == bench || $part == bench-tables ]] &&
   { (cd "$out" && timeout 300 python3 "$repo/benchmarks/table_build.py" --device cuda \
     --markdown "$repo/benchmarks/RESULTS.md") 2>&1 | tee "$out/bench-tables.txt" || status=1; }
+# Decode steps (issue 16 part 2): the decode tests on CUDA (bf16 included), then one query of 8 heads over
+# one KV head against a 32K and a 128K cache (causal; a 4096-token window with 4 sinks) beside SDPA,
+# FlexAttention's decoding kernel and FlashAttention where installed, and the split counts the cost
+# model did not pick (Note [Split count] in attncc.autotune.decode).
+[[ $part == all || $part == bench || $part == bench-decode ]] &&
+  { timeout 150 python3 -P -m pytest -q -p no:cacheprovider tests/test_decode.py 2>&1 | tee "$out/bench-decode.txt" ||
+      status=1
+    (cd "$out" && timeout 420 python3 "$repo/benchmarks/decode_bench.py" --device cuda \
+      --markdown "$repo/benchmarks/RESULTS.md") 2>&1 | tee -a "$out/bench-decode.txt" || status=1; }
 [[ $part == all || $part == extras ]] &&
   { (cd "$out" && timeout 270 python3 "$repo/benchmarks/op_overhead.py" --markdown "$repo/benchmarks/RESULTS.md" &&
     timeout 270 python3 "$repo/benchmarks/dropin_timm.py" --markdown "$repo/benchmarks/RESULTS.md") 2>&1 |

@@ -30,6 +30,7 @@ from types import ModuleType
 
 import jinja2
 
+from attncc.lower.decode import DecodePlan
 from attncc.lower.plan import RUNTIME_ARGS, KernelPlan
 from attncc.memo import memo
 from attncc.runtime import cache as kernel_cache
@@ -87,18 +88,34 @@ def load(plan: KernelPlan) -> ModuleType:
 
     Memoised per process: a second call with an equal plan returns the same module.
     """
-    data = render(plan).encode()
-    parts = {
-        "plan": dataclasses.asdict(plan),
-        "sha256": {MODULE: hashlib.sha256(data).hexdigest()},  # binds the file: see attncc.runtime.cache
-        "backend": "triton",
-        "device": kernel_cache.device_capability(),
-    }
     # A plan is rank 3 (leading axes of size 1); the label drops those, as a 12x12 grid's kernel
     # is the 1x12x12 one: 'grid 12x12 q 4x16', not 'grid 1x12x12 q 1x4x16'.
     lead = next((i for i, n in enumerate(plan.grid[:-1]) if n != 1), len(plan.grid) - 1)
     grid, q, kv = ("x".join(map(str, dims[lead:])) for dims in (plan.grid, plan.q_tile, plan.kv_tile))
     label = f"triton {plan.iteration} {plan.dtype} d{plan.head_dim} grid {grid} q {q} kv {kv}"
+    return _load(render(plan).encode(), {"plan": dataclasses.asdict(plan)}, label)
+
+
+def render_decode(plan: DecodePlan) -> str:
+    """The Triton module source of a decode plan: its kernel, the merge and their launcher."""
+    return ENV.get_template("decode.py.j2").render(plan=plan)
+
+
+@memo
+def load_decode(plan: DecodePlan) -> ModuleType:
+    """:func:`load` for a decode plan (attncc.lower.decode)."""
+    label = f"triton decode {plan.iteration} {plan.dtype} d{plan.head_dim} keys {plan.keys} rows {plan.rows}"
+    return _load(render_decode(plan).encode(), {"decode plan": dataclasses.asdict(plan)}, label)
+
+
+def _load(data: bytes, plan: dict, label: str) -> ModuleType:
+    """The module of source ``data`` from the kernel cache entry of ``plan`` (its fields)."""
+    parts = {
+        **plan,
+        "sha256": {MODULE: hashlib.sha256(data).hexdigest()},  # binds the file: see attncc.runtime.cache
+        "backend": "triton",
+        "device": kernel_cache.device_capability(),
+    }
     key = kernel_cache.make_key(KERNELS, parts)
     try:
         entry = kernel_cache.build_entry(key, functools.partial(_write_module, data=data), label)

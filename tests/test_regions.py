@@ -32,6 +32,7 @@ from attncc.ir import (
     query_bias,
     rel_pos_bias,
     sliding_window,
+    topk_blocks,
 )
 from attncc.layouts import query_offsets, to_sdpa_views
 from attncc.lower.lowering import LaunchConfig, lower
@@ -242,3 +243,13 @@ def test_the_walk_of_a_region_is_the_whole_walk_at_its_tiles():
     for a, w in zip(inverse_walk(last), inverse_walk(whole)):
         assert a.per_program.size == w.per_program.size and (a.per_program <= w.per_program).all()
         assert a.per_program.sum() < w.per_program.sum()
+
+
+def test_top_k_data_in_a_region():
+    """The region path normalises the data once: top-k indices are not read back from their layout."""
+    q, k, v = _qkv(2, 40)
+    picks = torch.randint(-1, 5, (2, H, 5, 2), generator=torch.Generator().manual_seed(3))
+    pattern, data = topk_blocks(8) & causal(), {"topk_blocks": picks}
+    full = reference(q, k, v, pattern, data=data)
+    tail = reference(q[:, :, -6:], k, v, pattern, data=data)
+    torch.testing.assert_close(tail, full[:, :, -6:], atol=0, rtol=0)

@@ -101,6 +101,7 @@ class Loop:
 
 _KIND_PATTERNS = {
     "hgmma": r"^HGMMA",
+    "hmma": r"^HMMA",  # mma.sync: Triton's dots of fewer than 64 rows (the decode kernel's)
     "cp.async": r"^LDGSTS",
     "tma": r"^(UTMALDG|UBLKCP)",
     "ldg": r"^LDG\b|^LDG\.",

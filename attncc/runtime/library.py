@@ -36,10 +36,10 @@ from attncc.ir.score import Score, as_score, checked, parse_score
 from attncc.ir.symbolic import RUNTIME_KINDS
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
-from attncc.layouts import query_offsets, to_sdpa_views
+from attncc.layouts import Views, query_offsets, to_sdpa_views
 from attncc.memo import forget_all, memo
 from attncc.runtime import data as call_data
-from attncc.runtime import dynamo, ops, terms  # noqa: F401 (dynamo: registers the nodes)
+from attncc.runtime import decode, decode_op, dynamo, ops, terms  # noqa: F401 (registers the nodes, the ops)
 from attncc.score_fn import ScoreFunction, score_terms
 
 
@@ -336,7 +336,9 @@ def attention(
     bottom-right), an int or a tuple per axis, or a tensor ``[B]``/``[B, rank]`` per batch element
     (clamped to the grid; new values reuse the kernels and torch.compile's graph). Patterns read
     every query at its place in the grid (Note [Query regions] in attncc.lower.plan); a region
-    along a dilated axis is refused.
+    along a dilated axis is refused. A forward call with 1 to 64 queries over a longer 1-D key
+    sequence is a decode step, run by the decode kernels (Note [Decode dispatch] in
+    attncc.runtime.decode).
     """
     text_of = functools.partial(_text, pattern)
     data_of = functools.partial(_data_of, pattern, data)
@@ -406,21 +408,39 @@ def attend(
     terms_args = [by_name.get(name) for name in TERMS]  # Note [Term arguments]
     runtime_data = data_of(grid, b, h, q.device) if data_of is not None else {}
     data_args = [runtime_data.get(name) for name in DATA]
-    region, offsets = None, None
-    if views.region != grid.shape:  # Note [Query regions] in attncc.lower.plan
-        region = list(views.region)
-        per_axis = query_offsets(views, q_offset, b, q.device).to(torch.int32)
-        offsets = torch.cat([per_axis.new_zeros(b, 3 - grid.rank), per_axis], 1).contiguous()
-    o, lse = op(
-        qs, ks, vs, pattern_text, list(grid.shape), scale, score_text, bias, *terms_args, dropout_p,
-        *data_args, region, offsets,
-    )  # fmt: skip
+    forward_only = not (torch.is_grad_enabled() and any(t.requires_grad for t in (qs, ks, vs)))
+    part = views.region != grid.shape
+    if part and forward_only and decode.takes(grid.shape, views.region, score_text, pattern_text, h):
+        o, lse = _decode(views, qs, ks, vs, q_offset, pattern_text, score_text, scale, terms_args, data_args)
+    else:
+        region, offsets = None, None
+        if views.region != grid.shape:  # Note [Query regions] in attncc.lower.plan
+            region = list(views.region)
+            per_axis = query_offsets(views, q_offset, b, q.device).to(torch.int32)
+            offsets = torch.cat([per_axis.new_zeros(b, 3 - grid.rank), per_axis], 1).contiguous()
+        o, lse = op(
+            qs, ks, vs, pattern_text, list(grid.shape), scale, score_text, bias, *terms_args, dropout_p,
+            *data_args, region, offsets,
+        )  # fmt: skip
     result = found.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)
     if not return_lse:
         return result
     return result, found.lse(lse)
+
+
+def _decode(views: Views, qs, ks, vs, q_offset: object, pattern_text: str, score_text: str, scale: float,
+            terms_args: list, data_args: list) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out, lse) of a decode step, from the decode kernels (Note [Decode dispatch] in
+    attncc.runtime.decode): ``qs``/``ks``/``vs`` the call's views (widened for the CPU's bf16),
+    ``terms_args``/``data_args`` the ops' optional tensors."""
+    by_name = dict(zip(TERMS, terms_args))
+    offsets = query_offsets(views, q_offset, qs.shape[0], qs.device)[:, 0].to(torch.int32).contiguous()
+    visible = qs.device.type == "cuda"
+    op = torch.ops.attncc.decode if visible else torch.ops.attncc.decode_opaque
+    return op(qs, ks, vs, pattern_text, scale, score_text, offsets, by_name["temperature"], by_name["alibi"],
+              *data_args)  # fmt: skip
 
 
 def _real(name: str, value: object) -> float:
