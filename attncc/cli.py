@@ -114,6 +114,8 @@ def _summary(spec: Spec, a: Analysis) -> Table:
                 f"at most {a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense",
             ),
         ]
+    if spec.queries:
+        rows.insert(4, ("queries", f"a box {spec.queries} of the grid (below: every query, then the box)"))
     if spec.score != Score():
         rows.insert(2, ("score", spec.score.text))
     for key, value in rows:
@@ -168,7 +170,22 @@ def _kernel_plans(spec: Spec, plans: list[tuple[HeadGroup, KernelPlan]]) -> str:
             f"  {who}{plan.iteration} iteration, dilation groups {groups}, boxes {boxes}: "
             f"{visited:,} of {dense:,} tile pairs visited, tile bound {dense / max(visited, 1):.2f}x"
         )
+        if spec.queries:
+            lines.append(f"  {who}{_region_visits(spec, group)}")
     return escape("\n".join(lines))
+
+
+def _region_visits(spec: Spec, group: HeadGroup) -> str:
+    """The tile pairs the forward visits for the spec's queries, a box at the grid's end (Note
+    [Walks of a region] in attncc.lower.visits)."""
+    from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
+    from attncc.lower.visits import walk
+
+    config = LaunchConfig.default("cuda", spec.head_dim, spec.dtype)
+    plan = lower(group.pattern, spec.grid, spec.head_dim, spec.dtype, config=config, region=spec.queries)
+    tables = kernel_tables(group.pattern, spec.grid, plan) if plan.iteration == "table" else None
+    visited = sum(int(loop.per_program.sum()) for loop in walk(plan, tables))
+    return f"queries {'x'.join(map(str, spec.queries))} at the grid's end: {visited:,} tile pairs visited"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

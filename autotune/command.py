@@ -13,7 +13,7 @@ from attncc.autotune.space import describe
 from attncc.errors import TuneError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
-from attncc.ir.spec import load_spec
+from attncc.ir.spec import load_spec, whole_grid
 from attncc.ir.validate import required_heads, validate
 
 
@@ -55,7 +55,7 @@ def tune_cmd(
 ) -> None:
     """Tune SPEC's kernels: the cost model ranks every candidate, the device times the top ones,
     and the fastest is recorded, so attncc.attention uses it for this shape from then on."""
-    spec = load_spec(spec_path)
+    spec = whole_grid(load_spec(spec_path), "tune")
     score = spec.score.form.text  # the terms, and dropout; their tensors are random in the timing
     batch, heads, grid = parse_shape(shape) if shape else (1, spec.heads, spec.grid)
     heads = validate(spec.pattern, grid, heads)

@@ -8,6 +8,11 @@ YAML or JSON, e.g.::
     head_dim: 128
     dtype: bfloat16
     score: softcap(50.0)    # optional: a score's text (attncc.ir.score), softmax by default
+    queries: [2, 128, 128]  # optional: the queries are a box of the grid (a KV cache's last frames)
+
+``queries`` (one size per grid axis, or an int on a sequence) says the queries cover a box of
+the grid, placed per call (``q_offset``, the end by default: Note [Query regions] in
+attncc.lower.plan); the keys are the whole grid. Without it, queries and keys are the grid.
 
 ``pattern`` is the text form, or the same tree as mappings, which suits long
 block layouts: ``{block_sparse: {layout: [[1, 0], [1, 1]], block: 64}}``,
@@ -32,7 +37,7 @@ from attncc.ir.text import parse
 from attncc.ir.validate import validate
 
 DTYPES = ("float16", "bfloat16", "float32")
-_FIELDS = ("pattern", "grid", "heads", "head_dim", "dtype", "score", "name", "description")
+_FIELDS = ("pattern", "grid", "heads", "head_dim", "dtype", "score", "queries", "name", "description")
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -66,6 +71,7 @@ class Spec:
     dtype: str = "bfloat16"
     name: str = ""
     score: Score = dataclasses.field(default_factory=Score)  # softmax, no terms
+    queries: tuple[int, ...] | None = None  # the queries' box of the grid; None: all of it
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -120,7 +126,28 @@ def spec_from_data(data: Any, default_name: str = "") -> Spec:
         raise form_error(SpecError, "score", score_text, expected)
     score = parse_score(score_text)
     score.check(grid, heads)
-    return Spec(pattern, grid, heads, head_dim, dtype, str(data.get("name", default_name)), score)
+    queries = _queries(data.get("queries"), grid)
+    return Spec(pattern, grid, heads, head_dim, dtype, str(data.get("name", default_name)), score, queries)
+
+
+def whole_grid(spec: Spec, command: str) -> Spec:
+    """``spec``, for a command that runs every query of the grid: one with ``queries`` is refused."""
+    if spec.queries:
+        allowed = "no queries field (it runs every query of the grid; analyze, inspect and compile take it)"
+        raise field_error(SpecError, f"queries (for attncc {command})", spec.queries, allowed)
+    return spec
+
+
+def _queries(value: Any, grid: Grid) -> tuple[int, ...] | None:
+    """The spec's ``queries`` box (None: the whole grid, also when it is the grid)."""
+    if value is None:
+        return None
+    sizes = [value] if isinstance(value, int) and grid.rank == 1 else value
+    allowed = f"a list of {grid.rank} integers, each from 1 to the grid's {grid.shape}"
+    fits = isinstance(sizes, list) and len(sizes) == grid.rank
+    if not fits or not all(type(s) is int and 1 <= s <= g for s, g in zip(sizes, grid.shape)):
+        raise field_error(SpecError, "queries", value, allowed)
+    return None if tuple(sizes) == grid.shape else tuple(sizes)
 
 
 def pattern_from_data(data: Any) -> Pattern:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import keyword
+import math
 import sys
 import unicodedata
 from pathlib import Path
@@ -121,6 +122,7 @@ def given(score: Score) -> tuple[str, ...]:
 def usage(spec: Spec, name: str) -> str:
     """How a package of ``spec`` named ``name`` is called: ``name.forward(q, k, v, key_bias=...)``."""
     keywords = [f"{t}=..." for t in given(spec.score)] + (["dropout_p=..."] if spec.score.dropout else [])
+    keywords += ["q_offset=..."] if spec.queries else []
     return f"{name}.forward({', '.join(['q', 'k', 'v', *keywords])})"
 
 
@@ -170,6 +172,7 @@ def _render_package(spec: Spec, name: str, device_type: str) -> dict[str, str]:
                     score=form,
                     config=c,
                     device_type=device_type,
+                    region=spec.queries,
                 )
                 for c in (config, dkdv_config)
             )
@@ -191,8 +194,13 @@ def _render_package(spec: Spec, name: str, device_type: str) -> dict[str, str]:
     )
     score, plan = spec.score, plans[0]
     passed, shapes = given(score), _shapes(spec)
+    q_tokens = math.prod(spec.queries or spec.grid.shape)
     common = dict(
-        name=name, grid_tuple=repr(tuple(spec.grid.shape)), tokens=spec.grid.size, score_text=score.text
+        name=name,
+        grid_tuple=repr(tuple(spec.grid.shape)),
+        tokens=spec.grid.size,
+        q_tokens=q_tokens,
+        score_text=score.text,
     )
     files["_terms.py"] = ENV.get_template("package_terms.py.j2").render(
         **common,
@@ -226,6 +234,8 @@ def _render_package(spec: Spec, name: str, device_type: str) -> dict[str, str]:
         dropout=score.dropout,
         learn=learn,
         fast_tanh=plan.fast_tanh,
+        region=spec.queries,
+        offsets="q_offsets" if spec.queries else "None",
     )
     return files
 
@@ -233,12 +243,13 @@ def _render_package(spec: Spec, name: str, device_type: str) -> dict[str, str]:
 def _shapes(spec: Spec) -> dict[str, str]:
     """Each term tensor's shape as the package's docstring and refusals show it."""
     n, rank = spec.grid.size, spec.grid.rank
+    n_q = math.prod(spec.queries or spec.grid.shape)
     per_axis = spec.score.alibi == "axes" and rank > 1
     return {
         "temperature": "[H]",
         "alibi": "[H]" + (f" or [H, {rank}]" if per_axis else ""),
         "rel_pos_bias": f"[H or 1, {', '.join(map(str, spec.score.rel_pos_bias or ()))}]",
-        "query_bias": f"[B or 1, H or 1, {n}]",
+        "query_bias": f"[B or 1, H or 1, {n_q}]",
         "key_bias": f"[B or 1, H or 1, {n}]",
-        "bias": f"[B or 1, H or 1, {n}, {n}]",
+        "bias": f"[B or 1, H or 1, {n_q}, {n}]",
     }

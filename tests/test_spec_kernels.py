@@ -52,6 +52,8 @@ TWINS = {
     "na2d_dilated.yaml": (neighborhood(window=3, dilation=2), (11, 12)),
     "na3d.yaml": (neighborhood(window=(3, 3, 5)), (4, 6, 7)),
     "na3d_causal_time.yaml": (neighborhood(window=(3, 3, 3), causal=(True, False, False)), (4, 5, 7)),
+    # its queries' box runs in tests/test_regions.py (the last frames) and test_compile_regions.py
+    "na3d_last_frames.yaml": (neighborhood(window=(3, 3, 5), causal=(True, False, False)), (4, 5, 6)),
     "prefix_lm.yaml": (causal() | key_range(axis=0, hi=13), (60,)),
     "per_head.yaml": (
         per_head([neighborhood(window=3), neighborhood(window=3, dilation=2), axial(), dense()]),

@@ -34,7 +34,7 @@ from attncc.ir import (
     sliding_window,
     validate,
 )
-from attncc.ir.spec import DTYPES
+from attncc.ir.spec import DTYPES, whole_grid
 
 DROPOUT_P = 0.1  # the drop probability of a case whose score declares dropout
 
@@ -227,7 +227,7 @@ def load_parts(target: str) -> list[tuple[str, list[Case]]]:
         return [(target, PARTS[target]())]
     path = Path(target)
     if path.suffix in (".yaml", ".yml", ".json"):
-        spec = load_spec(path)
+        spec = whole_grid(load_spec(path), "bench")
         name = spec.name or path.stem
         case = Case(name, spec.pattern, spec.grid, spec.heads, spec.head_dim, spec.dtype, score=spec.score)
         return [(target, [case])]

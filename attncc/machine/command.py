@@ -65,6 +65,7 @@ def inspect_cmd(
         result = profile(
             spec.pattern, grid, batch, heads, head_dim or spec.head_dim, dtype or spec.dtype,
             kv_heads=kv_heads, backward=not forward_only, score=spec.score.form.text, name=spec.name,
+            region=spec.queries,
         )  # fmt: skip
     console.print(table(result))
     for k in result.kernels:
@@ -72,7 +73,9 @@ def inspect_cmd(
             console.print(f"[yellow]{k.kernel}: {problem}[/yellow]")
         if k.unmatched:
             console.print(f"[yellow]{k.kernel}: no estimate: {k.unmatched}[/yellow]")
-    if cutlass:
+    if cutlass and spec.queries:
+        console.print(f"CUTLASS: none (queries over a box {spec.queries}: Triton's kernels)", highlight=False)
+    elif cutlass:
         from attncc.machine.cutlass import profile_cutlass
 
         with console.status("building the CUTLASS forward for sm_90a ..."):
