@@ -61,7 +61,7 @@ from attncc.errors import TraceError, field_error
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import MAX_RANK, Grid
 from attncc.ir.nodes import Band, Pattern, dense
-from attncc.layouts import to_sdpa_layout
+from attncc.layouts import to_sdpa_views
 from attncc.predicate import Matcher
 from attncc.runtime.library import attend, checked_text
 from attncc.score_fn import ScoreFunction
@@ -110,8 +110,9 @@ class JitAttention:
         **kwargs: Any,
     ) -> Any:
         """``attncc.attention(q, k, v, pattern, ...)``: spatial ``[B, *grid, H, D]`` (the
-        grid sizes come from the shape) or SDPA ``[B, H, N, D]`` with ``grid=`` sizes."""
-        found, _, _ = to_sdpa_layout(q, k, v, grid, layout)
+        grid sizes come from the shape) or SDPA ``[B, H, N, D]`` with ``grid=`` sizes; q may
+        cover a box of k's grid (``q_offset=``, as attncc.attention takes it)."""
+        found = to_sdpa_views(q, k, v, grid, layout).grid
         if found.rank != len(self.names):
             allowed = (
                 f"{len(self.names)} axes ({', '.join(self.names)}): [B, *grid, heads, D] tensors, "

@@ -39,23 +39,6 @@ class Layout:
 LAYOUTS = ("sdpa", "spatial")
 
 
-def to_sdpa_layout(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    grid: Grid | tuple[int, ...] | None,
-    layout: str | None = None,
-) -> tuple[Grid, tuple[torch.Tensor, torch.Tensor, torch.Tensor], Layout]:
-    """Detect the layout (or take the one ``layout`` names), check shapes, and return
-    ``[B, H, N, D]`` views; q, k and v cover one grid (see :func:`to_sdpa_views` for queries
-    that cover a part of it)."""
-    views = to_sdpa_views(q, k, v, grid, layout)
-    if views.region != views.grid.shape:
-        allowed = f"q over the whole grid {views.grid.shape}, as k and v"
-        raise field_error(AttnccError, "q region", views.region, allowed, "this front door takes one grid")
-    return views.grid, (views.q, views.k, views.v), views.out
-
-
 @dataclass(frozen=True, eq=False)
 class Views:
     """``[B, H, N, D]`` views of a call's q, k and v. ``grid``: the keys' grid; ``region``: the

@@ -253,3 +253,19 @@ def test_top_k_data_in_a_region():
     full = reference(q, k, v, pattern, data=data)
     tail = reference(q[:, :, -6:], k, v, pattern, data=data)
     torch.testing.assert_close(tail, full[:, :, -6:], atol=0, rtol=0)
+
+
+def test_a_jit_predicate_on_a_region():
+    """@attncc.jit reads the keys' grid from k and takes q_offset as attncc.attention does."""
+
+    @attncc.jit(grid=("T", "H", "W"))
+    def video(q, k):
+        return (k.t <= q.t) & (q.t - k.t <= 2) & (abs(q.h - k.h) <= 1) & (abs(q.w - k.w) <= 2)
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 2, 5, 6, H, D, generator=gen).to(DEVICE)
+    k, v = (torch.randn(2, 4, 5, 6, H_KV, D, generator=gen).to(DEVICE) for _ in range(2))
+    offsets = torch.tensor([[0, 0, 0], [1, 0, 0]], device=DEVICE)
+    out = video(q, k, v, q_offset=offsets)
+    want = reference(*(t.double() for t in (q, k, v)), video.pattern((4, 5, 6)), q_offset=offsets)
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
