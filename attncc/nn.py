@@ -6,9 +6,22 @@ Vision and video models keep tokens as ``[B, *grid, C]`` (or flattened
 projects back. ``kv_heads < heads`` gives GQA/MQA. ``rel_pos_bias=True`` learns a
 relative position bias per head (NATTEN's and Swin's ``rpb``: attncc.ir.rel_pos_bias), and
 ``attn_drop`` drops attention probabilities while training (timm's ``attn_drop``).
+
+Note [Generating with a cache]: a model that generates its grid chunk by chunk (an LM token by
+token, a video a few frames at a time) keeps the keys and values it has computed in a
+:class:`KVCache` (``SparseAttention.new_cache``) and runs ``forward(x_new, cache=cache)`` on
+the new slices of the grid's leading axis only. The new queries are a box of the grid at each
+batch element's fill level (query regions: Note [Query regions] in attncc.lower.plan), so the
+pattern keeps its meaning in the whole grid; the slices not written yet hold no keys, which the
+module says by intersecting the pattern with ``key_lengths()`` (the keys written so far, per
+batch element): a pattern causal along the leading axis never reaches them, and any other
+pattern sees exactly the keys that exist. The fill levels are a device tensor, so a step never
+syncs with the host and torch.compile traces one graph for every step of the same size.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,7 +29,7 @@ from torch import nn
 from attncc.errors import AttnccError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
-from attncc.ir.nodes import Pattern
+from attncc.ir.nodes import KeyLengths, Pattern, key_lengths
 from attncc.ir.score import rel_pos_bias as rel_pos_bias_term
 from attncc.ir.score import table_units
 from attncc.ir.symbolic import offset_reach, rules
@@ -35,6 +48,21 @@ def table_sizes(pattern: Pattern, grid: Grid, heads: int) -> tuple[int, ...]:
         for a, (reach, unit) in enumerate(zip(offset_reach(rules(canon, grid), grid), units)):
             radius[a] = max(radius[a], -(-reach // unit))
     return tuple(2 * r + 1 for r in radius)
+
+
+@dataclass(eq=False)
+class KVCache:
+    """The keys and values a :class:`SparseAttention` has computed so far (Note [Generating
+    with a cache]): ``k``/``v`` ``[B, *grid, kv_heads, head_dim]``, and ``filled``, an int64
+    ``[B]`` tensor of the slices of the grid's leading axis written per batch element (set it to
+    start batch elements at different places; ``reset()`` empties the cache)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    filled: torch.Tensor
+
+    def reset(self) -> None:
+        self.filled.zero_()
 
 
 class SparseAttention(nn.Module):
@@ -65,6 +93,9 @@ class SparseAttention(nn.Module):
         self.grid = grid if isinstance(grid, Grid) else Grid(tuple(grid))
         validate(pattern, self.grid, heads)  # a pattern that cannot fit fails here, not at the first step
         self.pattern, self.heads, self.kv_heads = pattern, heads, kv_heads
+        # Note [Generating with a cache]: a step's pattern (None: the pattern cuts keys itself)
+        own_lengths = any(isinstance(leaf, KeyLengths) for leaf in pattern.runtime_leaves)
+        self.cache_pattern = None if own_lengths else pattern & key_lengths()
         self.dim = dim
         self.head_dim = dim // heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -145,17 +176,38 @@ class SparseAttention(nn.Module):
             module.proj.load_state_dict(proj.state_dict())
         return module
 
+    def new_cache(
+        self, batch: int, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    ) -> KVCache:
+        """An empty :class:`KVCache` of ``batch`` sequences over the module's grid (Note
+        [Generating with a cache]); dtype and device default to the projections'."""
+        weight = self.kv.weight
+        shape = (batch, *self.grid.shape, self.kv_heads, self.head_dim)
+        k, v = (torch.zeros(shape, dtype=dtype or weight.dtype, device=device or weight.device) for _ in "kv")
+        return KVCache(k, v, torch.zeros(batch, dtype=torch.long, device=k.device))
+
     def forward(
-        self, x: torch.Tensor, attn_mask: None = None, is_causal: bool = False, data: dict | None = None
+        self,
+        x: torch.Tensor,
+        attn_mask: None = None,
+        is_causal: bool = False,
+        data: dict | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """``attn_mask``/``is_causal`` are accepted for drop-in calls and must stay unset: the
         pattern is the mask (use ``causal()`` in it). ``data`` gives the pattern's data that come
-        with each call (a block layout, document ids, key lengths: :func:`attncc.attention`)."""
+        with each call (a block layout, document ids, key lengths: :func:`attncc.attention`).
+        With ``cache``, ``x`` is the next slices of the grid's leading axis (``[B, t, *grid[1:],
+        dim]`` or ``[B, t * prod(grid[1:]), dim]``): their keys and values are written into the
+        cache, they attend to every key written so far, and the cache advances by ``t`` (Note
+        [Generating with a cache])."""
         if attn_mask is not None or is_causal:
             raise AttnccError(
                 "SparseAttention takes no attn_mask or is_causal: the pattern is the mask "
                 "(put causal() in the pattern for a causal one)"
             )
+        if cache is not None:
+            return self._step(x, cache, data)
         shape = x.shape
         tokens_ok = x.dim() >= 3 and tuple(shape[1:-1]) in (self.grid.shape, (self.grid.size,))
         if not tokens_ok or shape[-1] != self.dim:
@@ -179,4 +231,53 @@ class SparseAttention(nn.Module):
             dropout_p=drop,
             data=data,
         )
+        return self.proj(out.flatten(-2)).reshape(shape)
+
+    def _step(self, x: torch.Tensor, cache: KVCache, data: dict | None) -> torch.Tensor:
+        """One generation step: ``x``'s slices attend to the cache (Note [Generating with a cache])."""
+        rest, width = self.grid.shape[1:], self.grid.size // self.grid.shape[0]
+        shape = x.shape
+        spatial = x.dim() == self.grid.rank + 2 and tuple(shape[2:-1]) == rest
+        flat = x.dim() == 3 and shape[1] % width == 0
+        t = shape[1] if spatial else shape[1] // width
+        if not (spatial or flat) or shape[-1] != self.dim or not 1 <= t <= self.grid.shape[0]:
+            dims = ", ".join(["t", *map(str, rest)])
+            allowed = (
+                f"[B, {dims}, {self.dim}] or [B, t x {width}, {self.dim}], t from 1 to {self.grid.shape[0]}"
+            )
+            raise field_error(AttnccError, "x.shape (with a cache)", tuple(shape), allowed)
+        if self.cache_pattern is None:
+            why = "the cache gives key_lengths itself (the keys written so far)"
+            raise field_error(AttnccError, "pattern (with a cache)", str(self.pattern), "no key_lengths", why)
+        b = shape[0]
+        if tuple(cache.k.shape[1:-2]) != self.grid.shape or cache.k.shape[0] != b:
+            sizes = ", ".join(map(str, self.grid.shape))
+            allowed = f"[{b}, {sizes}, kv_heads, head_dim] (SparseAttention.new_cache)"
+            raise field_error(AttnccError, "cache.k shape", tuple(cache.k.shape), allowed)
+        tokens = x.reshape(b, t, *rest, shape[-1])
+        q = self.q(tokens).unflatten(-1, (self.heads, self.head_dim))
+        k, v = self.kv(tokens).unflatten(-1, (2, self.kv_heads, self.head_dim)).unbind(-3)
+        start = cache.filled
+        torch._assert_async(
+            (start >= 0).all() & (start + t <= self.grid.shape[0]).all(),
+            f"SparseAttention: a cache's filled + {t} new slices must stay within 0..{self.grid.shape[0]}",
+        )
+        rows = (start[:, None] + torch.arange(t, device=start.device)).clamp(max=self.grid.shape[0] - 1)
+        batch = torch.arange(b, device=start.device)[:, None]
+        cache.k[batch, rows] = k.to(cache.k.dtype)
+        cache.v[batch, rows] = v.to(cache.v.dtype)
+        score = None if self.rpb is None else rel_pos_bias_term(self.rpb)
+        out = attention(
+            q,
+            cache.k,
+            cache.v,
+            self.cache_pattern,
+            grid=self.grid,
+            layout="spatial",
+            q_offset=start,
+            score_mod=score,
+            dropout_p=self.attn_drop if self.training else 0.0,
+            data={**(data or {}), "key_lengths": (start + t) * width},
+        )
+        cache.filled = start + t
         return self.proj(out.flatten(-2)).reshape(shape)
