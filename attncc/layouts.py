@@ -147,15 +147,18 @@ def cross_views(
 ) -> CrossViews:
     """``[B, H, N, D]`` views of q on its own grid ``q_grid`` (a :class:`Grid`, a tuple or an
     int) and of k, v on theirs (``grid``, or read from k as :func:`to_sdpa_views` reads it).
-    q takes the call's layout, which a q of more than 4 dims says is spatial: SDPA's
-    ``[B, H, prod(q_grid), D]`` or ``[B, *q_grid, H, D]``."""
+    q takes the call's layout: SDPA's ``[B, H, prod(q_grid), D]`` or ``[B, *q_grid, H, D]``;
+    where ``layout`` is None and only one of them fits q's shape, that one (else k's shape says,
+    Note [Ambiguous layouts])."""
     q_grid = as_grid("q_grid", q_grid)
     if k.shape != v.shape:
         raise field_error(AttnccError, "k/v shape", (tuple(k.shape), tuple(v.shape)), "k and v alike")
-    if layout is None and q.dim() > 4:
-        layout = "spatial"
-    keys = _detect(k, grid, layout, "k")
     shape = static_shape(q)
+    if layout is None:
+        readings = {"sdpa": q.dim() == 4 and shape[2] == q_grid.size, "spatial": shape[1:-2] == q_grid.shape}
+        if sum(readings.values()) == 1:
+            layout = "sdpa" if readings["sdpa"] else "spatial"
+    keys = _detect(k, grid, layout, "k")
     if keys.spatial:
         fits, form = q.dim() == q_grid.rank + 3 and shape[1:-2] == q_grid.shape, f"[B, {q_grid.shape}, H, D]"
     else:

@@ -27,7 +27,9 @@ cross call lowers to it (:class:`Embedding`), exactly:
 
 The copy is what this costs over kernels that tile the queries' own length: it appears only
 with ``Nq > Nk`` or ``documents()``. Gradients flow through the padding to the caller's k, v
-and term tensors.
+and term tensors. A forward step of 1-64 queries is a region of a 1-D grid like any other, so
+the decode kernels may take it (Note [Decode dispatch] in attncc.runtime.decode): they compute
+the same embedded problem.
 """
 
 from __future__ import annotations
