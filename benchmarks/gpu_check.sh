@@ -4,7 +4,8 @@
 # into the repository (benchmarks/RESULTS.md, plots in benchmarks/plots/) and, on the lent
 # machine, copied to $OUT so they come back to be committed. A device command may run 10
 # minutes at most, so each part runs on its own; in order of priority:
-#   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | tests-terms | tests-runtime | bench-issue3 |
+#   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | tests-terms | tests-runtime | tests-cross |
+#        bench-issue3 |
 #        bench-bwd | bench-terms | bench-tables | bench-decode | cutlass | bench-cutlass | bench-grids | bench-flat |
 #        bench-models | extras | examples | tune
 #   (all = every part but smoke, bench = every bench-*)
@@ -58,6 +59,11 @@ status=0
 [[ $part == all || $part == tests-runtime ]] &&
   { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_runtime_kernels.py tests/test_runtime_tables.py \
     tests/test_runtime_patterns.py tests/test_compile_patterns.py 2>&1 | tee "$out/gpu_tests_runtime.txt" || status=1; }
+# Queries over a part of the keys' grid and on a grid of their own (issue 16 parts 1 and 3) on CUDA:
+# regions and cross-attention against the float64 oracle, forward and backward, under torch.compile.
+[[ $part == all || $part == tests-cross ]] &&
+  { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_regions.py tests/test_cross.py 2>&1 |
+    tee "$out/gpu_tests_cross.txt" || status=1; }
 [[ $part == all || $part == tests-bwd ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }

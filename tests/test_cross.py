@@ -11,11 +11,12 @@ Queries that see no key must give zero rows and a log-sum-exp of -inf, as the or
 """
 
 import math
+import re
 
 import pytest
 import torch
 import torch._dynamo.testing
-from conftest import DEVICE
+from conftest import DEVICE, REPO
 
 import attncc
 from attncc import AttnccError
@@ -211,12 +212,10 @@ def test_other_refusals():
         attncc.attention(q, k, v, dense(), q_grid=5, score_mod=lambda score, b, h, q, k: score)
     with pytest.raises(AttnccError, match=r"q shape = .* is out of range"):
         attncc.attention(q, k, v, dense(), q_grid=6)
+    ids = torch.zeros(1, 9, dtype=torch.int32, device=DEVICE)
     with pytest.raises(AttnccError, match=r"query_documents'\] is missing"):
-        attncc.attention(
-            q, k, v, documents(), q_grid=5, data={"documents": torch.zeros(1, 9, dtype=torch.int32)}
-        )
+        attncc.attention(q, k, v, documents(), q_grid=5, data={"documents": ids})
     with pytest.raises(AttnccError, match=r"query_documents shape"):
-        ids = torch.zeros(1, 9, dtype=torch.int32, device=DEVICE)
         attncc.attention(q, k, v, documents(), q_grid=5, data={"documents": ids, "query_documents": ids})
     with pytest.raises(AttnccError, match=r"key_bias shape"):
         attncc.attention(q, k, v, dense(), q_grid=5, score_mod=key_bias(torch.zeros(1, 1, 5, device=DEVICE)))
@@ -280,3 +279,13 @@ def test_new_lengths_and_ids_never_recompile():
         eager = attncc.attention(q, k, v, documents() & key_lengths(), q_grid=7, data=data)
         torch.testing.assert_close(step(q, k, v, *args), eager, atol=1e-6, rtol=1e-6)
     assert counter.frame_count == 1
+
+
+def test_the_front_doors_example_runs():
+    """docs/front-doors.md's cross-attention example runs as written."""
+    doc = (REPO / "docs" / "front-doors.md").read_text()
+    section = doc[doc.index("### Cross-attention") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "docs/front-doors.md (Cross-attention)", "exec"), scope)
+    assert scope["y"].shape == (2, 3, 4, 64) and scope["text"].grad is not None
