@@ -160,6 +160,25 @@ def test_score_terms_and_their_gradients():
     )  # fmt: skip
 
 
+def test_sigmoid_over_the_keys_length_and_out():
+    """Sigmoid attention's default bias is -ln(Nk), k's length (not the embedded grid's); ``out``
+    receives the result in q's layout; gradients as the oracle's."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = ((2, 3, 4, H, D), (2, 5, H_KV, D), (2, 5, H_KV, D))
+    q, k, v = (torch.randn(shape, generator=gen) for shape in shapes)
+
+    def run(fn, work, out=None):
+        leaves = [t.to(DEVICE, work).requires_grad_() for t in (q, k, v)]
+        found = fn(*leaves, dense(), q_grid=(3, 4), score="sigmoid", **({} if out is None else {"out": out}))
+        return [found, *torch.autograd.grad(found.square().sum(), leaves)]
+
+    out = torch.empty(shapes[0], device=DEVICE)
+    got, want = run(attncc.attention, torch.float32, out), run(reference, torch.float64)
+    assert torch.equal(out, got[0].detach())
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.shape == w.shape and (a.double() - w).abs().max() <= 1e-4 * w.abs().max(), name
+
+
 def test_fp16():
     _check(documents(), (2, H, 9, D), (2, H_KV, 12, D), 9, dtype=torch.float16,
            data={"documents": IMAGE_OF_KEY, "query_documents": IMAGE_OF_TEXT})  # fmt: skip
