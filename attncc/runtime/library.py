@@ -344,7 +344,8 @@ def attention(
     ``q_grid`` (a Grid, a tuple of sizes, or an int for a sequence) puts q on a grid of its own,
     independent of k's: cross-attention (Note [Cross-attention] in attncc.runtime.cross). q is
     then ``[B, H, prod(q_grid), D]`` (any length, longer or shorter than k's) or, spatial,
-    ``[B, *q_grid, H, D]`` (a q of more than 4 dims makes the call spatial); ``grid`` stays k's.
+    ``[B, *q_grid, H, D]`` (the one q's shape fits, else ``layout`` or k's shape says: attncc.layouts.
+    cross_views); ``grid`` stays k's.
     Across grids a pattern compares no query's place with a key's: ``dense()``,
     ``key_lengths()``, ``key_range`` on a 1-D k, and ``documents()`` with ``data={"documents":
     key_ids [B|1, Nk], "query_documents": query_ids [B|1, Nq]}`` (a query sees the keys of its
