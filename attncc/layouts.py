@@ -77,6 +77,12 @@ def to_sdpa_views(
     found = _detect(q, grid, layout) if q.shape == k.shape else _detect(k, grid, layout, "k")
     region, out = _region(q, found)
     qs, ks, vs = out(q), found(k), found(v)
+    _check_heads(qs, ks, k)
+    return Views(found.grid, region, qs, ks, vs, out)
+
+
+def _check_heads(qs: torch.Tensor, ks: torch.Tensor, k: torch.Tensor) -> None:
+    """q's and k's ``[B, H, N, D]`` views agree: one batch, one head dim, H_kv dividing H."""
     b, h, _, d = qs.shape
     h_kv, n = ks.shape[1], ks.shape[2]
     for name, size in (("B", b), ("H", h), ("H_kv", h_kv), ("D", d)):
@@ -85,7 +91,68 @@ def to_sdpa_views(
     if ks.shape[0] != b or ks.shape[3] != d or h % h_kv:
         allowed = f"[{b}, H_kv, {n}, {d}] with H_kv dividing {h}"
         raise field_error(AttnccError, "k shape", tuple(k.shape), allowed)
-    return Views(found.grid, region, qs, ks, vs, out)
+
+
+@dataclass(frozen=True, eq=False)
+class CrossViews:
+    """``[B, H, N, D]`` views of a cross call's q, on its own grid ``q_grid``, and k and v, on
+    ``grid`` (Note [Cross-attention] in attncc.runtime.cross); ``out``: q's layout."""
+
+    q_grid: Grid
+    grid: Grid
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: Layout
+
+
+def as_grid(name: str, value: object) -> Grid:
+    """A grid given as a :class:`Grid`, a tuple of sizes or an int (a sequence)."""
+    if isinstance(value, Grid):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if not isinstance(value, tuple):
+        raise form_error(AttnccError, name, value, "a Grid, a tuple of 1-3 sizes or an int (a sequence)")
+    try:
+        return Grid(value)
+    except AttnccError as e:
+        raise field_error(AttnccError, name, value, "1 to 3 sizes, each an integer >= 1") from e
+
+
+def cross_views(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: Grid | tuple[int, ...] | None,
+    q_grid: object,
+    layout: str | None = None,
+) -> CrossViews:
+    """``[B, H, N, D]`` views of q on its own grid ``q_grid`` (a :class:`Grid`, a tuple or an
+    int) and of k, v on theirs (``grid``, or read from k as :func:`to_sdpa_views` reads it).
+    q takes the call's layout: SDPA's ``[B, H, prod(q_grid), D]`` or ``[B, *q_grid, H, D]``;
+    where ``layout`` is None and only one of them fits q's shape, that one (else k's shape says,
+    Note [Ambiguous layouts])."""
+    q_grid = as_grid("q_grid", q_grid)
+    if k.shape != v.shape:
+        raise field_error(AttnccError, "k/v shape", (tuple(k.shape), tuple(v.shape)), "k and v alike")
+    shape = static_shape(q)
+    if layout is None:
+        readings = {"sdpa": q.dim() == 4 and shape[2] == q_grid.size, "spatial": shape[1:-2] == q_grid.shape}
+        if sum(readings.values()) == 1:
+            layout = "sdpa" if readings["sdpa"] else "spatial"
+    keys = _detect(k, grid, layout, "k")
+    if keys.spatial:
+        fits, form = q.dim() == q_grid.rank + 3 and shape[1:-2] == q_grid.shape, f"[B, {q_grid.shape}, H, D]"
+    else:
+        fits, form = q.dim() == 4 and shape[2] == q_grid.size, f"[B, H, {q_grid.size}, D]"
+    if not fits:
+        why = f"q on q_grid {q_grid.shape} in the call's {'spatial' if keys.spatial else 'SDPA'} layout"
+        raise field_error(AttnccError, "q shape", shape, form, why)
+    out = Layout(q_grid, keys.spatial)
+    qs, ks, vs = out(q), keys(k), keys(v)
+    _check_heads(qs, ks, k)
+    return CrossViews(q_grid, keys.grid, qs, ks, vs, out)
 
 
 def query_offsets(views: Views, q_offset: object, batch: int, device: torch.device) -> torch.Tensor:

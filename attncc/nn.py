@@ -17,6 +17,9 @@ module says by intersecting the pattern with ``key_lengths()`` (the keys written
 batch element): a pattern causal along the leading axis never reaches them, and any other
 pattern sees exactly the keys that exist. The fill levels are a device tensor, so a step never
 syncs with the host and torch.compile traces one graph for every step of the same size.
+
+``CrossAttention`` takes its keys and values from a separate context ``[B, M, context_dim]``
+(text over an image, an image over a text: Note [Cross-attention] in attncc.runtime.cross).
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ from torch import nn
 from attncc.errors import AttnccError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
-from attncc.ir.nodes import KeyLengths, Pattern, key_lengths
+from attncc.ir.nodes import KeyLengths, Pattern, dense, key_lengths
 from attncc.ir.score import rel_pos_bias as rel_pos_bias_term
 from attncc.ir.score import table_units
 from attncc.ir.symbolic import offset_reach, rules
-from attncc.ir.validate import validate
+from attncc.ir.validate import validate, validate_cross
 from attncc.runtime.library import attention
 
 
@@ -280,4 +283,68 @@ class SparseAttention(nn.Module):
             data={**(data or {}), "key_lengths": (start + t) * width},
         )
         cache.filled = start + t
+        return self.proj(out.flatten(-2)).reshape(shape)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from ``x`` on ``grid``, keys and values from a context.
+
+    ``forward(x, context, data=None)`` takes ``x`` as ``[B, *grid, dim]`` or ``[B, N, dim]`` (N =
+    grid size) and ``context`` as ``[B, M, context_dim]`` (any M: text tokens, an image's tokens
+    flattened), and returns ``x``'s shape. ``pattern`` is one across the two grids (Note
+    [Cross-attention] in attncc.runtime.cross): ``dense()`` (the default), ``key_lengths()``
+    (context padding per batch element), ``documents()`` (each query sees the context tokens of
+    its id: ``data={"documents": [B, M], "query_documents": [B, N]}``), ...; ``data`` gives its
+    data per call. ``kv_heads < heads`` gives GQA/MQA.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        grid: tuple[int, ...] | Grid,
+        pattern: Pattern | None = None,
+        context_dim: int | None = None,
+        kv_heads: int | None = None,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        kv_heads = heads if kv_heads is None else kv_heads
+        context_dim = dim if context_dim is None else context_dim
+        if heads < 1 or dim % heads:
+            raise field_error(AttnccError, "heads", heads, f"a divisor of dim = {dim}")
+        if kv_heads < 1 or heads % kv_heads:
+            raise field_error(AttnccError, "kv_heads", kv_heads, f"a divisor of heads = {heads}")
+        if isinstance(context_dim, bool) or not isinstance(context_dim, int) or context_dim < 1:
+            raise field_error(AttnccError, "context_dim", context_dim, "an integer >= 1 (None: dim)")
+        self.grid = grid if isinstance(grid, Grid) else Grid(tuple(grid))
+        self.pattern = dense() if pattern is None else pattern
+        # Fails here, not at the first step, for a pattern that compares places (any context length).
+        validate_cross(self.pattern, self.grid, Grid((1,)), heads)
+        self.heads, self.kv_heads, self.dim, self.head_dim = heads, kv_heads, dim, dim // heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(context_dim, 2 * kv_heads * self.head_dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        if isinstance(attn_drop, bool) or not isinstance(attn_drop, (int, float)) or not 0 <= attn_drop < 1:
+            raise field_error(AttnccError, "attn_drop", attn_drop, "a number in [0, 1)")
+        self.attn_drop = float(attn_drop)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, data: dict | None = None) -> torch.Tensor:
+        shape = x.shape
+        tokens_ok = x.dim() >= 3 and tuple(shape[1:-1]) in (self.grid.shape, (self.grid.size,))
+        if not tokens_ok or shape[-1] != self.dim:
+            grid = ", ".join(map(str, self.grid.shape))
+            allowed = f"[B, {grid}, {self.dim}] or [B, {self.grid.size}, {self.dim}] (dim = {self.dim})"
+            raise field_error(AttnccError, "x.shape", tuple(shape), allowed)
+        width = self.kv.in_features
+        if context.dim() != 3 or context.shape[0] != shape[0] or context.shape[-1] != width:
+            allowed = f"[{shape[0]}, M, {width}] (x's batch, any M >= 1, context_dim = {width})"
+            raise field_error(AttnccError, "context.shape", tuple(context.shape), allowed)
+        tokens = x.reshape(shape[0], *self.grid.shape, shape[-1])
+        q = self.q(tokens).unflatten(-1, (self.heads, self.head_dim))  # [B, *grid, H, D]
+        k, v = self.kv(context).unflatten(-1, (2, self.kv_heads, self.head_dim)).unbind(-3)  # [B, M, H_kv, D]
+        drop = self.attn_drop if self.training else 0.0
+        out = attention(q, k, v, self.pattern, q_grid=self.grid, layout="spatial", dropout_p=drop, data=data)
         return self.proj(out.flatten(-2)).reshape(shape)

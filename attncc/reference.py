@@ -25,12 +25,14 @@ import torch
 
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
-from attncc.ir.mask import coordinates
+from attncc.ir.mask import coordinates, cross_mask
 from attncc.ir.mask import mask as brute_force_mask
 from attncc.ir.nodes import Pattern
 from attncc.ir.score import Score, as_score, checked, table_units
-from attncc.layouts import query_offsets, to_sdpa_views
+from attncc.layouts import CrossViews, cross_views, query_offsets, to_sdpa_views
+from attncc.runtime.cross import refuse_positions
 from attncc.runtime.data import checked as checked_data
+from attncc.runtime.data import checked_cross
 
 
 def attention(
@@ -49,6 +51,7 @@ def attention(
     dropout_mask: torch.Tensor | None = None,
     data: dict[str, torch.Tensor] | None = None,
     q_offset: object = None,
+    q_grid: Grid | tuple[int, ...] | int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Masked softmax (or sigmoid) attention, computed naively.
 
@@ -75,8 +78,19 @@ def attention(
     attncc.layouts) at ``q_offset`` (:func:`attncc.layouts.query_offsets`); its rows are then
     computed as those rows of the whole grid's problem (the queries in their global positions),
     one batch element at a time, with per-query data (``query_bias``, ``bias``, the dropout
-    mask) given for the region's rows.
+    mask) given for the region's rows. ``q_grid`` puts q on a grid of its own (cross-attention:
+    Note [Cross-attention] in attncc.runtime.cross): the mask is
+    :func:`attncc.ir.mask.cross_mask`, ``[Nq, Nk]`` per batch element and head, and per-query
+    data (``query_bias``, ``bias``, the dropout mask, ``data["query_documents"]``) have q's length.
     """
+    if q_grid is not None:
+        cross = cross_views(q, k, v, grid, q_grid, layout)
+        args = (pattern, scale, score, sigmoid_bias, score_mod, dropout_p, dropout_mask, data)
+        out, lse = _cross(cross, *args)
+        out = cross.out.output(out)
+        if lse is None:
+            return out
+        return (out, cross.out.lse(lse)) if return_lse else out
     views = to_sdpa_views(q, k, v, grid, layout)
     args = (pattern, scale, views.grid, score, sigmoid_bias, score_mod, dropout_p, dropout_mask, data)
     if views.region == views.grid.shape and q_offset is None:
@@ -135,16 +149,35 @@ def _in_regions(views, offsets: torch.Tensor, args: tuple) -> tuple[torch.Tensor
     return torch.cat(outs), (None if lses[0] is None else torch.cat(lses))
 
 
+def _cross(views: CrossViews, pattern, scale, score, sigmoid_bias, score_mod, dropout_p, dropout_mask, data):
+    """(out, lse or None) of q on its own grid over k's (Note [Cross-attention] in attncc.runtime.cross)."""
+    q, grid = views.q, views.grid
+    h = q.shape[1]
+    refuse_positions(as_score(score) if score_mod is None else as_score(score) + score_mod)
+    normalised = checked_cross(pattern, views.q_grid.size, grid, q.shape[0], h, data, q.device)
+    keep = cross_mask(pattern, views.q_grid, grid, heads=h, device=q.device, data=normalised)
+    args = (score, sigmoid_bias, score_mod, dropout_p, dropout_mask)
+    return _attend(q, views.k, views.v, keep, pattern, scale, grid, *args)
+
+
 def _on_grid(q, k, v, pattern, scale, grid, score, sigmoid_bias, score_mod, dropout_p, dropout_mask, data):
     """(out, lse or None) of ``[B, H, N, D]`` views covering ``grid``."""
+    h = q.shape[1]
+    normalised = checked_data(pattern, grid, q.shape[0], h, data, q.device)
+    keep = brute_force_mask(pattern, grid, heads=h, device=q.device, data=normalised)  # [1|B, 1|H, N, N]
+    args = (score, sigmoid_bias, score_mod, dropout_p, dropout_mask)
+    return _attend(q, k, v, keep, pattern, scale, grid, *args)
+
+
+def _attend(q, k, v, keep, pattern, scale, grid, score, sigmoid_bias, score_mod, dropout_p, dropout_mask):
+    """(out, lse or None) of ``[B, H, Nq, D]`` q over ``[B, H_kv, Nk, D]`` k and v on ``grid``
+    where ``keep`` (``[1|B, 1|H, Nq, Nk]``) is true."""
     d = q.shape[-1]
     h, h_kv = q.shape[1], k.shape[1]
     terms = checked(score if score_mod is None else as_score(score) + score_mod, grid, h, False)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     qc, kc, vc = (t.to(compute) for t in (q, k, v))
     kc, vc = (t.repeat_interleave(h // h_kv, dim=1) for t in (kc, vc))
-    normalised = checked_data(pattern, grid, q.shape[0], h, data, q.device)
-    keep = brute_force_mask(pattern, grid, heads=h, device=q.device, data=normalised)  # [1|B, 1|H, N, N]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     scores = _scores(qc @ kc.transpose(-1, -2) * scale, terms, pattern, grid)
     scores = scores.masked_fill(~keep, -math.inf)

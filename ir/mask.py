@@ -17,7 +17,7 @@ import networkx as nx
 import torch
 
 from attncc.errors import PatternError, field_error
-from attncc.ir.canonical import to_graph
+from attncc.ir.canonical import resolve_heads, to_graph
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
     Axial,
@@ -43,7 +43,7 @@ from attncc.ir.nodes import (
     TopkBlocks,
     Union,
 )
-from attncc.ir.validate import neighborhood_axes, validate
+from attncc.ir.validate import neighborhood_axes, validate, validate_cross
 
 
 def coordinates(grid: Grid, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -100,6 +100,52 @@ def mask(
         values[node] = _leaf_or_combine(node, grid, heads, qc, kc, qf, kf, values, data)
     out = values[p]
     return out if data is None or out.dim() == 4 else out[None]
+
+
+def cross_mask(
+    p: Pattern,
+    q_grid: Grid,
+    grid: Grid,
+    heads: int | None = None,
+    device: torch.device | str = "cpu",
+    data: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``[B or 1, H or 1, Nq, Nk]`` bool mask of ``p`` for queries on ``q_grid`` over keys on
+    another grid ``grid`` (Note [Cross-attention] in attncc.runtime.cross): ``p`` compares no
+    query's place with a key's (:func:`attncc.ir.validate.validate_cross`), so each pair is kept
+    from the key's flat index and the data alone. ``data``: the normalised data of
+    :func:`attncc.runtime.data.checked_cross` (``documents`` the keys' ids ``[B, Nk]``,
+    ``query_documents`` the queries' ``[B, Nq]``, ``key_lengths`` ``[B]``)."""
+    heads = validate_cross(p, q_grid, grid, heads)
+    for leaf in p.runtime_leaves:
+        for key in ("documents", "query_documents") if isinstance(leaf, Documents) else (leaf.NAME,):
+            if data is None or key not in data:
+                allowed = f"the normalised data of {leaf} (attncc.runtime.data.checked_cross)"
+                raise field_error(PatternError, f"data[{key!r}]", None, allowed)
+    n_q, n_k = q_grid.size, grid.size
+    keys = torch.arange(n_k, device=device)
+
+    def keep(node: Pattern) -> torch.Tensor:  # [B or 1, 1, Nq or 1, Nk]
+        if isinstance(node, Dense):
+            return torch.ones(1, 1, 1, n_k, dtype=torch.bool, device=device)
+        if isinstance(node, KeyLengths):
+            return (keys[None, :] < data["key_lengths"][:, None])[:, None, None, :]
+        if isinstance(node, Documents):
+            return (data["query_documents"][:, :, None] == data["documents"][:, None, :])[:, None]
+        if isinstance(node, KeyRange):
+            low = keys >= (node.lo if node.lo is not None else 0)
+            return (low & (keys <= (node.hi if node.hi is not None else n_k)))[None, None, None, :]
+        parts = [keep(op) for op in node.operands]
+        out = parts[0]
+        for part in parts[1:]:
+            out = (out | part) if isinstance(node, Union) else (out & part)
+        return out
+
+    per_head = [keep(head) for head in resolve_heads(p, heads)]
+    if len(set(resolve_heads(p, heads))) == 1:
+        return per_head[0].expand(-1, 1, n_q, n_k)
+    batch = max(m.shape[0] for m in per_head)
+    return torch.cat([m.expand(batch, 1, n_q, n_k) for m in per_head], 1)
 
 
 def _runtime_leaf(node: Pattern, grid: Grid, coords: torch.Tensor, data: dict) -> torch.Tensor:

@@ -13,13 +13,18 @@ from attncc.ir.nodes import (
     BlockMask,
     BlockSparse,
     Congruent,
+    Dense,
     Document,
+    Documents,
     GlobalTokens,
+    Intersection,
+    KeyLengths,
     KeyRange,
     Neighborhood,
     Pattern,
     PerHead,
     TopkBlocks,
+    Union,
 )
 
 
@@ -101,6 +106,38 @@ def validate(p: Pattern, grid: Grid, heads: int | None = None) -> int:
         )
     _check(p, grid)
     return heads or fixed or 1
+
+
+CROSS_ALLOWED = (
+    "dense(), key_lengths(), documents() (ids per query and per key), key_range(0, ...) on a 1-D k, "
+    "and their unions, intersections and per_head"
+)
+"""What a pattern across two grids may hold (Note [Cross-attention] in attncc.runtime.cross)."""
+
+
+def validate_cross(p: Pattern, q_grid: Grid, grid: Grid, heads: int | None = None) -> int:
+    """:func:`validate` for queries on ``q_grid`` over keys on another grid ``grid``: the pattern
+    fits ``grid`` and compares no query's place with a key's (Note [Cross-attention] in
+    attncc.runtime.cross); returns the head count. A geometric primitive raises a
+    :class:`PatternError` naming it."""
+    heads = validate(p, grid, heads)
+    stack = [p]
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if isinstance(node, (Dense, KeyLengths, Documents, Union, Intersection, PerHead)):
+            continue
+        if isinstance(node, KeyRange) and grid.rank == 1:
+            continue
+        if isinstance(node, KeyRange):
+            why = f"the kernels read k's grid {grid.shape} flat across grids: key_range takes a 1-D k"
+        else:
+            why = (
+                f"q_grid {q_grid.shape} is not the keys' grid {grid.shape}, and {node.NAME} compares "
+                "a query's place with a key's"
+            )
+        raise field_error(PatternError, "pattern", str(node), CROSS_ALLOWED, why)
+    return heads
 
 
 def _check(p: Pattern, grid: Grid) -> None:

@@ -21,6 +21,12 @@ cu_seqlens      integer offsets ``[S + 1]``            int32 ``[1, N]`` sequence
 key_lengths     integer ``[B]``                        int32 ``[B]``, cut to ``0..N`` (key_lengths)
 =============== ===================================== ==========================================
 
+A cross call (q on a grid of its own: Note [Cross-attention] in attncc.runtime.cross) takes the
+keys' forms on the keys' grid (``N`` = Nk), and with ``documents`` the queries' ids too:
+``query_documents``, integer ``[B|1, Nq]`` → int32 ``[B', Nq]``; a query sees the keys whose id
+is its own (an interval of keys when the keys' ids are sorted: the text of an image sees that
+image). ``cu_seqlens`` has no cross form (offsets of one sequence).
+
 ``QB = KB`` is the number of blocks of the primitive on the grid (ceil(N / block) flat, the
 product of ceil(axis / block) for box blocks). A bool layout is taken as int8 without a copy.
 
@@ -98,6 +104,37 @@ def checked(
             out["documents"] = _cu_seqlens(value, extent)
         else:
             out[key] = _key_lengths(value, batch, extent)
+    return out
+
+
+def checked_cross(
+    pattern: Pattern, n_q: int, grid: Grid, batch: int, heads: int, data: dict | None, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """:func:`checked` for a cross call: ``n_q`` queries on a grid of their own over keys on
+    ``grid`` (Note [Runtime data forms]): the keys' data as :func:`checked` takes them, and
+    ``query_documents`` beside ``documents``. The pattern has been checked by
+    :func:`attncc.ir.validate.validate_cross`."""
+    given = dict(data) if isinstance(data, dict) else data
+    query_ids = given.pop("query_documents", None) if isinstance(given, dict) else None
+    if isinstance(given, dict) and "cu_seqlens" in given:
+        allowed = "documents and query_documents (ids per key and per query) when q has a q_grid"
+        raise field_error(AttnccError, "data key", "cu_seqlens", allowed, "one sequence's offsets")
+    out = checked(pattern, grid, batch, heads, given, device)
+    if "documents" in out and query_ids is None:
+        raise AttnccError(
+            "data['query_documents'] is missing (documents() across grids compares each query's id "
+            f"with each key's); give integer ids [B or 1, {n_q}], one per query"
+        )
+    if query_ids is not None:
+        if "documents" not in out:
+            expected, why = "data of a primitive of the pattern", "the pattern has no documents()"
+            raise form_error(AttnccError, "data['query_documents']", _shown(query_ids), expected, why)
+        if not isinstance(query_ids, torch.Tensor):
+            raise form_error(AttnccError, "data['query_documents']", _shown(query_ids), "a tensor of ids")
+        if query_ids.device != device:
+            allowed = f"the device of q ({device})"
+            raise field_error(AttnccError, "query_documents device", query_ids.device, allowed)
+        out["query_documents"] = _documents(query_ids, batch, n_q, "query_documents")
     return out
 
 
@@ -216,9 +253,9 @@ def _topk_blocks(t: torch.Tensor, batch: int, heads: int, blocks: int, text: str
     return layout.scatter(-1, index, 1)[..., :blocks].contiguous()
 
 
-def _documents(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
-    _dtype("documents", t, INTEGERS, "an integer type (document ids)")
-    t = _leading("documents", t, (batch,), (n,), f"({batch} or 1, {n}): [B, N], one id per token")
+def _documents(t: torch.Tensor, batch: int, n: int, key: str = "documents") -> torch.Tensor:
+    _dtype(key, t, INTEGERS, "an integer type (document ids)")
+    t = _leading(key, t, (batch,), (n,), f"({batch} or 1, {n}): [B, N], one id per token")
     return t.to(torch.int32).contiguous()
 
 

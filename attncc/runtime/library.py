@@ -36,10 +36,10 @@ from attncc.ir.score import Score, as_score, checked, parse_score
 from attncc.ir.symbolic import RUNTIME_KINDS
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
-from attncc.layouts import Views, query_offsets, to_sdpa_views
+from attncc.layouts import Views, cross_views, query_offsets, to_sdpa_views
 from attncc.memo import forget_all, memo
+from attncc.runtime import cross, decode, decode_op, dynamo, ops, terms  # noqa: F401 (registers the nodes, the ops)
 from attncc.runtime import data as call_data
-from attncc.runtime import decode, decode_op, dynamo, ops, terms  # noqa: F401 (registers the nodes, the ops)
 from attncc.score_fn import ScoreFunction, score_terms
 
 
@@ -302,6 +302,7 @@ def attention(
     dropout_seed: int | None = None,
     data: dict[str, torch.Tensor] | None = None,
     q_offset: object = None,
+    q_grid: Grid | tuple[int, ...] | int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of ``pattern`` with fused, pattern-specialised kernels (differentiable).
 
@@ -339,7 +340,31 @@ def attention(
     along a dilated axis is refused. A forward call with 1 to 64 queries over a longer 1-D key
     sequence is a decode step, run by the decode kernels (Note [Decode dispatch] in
     attncc.runtime.decode).
+
+    ``q_grid`` (a Grid, a tuple of sizes, or an int for a sequence) puts q on a grid of its own,
+    independent of k's: cross-attention (Note [Cross-attention] in attncc.runtime.cross). q is
+    then ``[B, H, prod(q_grid), D]`` (any length, longer or shorter than k's) or, spatial,
+    ``[B, *q_grid, H, D]`` (the one q's shape fits, else ``layout`` or k's shape says: attncc.layouts.
+    cross_views); ``grid`` stays k's.
+    Across grids a pattern compares no query's place with a key's: ``dense()``,
+    ``key_lengths()``, ``key_range`` on a 1-D k, and ``documents()`` with ``data={"documents":
+    key_ids [B|1, Nk], "query_documents": query_ids [B|1, Nq]}`` (a query sees the keys of its
+    id: the text tokens of an image see that image), combined with ``|``, ``&``, ``per_head``;
+    the score terms temperature, softcap, query_bias ``[.., Nq]``, key_bias ``[.., Nk]``, bias
+    ``[.., Nq, Nk]``, and dropout. Others, and ``q_offset``, are refused. For example, text
+    tokens over the keys of their image::
+
+        out = attncc.attention(text_q, image_k, image_v, documents(), q_grid=77,
+                               data={"documents": image_of_key, "query_documents": image_of_text})
     """
+    if q_grid is not None:
+        if q_offset is not None:
+            allowed = "None with q_grid (queries on a grid of their own have no place among the keys)"
+            raise field_error(AttnccError, "q_offset", q_offset, allowed)
+        return _cross(
+            q, k, v, pattern, q_grid, scale, return_lse, grid, out, score, sigmoid_bias, layout, score_mod,
+            dropout_p, dropout_seed, data,
+        )  # fmt: skip
     text_of = functools.partial(_text, pattern)
     data_of = functools.partial(_data_of, pattern, data)
     return attend(
@@ -428,6 +453,34 @@ def attend(
     if not return_lse:
         return result
     return result, found.lse(lse)
+
+
+def _cross(
+    q, k, v, pattern: Pattern, q_grid: object, scale, return_lse: bool, grid, out, score, sigmoid_bias,
+    layout, score_mod, dropout_p, dropout_seed, data,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`attention` with q on ``q_grid``: the embedded problem of Note [Cross-attention]
+    (attncc.runtime.cross) run by :func:`attend` as queries over a region of one 1-D grid."""
+    views = cross_views(q, k, v, grid, q_grid, layout)
+    b, h = views.q.shape[:2]
+    text, embedding = cross.plan(pattern, views.q_grid.shape, views.grid.shape, h)
+    given = call_data.checked_cross(pattern, embedding.queries, views.grid, b, h, data, q.device)
+    kernel_data = cross.kernel_data(given, embedding)
+    cross.refuse_score_function(score_mod)
+    terms_ = cross.score(_combined(score, score_mod, text, views.grid, h, q.device), embedding)
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
+    bias = -math.log(embedding.keys) if sigmoid_bias is None else sigmoid_bias  # N is k's length
+    found = attend(
+        views.q, cross.padded(views.k, embedding), cross.padded(views.v, embedding), lambda *_: text, scale,
+        return_lse, (embedding.length,), None, terms_, bias, "sdpa", None, dropout_p, dropout_seed,
+        lambda *_: kernel_data, embedding.offset,
+    )  # fmt: skip
+    o, lse = found if return_lse else (found, None)
+    result = views.out.output(o)
+    if out is not None:
+        result = out.copy_(result)
+    return (result, views.out.lse(lse)) if return_lse else result
 
 
 def _decode(views: Views, qs, ks, vs, q_offset: object, pattern_text: str, score_text: str, scale: float,
