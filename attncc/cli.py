@@ -19,7 +19,7 @@ from attncc.errors import AttnccError, PatternError, field_error
 from attncc.ir.analysis import Analysis, HeadGroup, analyze, head_groups
 from attncc.ir.canonical import pattern_hash
 from attncc.ir.score import Score
-from attncc.ir.spec import Spec, load_spec
+from attncc.ir.spec import Spec, load_spec, whole_grid
 from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
 from attncc.lower.plan import RANK, KernelPlan
@@ -206,9 +206,35 @@ def cli() -> None:
     callback=output_file,
     help="Draw the mask, the tile maps of the first tiling and of the kernel's boxes, one query's keys.",
 )
-def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, ...], png: str | None) -> None:
-    """Exact density, ideal speedup and tile map of the pattern in SPEC (YAML/JSON)."""
+@click.option(
+    "--ranks",
+    type=click.IntRange(1, 4096),
+    help="Plan context parallelism over this many ranks instead: per rank work and bytes received, "
+    "attncc's plan against ring attention and Ulysses (docs/distributed.md).",
+)
+@click.option(
+    "--sharding",
+    type=click.Choice(["auto", "contiguous", "zigzag"]),
+    default="auto",
+    show_default=True,
+    help="With --ranks: how the grid's leading axis is split (auto: the better balanced).",
+)
+def analyze_cmd(
+    spec_path: str,
+    q_tiles: tuple[str, ...],
+    kv_tiles: tuple[str, ...],
+    png: str | None,
+    ranks: int | None,
+    sharding: str,
+) -> None:
+    """Exact density, ideal speedup and tile map of the pattern in SPEC (YAML/JSON); with
+    --ranks, its context-parallel plan."""
     spec = load_spec(spec_path)
+    if ranks is not None:
+        if q_tiles or kv_tiles or png:
+            raise field_error(PatternError, "--ranks", ranks, "alone (no --q-tile, --kv-tile or --png)")
+        _context_parallel(whole_grid(spec, "analyze --ranks"), ranks, sharding)
+        return
     q_list = list(q_tiles) or _DEFAULT_TILES[spec.grid.rank]
     if kv_tiles and len(kv_tiles) not in (1, len(q_list)):
         raise field_error(
@@ -250,6 +276,60 @@ def analyze_cmd(spec_path: str, q_tiles: tuple[str, ...], kv_tiles: tuple[str, .
 
         draw(spec, results[0], plans, png)
         console.print(f"wrote {png}")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n:,} B"
+
+
+def _context_parallel(spec: Spec, ranks: int, order: str) -> None:
+    """The context-parallel plan of ``spec`` over ``ranks`` ranks (Note [Planning from the
+    analysis] in attncc.distributed.plan)."""
+    from attncc.distributed import Sharding, choose_sharding, plan
+
+    if order == "auto":
+        sharding = choose_sharding(spec.pattern, spec.grid, ranks, spec.heads)
+    else:
+        sharding = Sharding(ranks, order)
+    itemsize = {"float32": 4}.get(spec.dtype, 2)
+    p = plan(spec.pattern, spec.grid, sharding, spec.heads, head_dim=spec.head_dim, itemsize=itemsize)
+    a = analyze(spec.pattern, spec.grid, heads=spec.heads, head_dim=spec.head_dim)
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    console.print(_summary(spec, a))
+    table = Table(
+        title=f"context parallelism over {ranks} ranks, {sharding.order} along axis 0", title_justify="left"
+    )
+    columns = ("rank", "rows", "work (kept pairs)", "attncc bytes", "from ranks", "ring bytes")
+    for col in (*columns, "ulysses work", "ulysses bytes"):
+        table.add_column(col, justify="right")
+    for r, rp in enumerate(p.ranks):
+        table.add_row(
+            str(r),
+            " ".join(f"{lo}-{hi - 1}" for lo, hi in rp.rows),
+            f"{rp.work:,}",
+            _size(p.p2p_bytes(r)),
+            ", ".join(str(s.src) for s in rp.incoming) or "none",
+            _size(p.ring_bytes(r)),
+            f"{rp.ulysses_work:,}" if p.ulysses_fits else "-",
+            _size(p.ulysses_bytes(r)) if p.ulysses_fits else "-",
+        )
+    console.print(table)
+    most = {m: max(p.bytes(m, r) for r in range(ranks)) for m in ("p2p", "ring", "ulysses")}
+    ulysses = (
+        f"ulysses {p.imbalance('ulysses'):.3f}, busiest rank receives {_size(most['ulysses'])}"
+        if p.ulysses_fits
+        else f"ulysses does not fit ({spec.heads} heads over {ranks} ranks)"
+    )
+    console.print(
+        f"work max/mean: attncc and ring {p.imbalance():.3f}; {ulysses}\n"
+        f"busiest rank receives: attncc {_size(most['p2p'])}, ring {_size(most['ring'])}\n"
+        f"method: {p.method} ({p.reason})\n"
+        "bytes: the forward's k/v (Ulysses: q, k, v, output) received; the backward returns as much."
+        + ("\nplanned for the most the call's data could keep." if p.data_dependent else "")
+    )
 
 
 @cli.command("compile")

@@ -117,3 +117,25 @@ def test_the_command_line_prints_an_os_error_as_one_line(tmp_path, monkeypatch):
         and run.stderr.startswith("attncc: error: [Errno")
         and "Traceback" not in run.stderr
     )
+
+
+def test_analyze_ranks_prints_the_context_parallel_plan(tmp_path):
+    """Issue 19: per rank work and bytes, attncc's plan against ring attention and Ulysses."""
+    spec = tmp_path / "na2d.yaml"
+    spec.write_text(
+        "pattern: neighborhood(window=3)\ngrid: [16, 8]\nheads: 4\nhead_dim: 16\ndtype: float32\n"
+    )
+    result = CliRunner().invoke(cli, ["analyze", str(spec), "--ranks", "4"])
+    assert result.exit_code == 0, result.output
+    # Each query sees 9 keys (clamped): 32 queries x 9 x 4 heads per rank. A halo row is 8 tokens
+    # of k and v in 4 heads x 16 x 4 bytes: 4 KiB; the middle ranks get two; ring gets 3 shards.
+    rows = [line.split("│")[1:-1] for line in result.output.splitlines() if line.startswith("│")]
+    assert [[c.strip() for c in row[:6]] for row in rows] == [
+        ["0", "0-3", "1,152", "4.00 KiB", "1", "48.00 KiB"],
+        ["1", "4-7", "1,152", "8.00 KiB", "0, 2", "48.00 KiB"],
+        ["2", "8-11", "1,152", "8.00 KiB", "1, 3", "48.00 KiB"],
+        ["3", "12-15", "1,152", "4.00 KiB", "2", "48.00 KiB"],
+    ]
+    assert "method: p2p" in result.output and "contiguous along axis 0" in result.output
+    zigzag = CliRunner().invoke(cli, ["analyze", str(spec), "--ranks", "3", "--sharding", "zigzag"])
+    assert zigzag.exit_code != 0 and "grid.shape[0] = 16" in str(zigzag.exception)
