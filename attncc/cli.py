@@ -214,10 +214,11 @@ def cli() -> None:
 )
 @click.option(
     "--sharding",
-    type=click.Choice(["auto", "contiguous", "zigzag"]),
+    type=click.Choice(["auto", "contiguous", "zigzag", "balanced"]),
     default="auto",
     show_default=True,
-    help="With --ranks: how the grid's leading axis is split (auto: the better balanced).",
+    help="With --ranks: how the grid's leading axis is split: equal runs, zigzag, cuts that even "
+    "the work out (balanced), or the one of these whose busiest rank works least (auto).",
 )
 def analyze_cmd(
     spec_path: str,
@@ -288,10 +289,12 @@ def _size(n: int) -> str:
 def _context_parallel(spec: Spec, ranks: int, order: str) -> None:
     """The context-parallel plan of ``spec`` over ``ranks`` ranks (Note [Planning from the
     analysis] in attncc.distributed.plan)."""
-    from attncc.distributed import Sharding, choose_sharding, plan
+    from attncc.distributed import Sharding, balanced_sharding, choose_sharding, plan
 
     if order == "auto":
         sharding = choose_sharding(spec.pattern, spec.grid, ranks, spec.heads)
+    elif order == "balanced":
+        sharding = balanced_sharding(spec.pattern, spec.grid, ranks, spec.heads)
     else:
         sharding = Sharding(ranks, order)
     itemsize = {"float32": 4}.get(spec.dtype, 2)
@@ -299,9 +302,8 @@ def _context_parallel(spec: Spec, ranks: int, order: str) -> None:
     a = analyze(spec.pattern, spec.grid, heads=spec.heads, head_dim=spec.head_dim)
     console = Console(width=None if sys.stdout.isatty() else 130)
     console.print(_summary(spec, a))
-    table = Table(
-        title=f"context parallelism over {ranks} ranks, {sharding.order} along axis 0", title_justify="left"
-    )
+    how = "balanced cuts" if sharding.cuts else sharding.order
+    table = Table(title=f"context parallelism over {ranks} ranks, {how} along axis 0", title_justify="left")
     columns = ("rank", "rows", "work (kept pairs)", "attncc bytes", "from ranks", "ring bytes")
     for col in (*columns, "ulysses work", "ulysses bytes"):
         table.add_column(col, justify="right")

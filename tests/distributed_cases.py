@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from attncc.distributed import Sharding
+from attncc.distributed import Sharding, balanced_sharding
 from attncc.ir import Grid, Pattern, causal, dense, document, global_tokens, neighborhood, sliding_window
 
 D = 16
@@ -40,6 +40,10 @@ class Case:
 # Document 0 is rank 0's rows exactly: rank 0 needs nothing from any other rank, nor gives.
 _DOCS = [0] * 8 + [1] * 5 + [2] * 14 + [3] * 5
 
+# Mixed lengths: equal halves would give one rank most of the work; balanced cuts even it out.
+_MIXED = [0] * 4 + [1] * 16 + [2] * 4 + [3] * 8
+_MIXED_SHARDING = balanced_sharding(document(_MIXED), Grid(32), 2)
+
 CASES = {
     2: [
         Case("na2d-rows", neighborhood(3), Grid((8, 6)), Sharding(2)),
@@ -50,6 +54,7 @@ CASES = {
             Grid((8, 3, 3)),
             Sharding(2, "zigzag"),
         ),
+        Case("documents-balanced", document(_MIXED), Grid(32), _MIXED_SHARDING),
         Case("dense-ulysses", dense(), Grid(16), Sharding(2), heads=4, kv_heads=2, method="ulysses"),
     ],
     4: [

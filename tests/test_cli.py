@@ -137,5 +137,8 @@ def test_analyze_ranks_prints_the_context_parallel_plan(tmp_path):
         ["3", "12-15", "1,152", "4.00 KiB", "2", "48.00 KiB"],
     ]
     assert "method: p2p" in result.output and "contiguous along axis 0" in result.output
+    balanced = CliRunner().invoke(cli, ["analyze", str(spec), "--ranks", "3", "--sharding", "balanced"])
+    assert balanced.exit_code == 0 and "3 ranks, balanced cuts along axis 0" in balanced.output
+    assert "ulysses does not fit" in balanced.output  # 4 heads, and uneven shards
     zigzag = CliRunner().invoke(cli, ["analyze", str(spec), "--ranks", "3", "--sharding", "zigzag"])
     assert zigzag.exit_code != 0 and "grid.shape[0] = 16" in str(zigzag.exception)

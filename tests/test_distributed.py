@@ -151,6 +151,24 @@ def test_what_the_plan_finds():
     assert choose_sharding(neighborhood(5), Grid(64), 4) == Sharding(4)
 
 
+def test_balanced_cuts_even_out_the_work():
+    mixed = next(c for c in CASES[2] if c.name == "documents-balanced")
+    assert mixed.sharding.cuts == (14,)  # 4 + 16 + 4 + 8 tokens: 16 + 196 of 352 pairs up to row 20
+    assert plan(mixed.pattern, mixed.grid, mixed.sharding).imbalance() == 1.0
+    assert plan(mixed.pattern, mixed.grid, Sharding(2)).imbalance() > 1.15
+    assert choose_sharding(mixed.pattern, mixed.grid, 2) == mixed.sharding
+    uneven = plan(mixed.pattern, mixed.grid, mixed.sharding, 2)
+    assert uneven.method == "p2p" and not uneven.ulysses_fits  # Ulysses needs equal shards
+    assert uneven.ring_bytes(0) == 18 * 2 * 2 * 128 * 2  # the other rank's 18 tokens
+
+
+def test_long_axes_move_keys_in_blocks():
+    """Note [Key blocks]: 8192 slices count in blocks of 2 rows; a needed block moves whole."""
+    p = plan(sliding_window(3), Grid(8192), Sharding(4))
+    assert [(s.src, s.rows) for s in p.ranks[1].incoming] == [(0, ((2044, 2048),))]  # 2045-2047, in blocks
+    assert p.ranks[1].outgoing[0].rows == ((4092, 4096),)
+
+
 def test_errors_name_the_field():
     with pytest.raises(AttnccError, match=r"Sharding\.order"):
         Sharding(2, "striped")
@@ -158,6 +176,12 @@ def test_errors_name_the_field():
         Sharding(0)
     with pytest.raises(AttnccError, match=r"grid.shape\[0\] = 12.*multiple of 8"):
         plan(causal(), Grid(12), Sharding(4, "zigzag"))
+    with pytest.raises(AttnccError, match=r"Sharding\.cuts"):
+        Sharding(3, cuts=(4, 4))
+    with pytest.raises(AttnccError, match=r"Sharding\.cuts"):
+        Sharding(2, "zigzag", cuts=(4,))
+    with pytest.raises(AttnccError, match=r"Sharding\.cuts = \(40,\)"):
+        plan(causal(), Grid(16), Sharding(2, cuts=(40,)))
     with pytest.raises(AttnccError, match="kv_heads"):
         plan(causal(), Grid(16), Sharding(2), heads=4, kv_heads=3)
     attn = attncc.nn.SparseAttention(16, 2, neighborhood(3), (4, 4), attn_drop=0.1)

@@ -3,7 +3,7 @@ fetches only the keys its queries can see. docs/distributed.md."""
 
 from attncc.distributed.attention import attention
 from attncc.distributed.nn import ContextParallelAttention
-from attncc.distributed.plan import Plan, RankPlan, Slices, choose_sharding, plan
+from attncc.distributed.plan import Plan, RankPlan, Slices, balanced_sharding, choose_sharding, plan
 from attncc.distributed.sharding import Sharding
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Sharding",
     "Slices",
     "attention",
+    "balanced_sharding",
     "choose_sharding",
     "plan",
 ]

@@ -56,8 +56,10 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     return (out / total[..., None]).to(parts[0][0].dtype)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, sharding: Sharding) -> None:
-    local = grid.size // sharding.ranks
+def _check(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: Grid, sharding: Sharding, rank: int
+) -> None:
+    local = sharding.size(rank, grid)
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4 or t.shape[2] != local:
             allowed = f"[B, H, {local}, D] (this rank's {local} of the grid's {grid.size} tokens)"
@@ -81,7 +83,7 @@ def attention(
     across the ranks of ``group`` (the default group when None); differentiable.
 
     Each rank passes its own tokens (``sharding.shard``): ``q`` ``[B, H, n, D]``, ``k``/``v``
-    ``[B, H_kv, n, D]`` with ``n = N / ranks``, and gets its tokens' output ``[B, H, n, D]``.
+    ``[B, H_kv, n, D]`` with ``n = sharding.size(rank, grid)``, and gets its tokens' output ``[B, H, n, D]``.
     The result is the single-process one's rows (deterministic for a fixed world size).
     ``method`` (``p2p`` or ``ulysses``) overrides the plan's pick (Note [Picking the method]).
     Example, on 4 ranks::
@@ -94,15 +96,15 @@ def attention(
     world = dist.get_world_size(group)
     if sharding.ranks != world:
         raise field_error(AttnccError, "sharding.ranks", sharding.ranks, f"{world} (the group's size)")
-    _check(q, k, v, grid, sharding)
+    rank = dist.get_rank(group)
+    _check(q, k, v, grid, sharding, rank)
     p = plan(pattern, grid, sharding, q.shape[1], k.shape[1], q.shape[3], q.element_size())
     method = p.method if method is None else method
     if method not in METHODS:
         raise field_error(AttnccError, "method", method, ", ".join(METHODS))
-    rank = dist.get_rank(group)
     if method == "ulysses":
         if not p.ulysses_fits:
-            allowed = f"p2p (ulysses needs heads and kv heads divisible by {world} ranks)"
+            allowed = f"p2p (ulysses needs heads and kv heads divisible by {world} ranks, even shards)"
             raise field_error(AttnccError, "method", method, allowed)
         return _ulysses(q, k, v, pattern, grid, sharding, group, scale, rank)
     return _p2p(q, k, v, pattern, grid, p, group, scale, rank)

@@ -41,7 +41,7 @@ class ContextParallelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = self.attn
-        local = a.grid.size // self.sharding.ranks
+        local = self.sharding.size(dist.get_rank(self.group), a.grid)
         if x.dim() != 3 or x.shape[1:] != (local, a.dim):
             raise field_error(
                 AttnccError, "x.shape", tuple(x.shape), f"[B, {local}, {a.dim}] (this rank's tokens)"

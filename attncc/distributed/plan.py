@@ -12,6 +12,14 @@ rank's last query, for a dense one everything. A pattern with data given at call
 (``documents()``, ``block_mask``, ...) is planned for the most its data could keep (Note
 [Data-dependent analysis] in attncc.ir.analysis): the keys any data could let it see.
 
+Note [Key blocks]: the analysis counts against every key slice, which for a long sequence (a
+1-D grid of 512K tokens has 512K slices) is more tiles than it takes and more than a plan needs.
+Past ``MAX_KEY_BLOCKS`` slices, keys are counted and moved in blocks of a few slices (a divisor
+of the rows every chunk boundary falls on, so a block has one owner): a block some query sees
+moves whole, which can add up to a block's worth per run of needed keys. Grids up to
+``MAX_KEY_BLOCKS`` slices long are planned slice by slice, exactly (tests/test_distributed.py
+holds them to the mask).
+
 Note [Bytes of the methods]: figures are the forward pass's bytes received per rank; the
 backward sends the same amounts back (dK/dV to the owners; the reverse all-to-alls).
 ``p2p`` (attncc's plan) receives the needed slices' k and v. Ring attention passes every other
@@ -26,6 +34,7 @@ work is attncc's on the same sharding (a ring that skips the keys its queries ne
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -118,13 +127,15 @@ class Plan:
 
     def ring_bytes(self, rank: int) -> int:
         """Bytes of k and v a rank receives under ring attention (every other shard)."""
-        r = self.sharding.ranks
-        return (r - 1) * (self.grid.size // r) * 2 * self.kv_heads * self.head_dim * self.itemsize
+        others = self.grid.size - self.sharding.size(rank, self.grid)
+        return others * 2 * self.kv_heads * self.head_dim * self.itemsize
 
     @property
     def ulysses_fits(self) -> bool:
+        """Whether the head all-to-all applies: heads and kv heads divide into the ranks, which
+        hold as many tokens each."""
         r = self.sharding.ranks
-        return self.heads % r == 0 and self.kv_heads % r == 0
+        return self.heads % r == 0 and self.kv_heads % r == 0 and self.sharding.even
 
     def ulysses_bytes(self, rank: int) -> int:
         """Bytes a rank receives under Ulysses: q, k, v over heads and the output back."""
@@ -147,6 +158,16 @@ class Plan:
         work = self.work(method)
         mean = sum(work) / len(work)
         return max(work) / mean if mean else 1.0
+
+
+MAX_KEY_BLOCKS = 4096
+
+
+def key_block(length: int, step: int) -> int:
+    """Slices of the leading axis per unit of transfer (Note [Key blocks]): the smallest divisor
+    of ``step`` (rows every chunk boundary is a multiple of) that keeps a ``length``-row axis
+    within ``MAX_KEY_BLOCKS`` blocks, else ``step``."""
+    return next((d for d in range(1, step + 1) if step % d == 0 and length // d <= MAX_KEY_BLOCKS), step)
 
 
 def _check_int(name: str, value: object, low: int) -> int:
@@ -174,14 +195,17 @@ def plan(
         raise field_error(AttnccError, "kv_heads", kv_heads, f"a divisor of heads = {heads}")
     _check_int("head_dim", head_dim, 1)
     _check_int("itemsize", itemsize, 1)
-    sharding.check(grid)
-    chunk = grid.shape[0] // sharding.chunks
+    bounds = sharding.bounds(grid)
+    step = math.gcd(*bounds)  # rows per query tile: every chunk is whole tiles
     rest = grid.shape[1:]
-    a = analyze(pattern, grid, q_tile=(chunk, *rest), kv_tile=(1, *rest), heads=heads, head_dim=head_dim)
-    per_head = a.tile_counts  # [H or 1, chunks, leading slices]
-    counts = per_head.sum(0) * (heads if per_head.shape[0] == 1 else 1)
+    unit = key_block(grid.shape[0], step)
+    a = analyze(pattern, grid, q_tile=(step, *rest), kv_tile=(unit, *rest), heads=heads, head_dim=head_dim)
+    per_head = a.tile_counts  # [H or 1, query tiles, key blocks]
+    tiles = per_head.sum(0) * (heads if per_head.shape[0] == 1 else 1)
     head_totals = np.broadcast_to(per_head.sum((1, 2)), (heads,))
-    seen = counts > 0  # [chunks, slices]: the key slices each chunk's queries see
+    spans = [slice(lo // step, hi // step) for lo, hi in itertools.pairwise(bounds)]  # query tiles per chunk
+    counts = np.stack([tiles[t].sum(0) for t in spans])  # [chunks, key blocks]
+    seen = np.repeat(counts > 0, unit, axis=1)  # [chunks, slices]: the key slices each chunk's queries see
     owner = np.array([sharding.owner(row, grid) for row in range(grid.shape[0])])
     per_rank = heads // sharding.ranks if heads % sharding.ranks == 0 else 0
     needs: dict[tuple[int, int], Rows] = {}
@@ -223,23 +247,59 @@ def _pick(p: Plan) -> tuple[str, str]:
     if r == 1:
         return "p2p", "one rank: nothing moves"
     if not p.ulysses_fits:
-        return "p2p", f"ulysses needs heads ({p.heads}) and kv heads ({p.kv_heads}) divisible by {r} ranks"
+        why = "as many tokens on every rank" if not p.sharding.even else ""
+        why = why or f"heads ({p.heads}) and kv heads ({p.kv_heads}) divisible by {r} ranks"
+        return "p2p", f"ulysses needs {why}"
     ulysses = max(p.ulysses_bytes(i) for i in range(r))
     if ulysses < p2p:
         return "ulysses", f"its all-to-all moves {ulysses:,} bytes to a rank, the needed keys {p2p:,}"
     return "p2p", f"the needed keys move {p2p:,} bytes to the busiest rank, ulysses {ulysses:,}"
 
 
+MAX_BALANCE_TILES = 1024
+
+
+def balanced_sharding(
+    pattern: Pattern, grid: Grid, ranks: int, heads: int = 1, kv_heads: int | None = None
+) -> Sharding:
+    """A contiguous sharding whose cuts even the work out (Note [Balanced cuts]).
+
+    Note [Balanced cuts]: the analysis counts the kept pairs of every run of ``step`` rows (the
+    smallest divisor of the leading axis that gives at most ``MAX_BALANCE_TILES`` runs); rank
+    ``r`` begins at the run boundary where the running total comes closest to ``r / ranks`` of
+    the whole. For a pattern whose work per row is uneven (packed documents of mixed lengths, a
+    causal window's first rows) this evens out what equal chunks cannot; zigzag does it for a
+    causal pattern with equal shards, which Ulysses needs.
+    """
+    _check_int("ranks", ranks, 1)
+    length = grid.shape[0]
+    step = next(d for d in range(1, length + 1) if length % d == 0 and length // d <= MAX_BALANCE_TILES)
+    if length // step < ranks:
+        raise field_error(AttnccError, "ranks", ranks, f"at most {length // step} (runs of {step} rows)")
+    a = analyze(pattern, grid, q_tile=(step, *grid.shape[1:]), kv_tile=grid.shape, heads=heads)
+    prefix = np.cumsum(a.tile_counts.sum((0, 2)))  # kept pairs up to the end of each run
+    cuts: list[int] = []
+    for r in range(1, ranks):
+        lowest = cuts[-1] // step + 1 if cuts else 1  # at least one run per rank
+        highest = length // step - (ranks - r)
+        ends = np.arange(lowest, highest + 1)
+        best = ends[np.argmin(np.abs(prefix[ends - 1] - prefix[-1] * r / ranks))]
+        cuts.append(int(best) * step)
+    return Sharding(ranks, "contiguous", tuple(cuts))
+
+
 def choose_sharding(
     pattern: Pattern, grid: Grid, ranks: int, heads: int = 1, kv_heads: int | None = None
 ) -> Sharding:
-    """The order (contiguous or zigzag) whose busiest rank has the least work, then the fewest
-    bytes; an order the leading axis does not cut into is skipped."""
+    """The sharding (contiguous, zigzag or :func:`balanced_sharding`, in that order of
+    preference) whose busiest rank has the least work, then the fewest bytes; an equal split the
+    leading axis does not cut into is skipped."""
     best: tuple[int, int, Sharding] | None = None
-    for order in ("contiguous", "zigzag"):
-        sharding = Sharding(ranks, order)
-        if grid.shape[0] % sharding.chunks:
-            continue
+    candidates = [Sharding(ranks, order) for order in ("contiguous", "zigzag")]
+    candidates = [s for s in candidates if grid.shape[0] % s.chunks == 0]
+    if 1 < ranks <= grid.shape[0]:
+        candidates.append(balanced_sharding(pattern, grid, ranks, heads, kv_heads))
+    for sharding in candidates:
         p = plan(pattern, grid, sharding, heads, kv_heads)
         key = (max(p.work("p2p")), max(p.p2p_bytes(i) for i in range(ranks)), sharding)
         if best is None or key[:2] < best[:2]:

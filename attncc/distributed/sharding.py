@@ -11,6 +11,7 @@ little work and the late chunk's large work add up to the same amount on every r
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 
@@ -25,7 +26,10 @@ ORDERS = ("contiguous", "zigzag")
 @dataclass(frozen=True)
 class Sharding:
     """Tokens split across ``ranks`` ranks along the grid's leading axis, in ``order``
-    (``contiguous`` or ``zigzag``: Note [Sharding along the leading axis]).
+    (``contiguous`` or ``zigzag``: Note [Sharding along the leading axis]), in equal chunks, or,
+    contiguous, at ``cuts``: the ``ranks - 1`` rows where a rank's part begins (rank ``r`` owns
+    rows ``cuts[r - 1]`` to ``cuts[r] - 1``), as :func:`attncc.distributed.balanced_sharding`
+    picks to even the work out.
 
     The model lays out its activations with it: ``sharding.shard(x, rank, grid)`` is rank
     ``rank``'s part of a whole-grid tensor, ``sharding.unshard(parts, grid)`` puts the parts of
@@ -34,23 +38,50 @@ class Sharding:
 
     ranks: int
     order: str = "contiguous"
+    cuts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
             raise field_error(AttnccError, "Sharding.ranks", self.ranks, "an integer >= 1")
         if self.order not in ORDERS:
             raise field_error(AttnccError, "Sharding.order", self.order, ", ".join(ORDERS))
+        cuts = tuple(self.cuts)
+        object.__setattr__(self, "cuts", cuts)
+        if not cuts:
+            return
+        allowed = f"{self.ranks - 1} increasing integers >= 1 (where ranks 1..{self.ranks - 1} begin)"
+        if self.order != "contiguous":
+            raise field_error(AttnccError, "Sharding.cuts", cuts, "() with order 'zigzag'")
+        ints = all(isinstance(c, int) and not isinstance(c, bool) for c in cuts)
+        if len(cuts) != self.ranks - 1 or not ints or any(b <= a for a, b in zip((0, *cuts), cuts)):
+            raise field_error(AttnccError, "Sharding.cuts", cuts, allowed)
 
     @property
     def chunks(self) -> int:
-        """Equal chunks the leading axis is cut into."""
+        """Chunks the leading axis is cut into (equal ones unless :attr:`cuts` are given)."""
         return self.ranks if self.order == "contiguous" else 2 * self.ranks
 
+    @property
+    def even(self) -> bool:
+        """Whether every rank holds as many tokens."""
+        return not self.cuts
+
     def check(self, grid: Grid) -> None:
-        """Raise unless the leading axis cuts into :attr:`chunks` equal chunks."""
-        if grid.shape[0] % self.chunks:
+        """Raise unless the leading axis cuts into :attr:`chunks` equal chunks, or past the cuts."""
+        if self.cuts and self.cuts[-1] >= grid.shape[0]:
+            allowed = f"cuts below the leading axis's {grid.shape[0]} rows"
+            raise field_error(AttnccError, "Sharding.cuts", self.cuts, allowed)
+        if not self.cuts and grid.shape[0] % self.chunks:
             allowed = f"a multiple of {self.chunks} ({self.order} over {self.ranks} ranks)"
             raise field_error(AttnccError, "grid.shape[0]", grid.shape[0], allowed)
+
+    def bounds(self, grid: Grid) -> tuple[int, ...]:
+        """The :attr:`chunks` + 1 rows where the chunks begin, and the axis's end."""
+        self.check(grid)
+        if self.cuts:
+            return (0, *self.cuts, grid.shape[0])
+        size = grid.shape[0] // self.chunks
+        return tuple(range(0, grid.shape[0] + 1, size))
 
     def _rank(self, rank: int) -> int:
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < self.ranks:
@@ -64,18 +95,20 @@ class Sharding:
 
     def rows(self, rank: int, grid: Grid) -> tuple[tuple[int, int], ...]:
         """Half-open ranges ``[lo, hi)`` of the leading axis that rank ``rank`` owns, one per chunk."""
-        self.check(grid)
-        size = grid.shape[0] // self.chunks
-        return tuple((c * size, (c + 1) * size) for c in self.chunk_ids(rank))
+        bounds = self.bounds(grid)
+        return tuple((bounds[c], bounds[c + 1]) for c in self.chunk_ids(rank))
 
     def owner(self, row: int, grid: Grid) -> int:
         """The rank that owns slice ``row`` of the leading axis."""
-        self.check(grid)
-        chunk = row // (grid.shape[0] // self.chunks)
+        chunk = bisect.bisect_right(self.bounds(grid), row) - 1
         return chunk if chunk < self.ranks else 2 * self.ranks - 1 - chunk
 
+    def size(self, rank: int, grid: Grid) -> int:
+        """Tokens rank ``rank`` holds."""
+        return sum(hi - lo for lo, hi in self.rows(rank, grid)) * math.prod(grid.shape[1:])
+
     def tokens(self, rank: int, grid: Grid) -> torch.Tensor:
-        """int64 ``[N / ranks]``: the flat tokens of rank ``rank``, in its layout's order."""
+        """int64 ``[size(rank)]``: the flat tokens of rank ``rank``, in its layout's order."""
         per_row = math.prod(grid.shape[1:])
         return torch.cat([torch.arange(lo * per_row, hi * per_row) for lo, hi in self.rows(rank, grid)])
 
