@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | tests-terms | tests-runtime |
 #        tests-regions | bench-issue3 |
 #        bench-bwd | bench-terms | bench-tables | bench-decode | cutlass | bench-cutlass | bench-grids | bench-flat |
-#        bench-models | extras | examples | tune
+#        bench-models | extras | examples | tune | cp
 #   (all = every part but smoke, bench = every bench-*)
 # A session that gets a GPU runs `smoke` first: one call under 8 minutes, every kernel family
 # forward and backward at bf16/fp16/fp32, the issue3 forward against SDPA and FlexAttention,
@@ -124,6 +124,17 @@ bench_part cutlass issue3 --fwd --peers sdpa,flex,attncc-cutlass,cutlass-example
       else (cd "$out" && timeout 110 python3 "$script" --size real) || failed=1; fi
     done
     exit $failed) 2>&1 | tee "$out/examples.txt" || status=1; }
+# Context parallelism (issue 19) over NCCL on every GPU of the machine: each case's forward and
+# backward against one GPU's, and both times (benchmarks/cp_gpu_check.py); needs 2 GPUs or more.
+[[ $part == all || $part == cp ]] &&
+  { gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    if ((gpus < 2)); then
+      echo "cp: skipped: this machine has $gpus GPU(s); context parallelism needs 2 or more" \
+        "(torchrun --nproc-per-node)" | tee "$out/cp.txt"
+    else
+      (cd "$out" && timeout 540 torchrun --nproc-per-node="$gpus" "$repo/benchmarks/cp_gpu_check.py" \
+        --markdown "$repo/benchmarks/RESULTS.md") 2>&1 | tee "$out/cp.txt" || status=1
+    fi; }
 [[ $part == all || $part == tune ]] &&
   { timeout 540 python3 benchmarks/tune_check.py --markdown benchmarks/RESULTS.md --json "$out/tune_check.json" \
     --seconds 420 2>&1 | tee "$out/tune_check.txt" || status=1; }

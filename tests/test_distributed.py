@@ -22,6 +22,7 @@ import torch
 from distributed_cases import CASES, MODULE_CASE, REPEATED, Case, module, module_input
 
 import attncc
+import attncc.distributed
 from attncc import AttnccError
 from attncc.distributed import ContextParallelAttention, Sharding, choose_sharding, plan
 from attncc.ir import Grid, causal, dense, neighborhood, sliding_window
@@ -196,3 +197,24 @@ def test_sharding_round_trips():
     assert s.rows(0, grid) == ((0, 2), (6, 8)) and s.rows(1, grid) == ((2, 4), (4, 6))
     assert s.shard(x, 1, grid).flatten().tolist() == list(range(6, 18))
     assert torch.equal(s.unshard([s.shard(x, r, grid) for r in range(2)], grid), x)
+
+
+def test_the_call_checks_its_arguments():
+    """On a process group of one (this process): every refusal names its field."""
+    import torch.distributed as dist
+
+    from attncc.ir import documents
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        q = torch.randn(1, 2, 16, 8)
+        with pytest.raises(AttnccError, match=r"sharding\.ranks = 2"):
+            attncc.distributed.attention(q, q, q, causal(), Grid(16), Sharding(2))
+        with pytest.raises(AttnccError, match=r"q\.shape = \(1, 2, 8, 8\)"):
+            attncc.distributed.attention(q[:, :, :8], q, q, causal(), Grid(16), Sharding(1))
+        with pytest.raises(AttnccError, match="documents: not run context-parallel"):
+            attncc.distributed.attention(q, q, q, documents(), Grid(16), Sharding(1))
+        with pytest.raises(AttnccError, match="method = 'ring'"):
+            attncc.distributed.attention(q, q, q, causal(), Grid(16), Sharding(1), method="ring")
+    finally:
+        dist.destroy_process_group()

@@ -13,6 +13,7 @@ SCRIPTS = [
     "video_block.py",
     "lm_long_context.py",
     "jit_predicate.py",
+    "context_parallel.py",
     "cli_workflow.sh",
 ]
 

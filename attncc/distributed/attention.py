@@ -32,6 +32,7 @@ from attncc.errors import AttnccError, field_error
 from attncc.ir.canonical import resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern, key_range, per_head, union
+from attncc.ir.text import format_pattern
 from attncc.runtime.library import attention as local_attention
 
 
@@ -98,6 +99,10 @@ def attention(
         raise field_error(AttnccError, "sharding.ranks", sharding.ranks, f"{world} (the group's size)")
     rank = dist.get_rank(group)
     _check(q, k, v, grid, sharding, rank)
+    if pattern.runtime_leaves:
+        names = ", ".join(leaf.NAME for leaf in pattern.runtime_leaves)
+        allowed = f"a pattern without data given at call time ({names}: not run context-parallel yet)"
+        raise field_error(AttnccError, "pattern", format_pattern(pattern), allowed)
     p = plan(pattern, grid, sharding, q.shape[1], k.shape[1], q.shape[3], q.element_size())
     method = p.method if method is None else method
     if method not in METHODS:
