@@ -218,3 +218,29 @@ def test_the_call_checks_its_arguments():
             attncc.distributed.attention(q, q, q, causal(), Grid(16), Sharding(1), method="ring")
     finally:
         dist.destroy_process_group()
+
+
+def test_the_report_applies_the_issues_bar(monkeypatch):
+    """benchmarks/context_parallel.py on small cases: a local pattern meets the bar, causal is not judged."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "context_parallel", HERE.parent / "benchmarks" / "context_parallel.py"
+    )
+    report = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "context_parallel", report)  # its dataclasses look their module up
+    spec.loader.exec_module(report)
+    monkeypatch.setattr(report, "RANKS", (4,))
+    monkeypatch.setattr(report, "CASES", [report.Case("na2d", neighborhood(3), Grid((16, 8)), True),
+                                          report.Case("causal", causal(), Grid(64), False)])  # fmt: skip
+    text = report.markdown()
+    rows = [
+        line.split(" | ")
+        for line in text.splitlines()
+        if line.startswith("| na2d") or line.startswith("| causal")
+    ]
+    assert (
+        rows[0][2] == "contiguous" and rows[0][-1] == "yes |" and rows[0][6] == "0.167"
+    )  # 2 halo rows against 3 shards of 4 rows
+    assert rows[1][2] == "zigzag" and rows[1][-1] == "- |" and rows[1][9] == "ulysses"
+    assert "Bar met for 1 of 1 local cases" in text
