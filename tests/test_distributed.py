@@ -244,3 +244,17 @@ def test_the_report_applies_the_issues_bar(monkeypatch):
     )  # 2 halo rows against 3 shards of 4 rows
     assert rows[1][2] == "zigzag" and rows[1][-1] == "- |" and rows[1][9] == "ulysses"
     assert "Bar met for 1 of 1 local cases" in text
+
+
+def test_the_docs_example_runs_under_torchrun(tmp_path):
+    """docs/distributed.md's script, as written, on 2 gloo processes started by torchrun."""
+    doc = (HERE.parent / "docs" / "distributed.md").read_text()
+    script = doc.split("## Running it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "cp_demo.py").write_text(script)
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={_free_port()}",
+           "cp_demo.py"]  # fmt: skip
+    done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    errors = [float(line.rsplit("= ", 1)[1]) for line in done.stdout.splitlines() if "one process" in line]
+    assert len(errors) == 2 and max(errors) < 1e-5
