@@ -4,11 +4,14 @@ and the head all-to-all (issue 19).
 Note [Exchange and wait]: the forward of :class:`_Exchange` posts every send and receive of a
 rank's k/v slices at once (``batch_isend_irecv``) and returns without waiting, so the rank
 computes its queries against its own keys while the slices travel; :class:`_Wait` then waits
-for them before the remote keys are read. Its backward sends the gradients of the received
-slices back to their owners and receives, from every rank it sent slices to, the gradients of
-those slices, adding them to its own k/v gradient in rank order (deterministic). Every rank
-runs exactly one exchange per call, forward and backward, since the exchange also returns the
-rank's own k/v, which every rank's output depends on: no rank skips the backward's messages.
+for them before the remote keys are read. In the backward, the gradients of the received slices
+are known as soon as the remote keys' part is differentiated: :class:`_Wait`'s backward posts
+their sends back to the owners, and the receives of the gradients of the slices this rank sent,
+so they travel while autograd differentiates the own keys' part (created earlier in the forward,
+it runs later). :class:`_Exchange`'s backward waits for them and adds them to the rank's own k/v
+gradient in rank order (deterministic); a rank that received nothing posts there. Every rank runs
+exactly one exchange per call, forward and backward, since the exchange also returns the rank's
+own k/v, which every rank's output depends on: no rank skips the backward's messages.
 """
 
 from __future__ import annotations
@@ -34,9 +37,26 @@ class Route:
 
 @dataclass(eq=False)
 class Pending:
-    """The posted receives of an exchange (Note [Exchange and wait])."""
+    """An exchange's messages in flight (Note [Exchange and wait]): the forward's, then the
+    backward's, with the buffers the returned gradients arrive in (None: not posted yet)."""
 
+    route: Route
+    group: dist.ProcessGroup | None
     works: list = field(default_factory=list)
+    returned: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    sent: list[torch.Tensor] = field(default_factory=list)  # kept alive until the sends complete
+
+    def post_backward(self, grad_received: tuple[torch.Tensor, ...], like: torch.Tensor) -> None:
+        """Send the received slices' gradients back; receive those of the slices this rank sent."""
+        ops, self.returned = [], []
+        self.sent = [grad.contiguous() for grad in grad_received]
+        for (peer, _), grad in zip(self.route.receives, self.sent):
+            ops.append(dist.P2POp(dist.isend, grad, _peer(self.group, peer), self.group, _BACKWARD))
+        for peer, index in self.route.sends:
+            buf = like.new_empty(*like.shape[:3], len(index), like.shape[4])
+            ops.append(dist.P2POp(dist.irecv, buf, _peer(self.group, peer), self.group, _BACKWARD))
+            self.returned.append((index, buf))
+        self.works = dist.batch_isend_irecv(ops) if ops else []
 
 
 def local_tokens(own: Rows, rows: Rows, per_row: int) -> torch.Tensor:
@@ -59,9 +79,10 @@ def _peer(group: dist.ProcessGroup | None, rank: int) -> int:
 
 class _Exchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, route: Route, group, pending: Pending, kv: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, pending: Pending, kv: torch.Tensor):  # type: ignore[override]
         """``kv`` ``[2, B, H_kv, n, D]`` (k and v of the rank's tokens) → ``(kv, *received)``."""
-        ctx.route, ctx.group = route, group
+        ctx.pending = pending
+        route, group = pending.route, pending.group
         ops, received = [], []
         for peer, index in route.sends:
             part = kv.index_select(3, index.to(kv.device)).contiguous()
@@ -71,30 +92,26 @@ class _Exchange(torch.autograd.Function):
             ops.append(dist.P2POp(dist.irecv, buf, _peer(group, peer), group, _FORWARD))
             received.append(buf)
         pending.works = dist.batch_isend_irecv(ops) if ops else []
-        ctx.kv_shape = kv.shape
         return (kv, *received)
 
     @staticmethod
     def backward(ctx, grad_kv: torch.Tensor, *grad_received: torch.Tensor):  # type: ignore[override]
-        route, group = ctx.route, ctx.group
-        ops, returned = [], []
-        for (peer, _), grad in zip(route.receives, grad_received):
-            ops.append(dist.P2POp(dist.isend, grad.contiguous(), _peer(group, peer), group, _BACKWARD))
-        for peer, index in route.sends:
-            buf = grad_kv.new_empty(*grad_kv.shape[:3], len(index), grad_kv.shape[4])
-            ops.append(dist.P2POp(dist.irecv, buf, _peer(group, peer), group, _BACKWARD))
-            returned.append((index, buf))
-        for work in dist.batch_isend_irecv(ops) if ops else []:
+        pending: Pending = ctx.pending
+        if pending.returned is None:  # no _Wait posted them: this rank received nothing
+            pending.post_backward(grad_received, grad_kv)
+        for work in pending.works:
             work.wait()
         grad = grad_kv.clone()
-        for index, buf in returned:  # rank order: the same sums on every run
+        for index, buf in pending.returned or []:  # rank order: the same sums on every run
             grad.index_add_(3, index.to(grad.device), buf)
-        return None, None, None, grad
+        pending.works, pending.returned, pending.sent = [], None, []
+        return None, grad
 
 
 class _Wait(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pending: Pending, *received: torch.Tensor):  # type: ignore[override]
+        ctx.pending = pending
         for work in pending.works:
             work.wait()
         pending.works = []
@@ -102,14 +119,15 @@ class _Wait(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # type: ignore[override]
+        ctx.pending.post_backward(grads, grads[0])
         return (None, *grads)
 
 
 def exchange(kv: torch.Tensor, route: Route, group) -> tuple[torch.Tensor, list[torch.Tensor], Pending]:
     """Post the exchange of ``kv``'s slices (Note [Exchange and wait]): ``(kv, received
     buffers, pending)``; the buffers hold data only after :func:`wait`."""
-    pending = Pending()
-    own, *received = _Exchange.apply(route, group, pending, kv)
+    pending = Pending(route, group)
+    own, *received = _Exchange.apply(pending, kv)
     return own, received, pending
 
 
