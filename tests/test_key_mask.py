@@ -235,6 +235,23 @@ def test_decode_lists_skip_tiles_of_invalid_keys():
     assert counts[:, 0, 0].tolist() == [2, 0] and lists[0, 0, 0, :2].tolist() == [1, 3]
 
 
+def test_opcheck_with_a_key_mask():
+    """The ops' schemas, fakes and autograd registration hold with the mask as their argument."""
+    q, k, v, _ = _qkv(2, 21, 21)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    valid = call_data.checked(key_mask(), Grid((21,)), 2, H, {"key_mask": _valid((2, 21))}, CPU)["key_mask"]
+    args = (q, k, v, "causal() & key_mask()", [21], 0.25, "softmax", 0.0)
+    kwargs = {"key_mask": valid.to(DEVICE)}
+    torch.library.opcheck(torch.ops.attncc.fwd_opaque.default, args, kwargs)
+    o, lse = torch.ops.attncc.fwd_opaque(*args, **kwargs)
+    bwd_args = (q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), torch.randn_like(o),
+                torch.zeros_like(lse), *args[3:])  # fmt: skip
+    torch.library.opcheck(torch.ops.attncc.bwd_opaque.default, bwd_args, kwargs)
+    offsets = torch.tensor([20, 3], dtype=torch.int32, device=DEVICE)
+    decode_args = (q.detach()[:, :, :1], k.detach(), v.detach(), "key_mask()", 0.25, "softmax", offsets)
+    torch.library.opcheck(torch.ops.attncc.decode_opaque.default, decode_args, kwargs)
+
+
 # --- under torch.compile ----------------------------------------------------------------------
 
 
