@@ -147,6 +147,16 @@ def test_a_cache_with_invalid_keys_and_an_empty_batch_element():
     assert finite[0].all() and finite[2].all()
 
 
+def test_whole_tiles_of_valid_keys_of_invalid_keys_and_of_both():
+    """150 keys: the interpreter's 64-key tiles are whole but for the last. Batch element 0's
+    first tile is all valid (a full tile under the union, walked unmasked), its second all
+    invalid (walked only for the window's keys); the rest of the keys are mixed."""
+    valid = _valid((3, 150), seed=7)
+    valid[0, :64] = True
+    valid[0, 64:128] = False
+    _check(key_mask() | sliding_window(2), (150,), valid)
+
+
 def test_causal_with_a_mask_per_head_and_rows_with_no_key():
     valid = _valid((3, H, 37), seed=1)
     valid[0, :, :3] = False  # the first three queries of batch element 0 see no key
