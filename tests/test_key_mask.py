@@ -151,9 +151,9 @@ def test_whole_tiles_of_valid_keys_of_invalid_keys_and_of_both():
     """150 keys: the interpreter's 64-key tiles are whole but for the last. Batch element 0's
     first tile is all valid (a full tile under the union, walked unmasked), its second all
     invalid (walked only for the window's keys); the rest of the keys are mixed."""
-    valid = _valid((3, 150), seed=7)
-    valid[0, :64] = True
-    valid[0, 64:128] = False
+    valid = _valid((3, H, 150), seed=7)
+    valid[0, 0, :64] = True  # per head: head 0 only (GQA: dK/dV sums heads with other lists)
+    valid[0, :, 64:128] = False
     _check(key_mask() | sliding_window(2), (150,), valid)
 
 
@@ -178,11 +178,16 @@ def test_a_prefill_chunk_with_gradients():
     _check(causal() & key_mask(), (37,), _valid((3, 37), seed=4), n_q=9, q_offset=torch.tensor([0, 13, 28]))
 
 
-@pytest.mark.parametrize("pattern", [key_mask(), sliding_window(8) & key_mask()], ids=["mask", "window"])
-def test_a_decode_step(pattern):
-    """One query and a chunk of 5, forward only: the decode kernels (list plans) with a mask per head."""
+@pytest.mark.parametrize(
+    "pattern,shape",
+    [(key_mask(), (3, H, 37)), (sliding_window(8) & key_mask(), (3, 37))],
+    ids=["mask", "window"],
+)
+def test_a_decode_step(pattern, shape):
+    """One query and a chunk of 5, forward only: the decode kernels (list plans), with a mask per
+    head and one for every head."""
     for n_q, offsets in ((1, torch.tensor([36, 36, 20])), (5, torch.tensor([32, 0, 7]))):
-        _check(pattern, (37,), _valid((3, H, 37), seed=5), n_q=n_q, q_offset=offsets, grad=False)
+        _check(pattern, (37,), _valid(shape, seed=5), n_q=n_q, q_offset=offsets, grad=False)
 
 
 # --- tile lists built on the device -----------------------------------------------------------
