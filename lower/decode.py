@@ -29,10 +29,10 @@ Note [Decode iteration]: how a program finds its KV tiles.
   taken together as their hull, a superset). The program takes, per span, the tiles from its
   rows' least first key to their greatest last key, merged into one range where the two meet,
   and walks them as one count: no table, no set-up pass.
-- ``list`` plans (patterns with block layouts, document ids or global tokens, static or given
-  per call): per call, on the device, each program's list of the KV tiles some row of it keeps
-  (attncc.runtime.decode_lists: exact per tile for block layouts and key intervals, a superset
-  from each tile's id range for documents), which the program walks.
+- ``list`` plans (patterns with block layouts, document ids, global tokens or a key mask,
+  static or given per call): per call, on the device, each program's list of the KV tiles some
+  row of it keeps (attncc.runtime.decode_lists: exact per tile for block layouts, key masks and
+  key intervals, a superset from each tile's id range for documents), which the program walks.
 
 Every visited tile is masked per element by the exact rule (``mask_expr``, the general kernels'
 rule spelled by :func:`attncc.lower.lowering.spell_rule`), so a span or list that is a superset
@@ -59,7 +59,16 @@ from attncc.errors import PatternError, field_error
 from attncc.ir import symbolic
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
-from attncc.ir.nodes import BlockMask, BlockSparse, Document, Documents, GlobalTokens, Pattern, TopkBlocks
+from attncc.ir.nodes import (
+    BlockMask,
+    BlockSparse,
+    Document,
+    Documents,
+    GlobalTokens,
+    KeyMask,
+    Pattern,
+    TopkBlocks,
+)
 from attncc.ir.score import INPUTS, Score, as_score
 from attncc.ir.symbolic import AllOf, AnyOf, FlatRange, GridBox, Rule, Runtime, rules
 from attncc.lower.lowering import (
@@ -77,7 +86,7 @@ MAX_QUERIES = 64  # Note [Decode]: more queries are a prefill chunk, the general
 MAX_SPLITS = MAX_DECODE_SPLITS  # the most programs one program's tiles are split over (Note [Split count])
 TERMS = ("temperature", "alibi")  # the tensor terms the decode kernels read (and softcap, a constant)
 # Leaves that make a plan a ``list`` plan (Note [Decode iteration]).
-LISTED = (BlockSparse, BlockMask, TopkBlocks, Document, Documents, GlobalTokens)
+LISTED = (BlockSparse, BlockMask, TopkBlocks, Document, Documents, GlobalTokens, KeyMask)
 
 # Note [Decode warps]: 16 rows take 4 warps; from 32 rows on, 4 warps hold too much of the score
 # and accumulator tiles per thread (sm_90, bf16, D = 128: 32 rows on 4 warps spill, 168

@@ -153,6 +153,8 @@ def _placeholders(plan, batch: int, heads: int) -> dict[str, torch.Tensor]:
         if leaf.kind in ("block_mask", "topk_blocks"):
             blocks = math.ceil(plan.keys / leaf.block[2])
             out[leaf.kind] = torch.empty((batch, heads, blocks, blocks), dtype=torch.int8, device="meta")
+        elif leaf.kind == "key_mask":
+            out[leaf.kind] = torch.empty((batch, heads, plan.keys), dtype=torch.int8, device="meta")
         else:
             shape = (batch, plan.keys) if leaf.kind == "documents" else (batch,)
             out[leaf.kind] = torch.empty(shape, dtype=torch.int32, device="meta")

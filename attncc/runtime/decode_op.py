@@ -41,13 +41,14 @@ def decode_op(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode on ``q [B, H, Lq, D]`` over ``k, v [B, H_kv, N, D]``: (out, lse float32 ``[B, H,
     Lq]``). ``q_offset`` int32 ``[B]``: each batch element's first query position; ``score`` the
     score's form (softmax, with softcap, temperature, alibi); ``temperature``/``alibi`` its
-    terms' views (attncc.runtime.terms.inputs); ``block_mask`` .. ``key_lengths`` the pattern's
+    terms' views (attncc.runtime.terms.inputs); ``block_mask`` .. ``key_mask`` the pattern's
     normalised data (attncc.runtime.data)."""
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _decode(q, k, v, pattern, scale, score, q_offset, temperature, alibi, data_, wrap_triton)
 
 
@@ -66,9 +67,10 @@ def decode_opaque(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`decode_op` as an opaque op (the CPU interpreter)."""
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _decode(q, k, v, pattern, scale, score, q_offset, temperature, alibi, data_, None)
 
 

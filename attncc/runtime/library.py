@@ -116,16 +116,17 @@ def fwd(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     region: list[int] | None = None,
     q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on ``[B, H, N, D]`` tensors: (out, lse float32 ``[B, H, N]``). ``score`` is the
     score's form (its text: attncc.ir.score); ``temperature`` .. ``seed`` its terms' views
-    (attncc.runtime.terms.inputs) and dropout's seed, ``block_mask`` .. ``key_lengths`` the
+    (attncc.runtime.terms.inputs) and dropout's seed, ``block_mask`` .. ``key_mask`` the
     pattern's runtime data (attncc.runtime.data), None where there are none (Note [Term
     arguments])."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _fwd(
         q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region, q_offset, wrap_triton
     )
@@ -157,13 +158,14 @@ def bwd(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     region: list[int] | None = None,
     q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Backward: (dq, dk, dv, the gradients of the score's ``grad=True`` terms, in its order),
     given the gradients of out (``do``) and of lse (``dlse``)."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _bwd(
         q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap_triton
     )
@@ -191,12 +193,13 @@ def fwd_opaque(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     region: list[int] | None = None,
     q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fwd` as an opaque op (the CPU interpreter)."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region, q_offset, None)
 
 
@@ -226,12 +229,13 @@ def bwd_opaque(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     region: list[int] | None = None,
     q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """:func:`bwd` as an opaque op."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _bwd(
         q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region,
         q_offset, None,
@@ -328,8 +332,8 @@ def attention(
     generator when None); the backward regenerates the same mask. ``layout`` ('sdpa' or
     'spatial') says how a 4-D q reads where its shape does not (Note [Ambiguous layouts] in
     attncc.layouts). ``data`` gives the pattern's primitives whose data come with each call
-    (``block_mask``, ``topk_blocks``, ``documents``/``cu_seqlens``, ``key_lengths``: attncc.runtime.
-    data); new data reuse the compiled kernels.
+    (``block_mask``, ``topk_blocks``, ``documents``/``cu_seqlens``, ``key_lengths``, ``key_mask``:
+    attncc.runtime.data); new data reuse the compiled kernels.
 
     ``q`` may cover a part of ``k``'s grid (a KV cache's newest rows, a chunk of a prefill,
     a box of an image): whole rows (SDPA), or a box of whole slices (spatial, or SDPA on a
