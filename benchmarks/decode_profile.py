@@ -12,16 +12,13 @@ Exits non-zero when a kernel spills, warns, or its KV loop is not software-pipel
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import re
-import sys
-from pathlib import Path
 
 import triton
 
 from attncc.ir import block_mask, causal, key_range, sliding_window
 from attncc.machine.decode import decode_profile, markdown_rows, problems
+from attncc.machine.report import section_main
 
 SINKS = sliding_window(4095) | key_range(0, hi=3)
 CASES = {
@@ -59,29 +56,5 @@ def section() -> tuple[str, list[str]]:
     return "\n".join(body), failed
 
 
-def write(path: Path, text: str) -> None:
-    """Replace this triton's decode section of ``path`` (or append one)."""
-    old = path.read_text() if path.exists() else ""
-    title = text.splitlines()[0]
-    pattern = re.compile(re.escape(title) + r"\n.*?(?=\n## |\Z)", re.S)
-    new = pattern.sub(lambda _: text.rstrip("\n"), old) if title in old else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new if new.endswith("\n") else new + "\n")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--markdown", type=Path, help="write the section into this file")
-    args = parser.parse_args()
-    text, failed = section()
-    print(text)
-    if args.markdown:
-        write(args.markdown, text)
-    for line in failed:
-        print("FAILED", line, file=sys.stderr)
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    section_main(__doc__, section)

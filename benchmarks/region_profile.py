@@ -16,17 +16,13 @@ shown. Exits non-zero when a kernel spills or warns.
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import re
-import sys
-from pathlib import Path
 
 import triton
 
 from attncc.ir import Grid, causal, key_range, neighborhood, sliding_window
 from attncc.machine import profile
-from attncc.machine.report import markdown, problems
+from attncc.machine.report import markdown, problems, section_main
 
 CASES = {  # name: (pattern, grid, the queries' box)
     "causal-16384-chunk4096": (causal(), (16384,), (4096,)),
@@ -68,29 +64,5 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}"
 
 
-def write(path: Path, text: str) -> None:
-    """Replace this triton's region section of ``path`` (or append one)."""
-    old = path.read_text() if path.exists() else ""
-    title = text.splitlines()[0]
-    pattern = re.compile(re.escape(title) + r"\n.*?(?=\n## |\Z)", re.S)
-    new = pattern.sub(lambda _: text.rstrip("\n"), old) if title in old else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new if new.endswith("\n") else new + "\n")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--markdown", type=Path, help="write the section into this file")
-    args = parser.parse_args()
-    text, failed = section()
-    print(text)
-    if args.markdown:
-        write(args.markdown, text)
-    for line in failed:
-        print("FAILED", line, file=sys.stderr)
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    section_main(__doc__, section)

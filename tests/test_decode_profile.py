@@ -40,3 +40,15 @@ def test_decode_kernels_compile_cleanly_for_sm90(tmp_path):
         loads, mma = case["kv"]
         assert loads == "cp.async" and mma > 0, name
     assert found["causal-128k"]["splits"] >= 132  # Note [Split count]: every SM streams
+
+
+def test_a_section_replaces_its_own_title_only(tmp_path):
+    from attncc.machine.report import write_section
+
+    path = tmp_path / "STATIC.md"
+    path.write_text("# Static\n\n## A, triton 3.6.0\n\nold a\n\n## B, triton 3.6.0\n\nold b\n")
+    write_section(path, "## A, triton 3.6.0\n\nnew a\n")
+    write_section(path, "## A, triton 3.9.0\n\nnew a 3.9\n")
+    assert path.read_text() == (
+        "# Static\n\n## A, triton 3.6.0\n\nnew a\n\n## B, triton 3.6.0\n\nold b\n\n## A, triton 3.9.0\n\nnew a 3.9\n"
+    )
