@@ -5,8 +5,9 @@ section of benchmarks/STATIC.md per triton version.
 
 The benchmark's cases (one query of 8 heads over one KV head, 32K and 128K keys, bf16, D = 128:
 causal, and a 4096-token window with 4 sinks) and the other shapes of the kernel: 5 queries of a
-GQA group (two programs' rows), a list plan (a block mask), fp16 at D = 64, fp32, and the soft-cap
-with ALiBi; each split as the cost model splits it (Note [Split count] in attncc.autotune.decode).
+GQA group (two programs' rows), a list plan (a block mask), fp16 at D = 64, fp32, the soft-cap
+with ALiBi, and a paged cache of 16-token pages (Note [Paged caches]); each split as the cost
+model splits it (Note [Split count] in attncc.autotune.decode).
 Exits non-zero when a kernel spills, warns, or its KV loop is not software-pipelined.
 """
 
@@ -31,6 +32,8 @@ CASES = {
     "causal-128k-fp16-d64": (causal(), 131072, dict(dtype="float16", head_dim=64)),
     "causal-32k-fp32": (causal(), 32768, dict(dtype="float32")),
     "causal-128k+softcap+alibi": (causal(), 131072, dict(score="softcap(50.0) + alibi")),
+    "causal-128k-paged16": (causal(), 131072, dict(page=16)),
+    "swa4096+4sinks-128k-paged16": (SINKS, 131072, dict(page=16)),
 }
 
 

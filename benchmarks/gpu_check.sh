@@ -64,7 +64,7 @@ status=0
 # module's KV cache and its compiled steps; packages of a spec's queries; key masks (part 5).
 [[ $part == all || $part == tests-regions ]] &&
   { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_regions.py tests/test_nn_cache.py \
-    tests/test_compile_regions.py tests/test_cross.py tests/test_key_mask.py 2>&1 | tee "$out/gpu_tests_regions.txt" || status=1; }
+    tests/test_compile_regions.py tests/test_cross.py tests/test_key_mask.py tests/test_paged.py 2>&1 | tee "$out/gpu_tests_regions.txt" || status=1; }
 [[ $part == all || $part == tests-bwd ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }

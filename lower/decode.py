@@ -44,6 +44,19 @@ scores (16 x 64 for one query of 8 heads) for every ``2 x block_n x D`` K/V elem
 it is bound by memory, and the mask's few integer operations per score hide under the loads
 (benchmarks/STATIC.md, "Decode"). So there is one loop, with no branch in its body: Triton
 software-pipelines its loads (cp.async on sm_90).
+
+Note [Paged caches]: a serving engine keeps K and V in a pool of fixed-size pages (``[pages,
+page size, H_kv, D]``, as vLLM and FlashInfer lay them out) and gives each sequence a block
+table (``[B, pages per sequence]`` int32: page ``j`` of sequence ``b`` holds its keys ``j x page
+.. (j + 1) x page - 1``). A paged plan reads key ``n`` of batch element ``b`` at row ``n % page`` of
+page ``table[b, n // page]``: per key, not per tile, so any page size works (1 included) and a
+tile may span pages. The pattern, its spans and lists are those of the logical sequence of
+``pages per sequence x page`` keys; a table entry past a sequence's end is never read for a key
+the pattern keeps (clamped into the pool for the keys a visited tile holds beyond it). The page
+size is a constexpr (Triton compiles a kernel per size: a deployment has one), so a key's page
+and row are a shift and a mask for sizes that are powers of two. The table read and the 64-bit
+row addresses cost some 200 instructions per KV tile over a contiguous cache's (benchmarks/
+STATIC.md, "Decode"), under the tile's loads: a decode program is bound by memory.
 """
 
 from __future__ import annotations
@@ -160,6 +173,7 @@ class DecodePlan:
     temperature: bool = False
     alibi: str | None = None  # "flat" or "signed"
     fast_tanh: bool = False
+    paged: bool = False  # K/V in a pool of pages read through a block table (Note [Paged caches])
     num_warps: int = 4
     num_stages: int = 3
 
@@ -226,9 +240,11 @@ def lower_decode(
     score: str | Score = "softmax",
     device_type: str = "cuda",
     config: DecodeConfig | None = None,
+    paged: bool = False,
 ) -> DecodePlan:
     """Plan the decode kernels of a head-independent ``pattern`` on a sequence of ``keys`` tokens,
-    for ``queries`` queries of ``group`` query heads per KV head."""
+    for ``queries`` queries of ``group`` query heads per KV head; ``paged``: K/V are read from a
+    pool of pages through a block table (Note [Paged caches])."""
     if dtype not in SUPPORTED_DTYPES:
         raise field_error(PatternError, "dtype", dtype, ", ".join(SUPPORTED_DTYPES))
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
@@ -271,6 +287,7 @@ def lower_decode(
         temperature=scored.temperature,
         alibi=None if scored.alibi is None else ("signed" if scored.alibi == "signed" else "flat"),
         fast_tanh=scored.softcap is not None and device_type == "cuda" and dtype != "float32",
+        paged=paged,
         num_warps=config.num_warps or (8 if block_m >= WIDE_ROWS else 4),
         num_stages=config.num_stages,
     )

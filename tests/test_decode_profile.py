@@ -1,7 +1,7 @@
 """The decode kernels' sm_90 machine code, compiled as a launch compiles them, with no GPU (issue 16
 part 2): no spill, no ptxas warning, and a KV loop that is software-pipelined (cp.async) with no
-branch in its body, for the 128K-key causal case of the benchmark and a list plan. In a subprocess:
-TRITON_INTERPRET, set for the other tests, makes kernels the compiler cannot take.
+branch in its body, for the 128K-key causal case of the benchmark, a list plan and a paged cache.
+In a subprocess: TRITON_INTERPRET, set for the other tests, makes kernels the compiler cannot take.
 """
 
 import json
@@ -18,6 +18,7 @@ cases = {
     "causal-128k": decode_profile(causal(), 131072),
     "sinks-128k": decode_profile(sliding_window(4095) | key_range(0, hi=3), 131072),
     "block-mask-32k-lq5": decode_profile(block_mask(64) & causal(), 32768, 8, 32, 8, 5),
+    "causal-32k-paged16": decode_profile(causal(), 32768, page=16),
 }
 out = {}
 for name, p in cases.items():
