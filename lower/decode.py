@@ -53,10 +53,13 @@ page ``table[b, n // page]``: per key, not per tile, so any page size works (1 i
 tile may span pages. The pattern, its spans and lists are those of the logical sequence of
 ``pages per sequence x page`` keys; a table entry past a sequence's end is never read for a key
 the pattern keeps (clamped into the pool for the keys a visited tile holds beyond it). The page
-size is a constexpr (Triton compiles a kernel per size: a deployment has one), so a key's page
-and row are a shift and a mask for sizes that are powers of two. The table read and the 64-bit
-row addresses cost some 200 instructions per KV tile over a contiguous cache's (benchmarks/
-STATIC.md, "Decode"), under the tile's loads: a decode program is bound by memory.
+size is a constexpr (Triton compiles a kernel per size: a deployment has one). A tile reads one
+table entry when it lies in one page (pages of a multiple of its 64 keys) and one per page it
+touches for smaller pages that are powers of two (16, 32); other sizes (1 included) read an entry
+per key. The table reads and the 64-bit row addresses cost some 100-200 instructions per KV tile
+over a contiguous cache's (benchmarks/STATIC.md, "Decode"), under the tile's loads: a decode
+program is bound by memory. Under triton 3.6 an entry per key puts branches in the KV loop (3.9
+none), which pages of a power-of-two size of at least 2 avoid.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ table describes (and that against the float64 reference in tests/test_decode.py)
 
 The pools hold every sequence's pages shuffled, with garbage in the pages no table names, so
 a kernel that reads a wrong page fails. Decode steps read the pools in place; other calls (a
-gradient, more than 64 queries) gather them. fp32: 1e-5 of O(1) outputs (the same kernels'
+gradient, more than 64 queries) gather them. The interpreter's KV tiles are 16 keys: pages of 16 and 64 tokens give a tile one
+table entry, pages of 8 and 1 an entry per page, pages of 24 one per key (Note [Paged caches]),
+and 8 x 9 pages end in half a tile. fp32: 1e-5 of O(1) outputs (the same kernels'
 arithmetic on the same keys, in the same order).
 """
 
@@ -36,7 +38,11 @@ def _cache(page: int, pages_per_seq: int, seed: int = 0):
     return [x.to(DEVICE) for x in (k, v, *pools, table.to(torch.int32))]
 
 
-@pytest.mark.parametrize("page,pages_per_seq", [(1, 37), (16, 5), (64, 2)], ids=["page1", "page16", "page64"])
+@pytest.mark.parametrize(
+    "page,pages_per_seq",
+    [(1, 37), (8, 9), (16, 5), (24, 3), (64, 2)],
+    ids=["page1", "page8", "page16", "page24", "page64"],
+)
 @pytest.mark.parametrize("lq", [1, 5])
 def test_decode_over_pages_is_decode_over_the_cache(page, pages_per_seq, lq):
     k, v, k_pool, v_pool, table = _cache(page, pages_per_seq)
