@@ -72,7 +72,7 @@ def attention(
     with ``dropout_p`` drops probabilities as the kernels do: kept ones are divided by
     ``1 - dropout_p``, the normaliser (and the log-sum-exp) sums them undropped. ``data`` gives
     the tensors of the pattern's primitives read at call time (``block_mask``, ``topk_blocks``,
-    ``documents`` or ``cu_seqlens``, ``key_lengths``: Note [Runtime data forms] in
+    ``documents`` or ``cu_seqlens``, ``key_lengths``, ``key_mask``: Note [Runtime data forms] in
     attncc.runtime.data), checked as ``attncc.attention`` checks them; the mask then varies by
     batch element. q may cover a box of the keys' grid (a KV cache: Note [Query boxes] in
     attncc.layouts) at ``q_offset`` (:func:`attncc.layouts.query_offsets`); its rows are then

@@ -11,7 +11,8 @@ is timed (``attncc.timing.measure``: medians over rotated inputs, first call apa
 the causal case unmasked (one query at the end sees every key) and the window with a boolean
 mask; FlexAttention gets ``create_block_mask`` of the same rule at the cache's offset
 (compiled; its decoding kernel serves queries this short); FlashAttention
-(``flash_attn_with_kvcache``) takes the causal case only (it has no sinks). Then attncc's own split
+(``flash_attn_with_kvcache``) takes the causal case only (it has no sinks). attncc also runs
+the same cache as a paged one (16-token pages in a shuffled order, ``block_table=``). Then attncc's own split
 counts: the cost model's beside fixed ones (``ATTNCC_DECODE_SPLITS``), which checks the model
 (Note [Split count] in attncc.autotune.decode). The CPU figure (``--device cpu``, under
 ``TRITON_INTERPRET=1``, at 1/256 of the keys, ``--runs 1``) tests the script, not the kernels.
@@ -34,7 +35,7 @@ from attncc.ir import causal, key_range, sliding_window
 from attncc.runtime import decode
 from attncc.timing import measure
 
-HEADS, KV_HEADS, HEAD_DIM, WINDOW, SINKS = 8, 1, 128, 4096, 4
+HEADS, KV_HEADS, HEAD_DIM, WINDOW, SINKS, PAGE = 8, 1, 128, 4096, 4, 16
 SPLITS = (1, 16, 32, 64, 132, 256)
 
 
@@ -56,6 +57,18 @@ def _inputs(batch: int, keys: int, device: str, sets: int = 3) -> list[tuple[tor
 
     kv = (batch, KV_HEADS, keys, HEAD_DIM)
     return [(t(batch, HEADS, 1, HEAD_DIM), t(*kv), t(*kv)) for _ in range(sets)]
+
+
+def _paged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The same cache as pools of PAGE-token pages in a shuffled order, and the block table."""
+    b, _, n, _ = k.shape
+    order = torch.randperm(b * n // PAGE, generator=torch.Generator().manual_seed(0)).to(k.device)
+    pools = []
+    for t in (k, v):
+        pool = torch.empty(b * n // PAGE, PAGE, KV_HEADS, HEAD_DIM, dtype=t.dtype, device=t.device)
+        pool[order] = t.transpose(1, 2).reshape(b * n // PAGE, PAGE, KV_HEADS, HEAD_DIM)
+        pools.append(pool)
+    return q, *pools, order.reshape(b, n // PAGE).to(torch.int32)
 
 
 def _keeps(name: str, keys: int, device: str) -> torch.Tensor:
@@ -145,6 +158,15 @@ def run(device: str, runs: int, budget: float) -> list[dict]:
         model = decode.splits(kern.plan, batch, KV_HEADS, torch.device(device))
         row = {"case": f"{name}-{keys}-B{batch}", "attncc": timing.median, "splits": model,
                "first": timing.first_call, "peers": {}, "sweep": {}}  # fmt: skip
+        paged = [_paged(*x) for x in inputs]
+
+        def ours_paged(x, pattern=pattern):
+            return attncc.attention(x[0], x[1], x[2], pattern, block_table=x[3])
+
+        with torch.no_grad():
+            err = (ours_paged(paged[0]).float() - want.float()).abs().max().item()
+            assert err <= 1e-2 * want.float().abs().max().item(), f"paged differs by {err}"
+            row["paged"] = measure(ours_paged, paged, device, warmup=min(5, runs), runs=runs).median
         tol = 3e-2 * want.float().abs().max().item()
         for peer, call in _peers(name, keys, device).items():
             if isinstance(call, str):
@@ -178,13 +200,14 @@ def _ms(value: float | str) -> str:
 def _line(row: dict) -> str:
     peers = ", ".join(f"{p} {_ms(v)}" for p, v in row["peers"].items())
     sweep = ", ".join(f"{s}: {_ms(v)}" for s, v in row["sweep"].items())
-    return f"{row['case']}: attncc {_ms(row['attncc'])} ({row['splits']} splits); {peers}; splits {sweep}"
+    head = f"{row['case']}: attncc {_ms(row['attncc'])} ({row['splits']} splits), paged {_ms(row['paged'])}"
+    return f"{head}; {peers}; splits {sweep}"
 
 
 def markdown(rows: list[dict], device: str) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter: tests the script)"
     peers = sorted({p for r in rows for p in r["peers"]})
-    head = ["case", "attncc", "splits", *peers, *(f"{s} splits" for s in SPLITS)]
+    head = ["case", "attncc", "splits", f"attncc paged ({PAGE})", *peers, *(f"{s} splits" for s in SPLITS)]
     lines = [
         f"## Decode (issue 16 part 2), {datetime.date.today()}, {name}",
         "",
@@ -195,7 +218,8 @@ def markdown(rows: list[dict], device: str) -> str:
         "|" + "---|" * len(head),
     ]
     for r in rows:
-        cells = [r["case"], _ms(r["attncc"]), str(r["splits"]), *(_ms(r["peers"].get(p, "-")) for p in peers)]
+        cells = [r["case"], _ms(r["attncc"]), str(r["splits"]), _ms(r["paged"])]
+        cells += [_ms(r["peers"].get(p, "-")) for p in peers]
         cells += [_ms(r["sweep"][s]) for s in SPLITS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\n"

@@ -5,23 +5,21 @@ section of benchmarks/STATIC.md per triton version.
 
 The benchmark's cases (one query of 8 heads over one KV head, 32K and 128K keys, bf16, D = 128:
 causal, and a 4096-token window with 4 sinks) and the other shapes of the kernel: 5 queries of a
-GQA group (two programs' rows), a list plan (a block mask), fp16 at D = 64, fp32, and the soft-cap
-with ALiBi; each split as the cost model splits it (Note [Split count] in attncc.autotune.decode).
+GQA group (two programs' rows), a list plan (a block mask), fp16 at D = 64, fp32, the soft-cap
+with ALiBi, and a paged cache of 16-token pages (Note [Paged caches]); each split as the cost
+model splits it (Note [Split count] in attncc.autotune.decode).
 Exits non-zero when a kernel spills, warns, or its KV loop is not software-pipelined.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
-import re
-import sys
-from pathlib import Path
 
 import triton
 
 from attncc.ir import block_mask, causal, key_range, sliding_window
 from attncc.machine.decode import decode_profile, markdown_rows, problems
+from attncc.machine.report import section_main
 
 SINKS = sliding_window(4095) | key_range(0, hi=3)
 CASES = {
@@ -34,6 +32,8 @@ CASES = {
     "causal-128k-fp16-d64": (causal(), 131072, dict(dtype="float16", head_dim=64)),
     "causal-32k-fp32": (causal(), 32768, dict(dtype="float32")),
     "causal-128k+softcap+alibi": (causal(), 131072, dict(score="softcap(50.0) + alibi")),
+    "causal-128k-paged16": (causal(), 131072, dict(page=16)),
+    "swa4096+4sinks-128k-paged16": (SINKS, 131072, dict(page=16)),
 }
 
 
@@ -59,29 +59,5 @@ def section() -> tuple[str, list[str]]:
     return "\n".join(body), failed
 
 
-def write(path: Path, text: str) -> None:
-    """Replace this triton's decode section of ``path`` (or append one)."""
-    old = path.read_text() if path.exists() else ""
-    title = text.splitlines()[0]
-    pattern = re.compile(re.escape(title) + r"\n.*?(?=\n## |\Z)", re.S)
-    new = pattern.sub(lambda _: text.rstrip("\n"), old) if title in old else old.rstrip("\n") + "\n\n" + text
-    path.write_text(new if new.endswith("\n") else new + "\n")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--markdown", type=Path, help="write the section into this file")
-    args = parser.parse_args()
-    text, failed = section()
-    print(text)
-    if args.markdown:
-        write(args.markdown, text)
-    for line in failed:
-        print("FAILED", line, file=sys.stderr)
-    sys.exit(1 if failed else 0)
-
-
 if __name__ == "__main__":
-    main()
+    section_main(__doc__, section)

@@ -6,7 +6,7 @@
 # minutes at most, so each part runs on its own; in order of priority:
 #   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | tests-terms | tests-runtime |
 #        tests-regions | bench-issue3 |
-#        bench-bwd | bench-terms | bench-tables | bench-decode | cutlass | bench-cutlass | bench-grids | bench-flat |
+#        bench-bwd | bench-terms | bench-tables | bench-decode | bench-text-video | cutlass | bench-cutlass | bench-grids | bench-flat |
 #        bench-models | extras | examples | tune | cp
 #   (all = every part but smoke, bench = every bench-*)
 # A session that gets a GPU runs `smoke` first: one call under 8 minutes, every kernel family
@@ -61,10 +61,10 @@ status=0
     tests/test_runtime_patterns.py tests/test_compile_patterns.py 2>&1 | tee "$out/gpu_tests_runtime.txt" || status=1; }
 # Queries and keys that differ (issue 16) on CUDA: query regions (KV caches, chunked prefill, boxes)
 # and cross-attention against the float64 oracle, forward and backward, under torch.compile; the
-# module's KV cache and its compiled steps; packages of a spec's queries.
+# module's KV cache and its compiled steps; packages of a spec's queries; key masks (part 5).
 [[ $part == all || $part == tests-regions ]] &&
   { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_regions.py tests/test_nn_cache.py \
-    tests/test_compile_regions.py tests/test_cross.py 2>&1 | tee "$out/gpu_tests_regions.txt" || status=1; }
+    tests/test_compile_regions.py tests/test_cross.py tests/test_key_mask.py tests/test_paged.py 2>&1 | tee "$out/gpu_tests_regions.txt" || status=1; }
 [[ $part == all || $part == tests-bwd ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }
@@ -111,6 +111,11 @@ bench_part cutlass issue3 --fwd --peers sdpa,flex,attncc-cutlass,cutlass-example
       status=1
     (cd "$out" && timeout 420 python3 "$repo/benchmarks/decode_bench.py" --device cuda \
       --markdown "$repo/benchmarks/RESULTS.md") 2>&1 | tee -a "$out/bench-decode.txt" || status=1; }
+# Text beside video (issue 16 part 4's case): 256 text tokens + a 30x48x80 video, attncc's two calls
+# today beside FlexAttention (one mask_mod) and NATTEN's na3d with additional_keys where installed.
+[[ $part == all || $part == bench || $part == bench-text-video ]] &&
+  { (cd "$out" && timeout 420 python3 "$repo/benchmarks/text_video_block.py" --device cuda \
+    --markdown "$repo/benchmarks/RESULTS.md") 2>&1 | tee "$out/bench-text-video.txt" || status=1; }
 [[ $part == all || $part == extras ]] &&
   { (cd "$out" && timeout 270 python3 "$repo/benchmarks/op_overhead.py" --markdown "$repo/benchmarks/RESULTS.md" &&
     timeout 270 python3 "$repo/benchmarks/dropin_timm.py" --markdown "$repo/benchmarks/RESULTS.md") 2>&1 |

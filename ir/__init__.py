@@ -10,7 +10,7 @@ Build a pattern with the functions below (or ``parse`` its text), bind it to a
 A score (softmax, sigmoid, and terms such as ``softcap(c)``, ``alibi(slopes)``,
 ``rel_pos_bias(table)``, ``key_bias(b)``) is in :mod:`attncc.ir.score`. Primitives whose
 data are given at call time (``block_mask``, ``topk_blocks``, ``documents``,
-``key_lengths``: Note [Runtime data] in :mod:`attncc.ir.nodes`) are checked and
+``key_lengths``, ``key_mask``: Note [Runtime data] in :mod:`attncc.ir.nodes`) are checked and
 normalised by :mod:`attncc.runtime.data`.
 """
 
@@ -31,6 +31,7 @@ from attncc.ir.nodes import (
     GlobalTokens,
     Intersection,
     KeyLengths,
+    KeyMask,
     KeyRange,
     Neighborhood,
     Pattern,
@@ -53,6 +54,7 @@ from attncc.ir.nodes import (
     global_tokens,
     intersection,
     key_lengths,
+    key_mask,
     key_range,
     neighborhood,
     per_head,
@@ -93,6 +95,7 @@ __all__ = [
     "Grid",
     "Intersection",
     "KeyLengths",
+    "KeyMask",
     "KeyRange",
     "Neighborhood",
     "Pattern",
@@ -124,6 +127,7 @@ __all__ = [
     "intersection",
     "key_bias",
     "key_lengths",
+    "key_mask",
     "key_range",
     "load_spec",
     "neighborhood",

@@ -33,6 +33,7 @@ from attncc.ir.nodes import (
     GlobalTokens,
     Intersection,
     KeyLengths,
+    KeyMask,
     KeyRange,
     Neighborhood,
     Pattern,
@@ -166,6 +167,9 @@ def _runtime_leaf(node: Pattern, grid: Grid, coords: torch.Tensor, data: dict) -
         lengths = data["key_lengths"]  # [B]
         keys = torch.arange(n, device=coords.device)
         return (keys[None, :] < lengths[:, None])[:, None, None, :].expand(-1, 1, n, n)
+    if isinstance(node, KeyMask):
+        valid = data["key_mask"] != 0  # [B, H, N]
+        return valid[:, :, None, :].expand(-1, -1, n, n)
     raise TypeError(f"no brute-force rule for {type(node).__name__}")
 
 

@@ -19,8 +19,8 @@ named, instead of failing later with a RecursionError. Width is not limited:
 a union of thousands of operands is one level (Note [Wide combinators] in
 attncc.ir.text).
 
-Note [Runtime data]: ``block_mask``, ``topk_blocks``, ``documents`` and
-``key_lengths`` declare a primitive whose data (a tensor, per batch element and
+Note [Runtime data]: ``block_mask``, ``topk_blocks``, ``documents``, ``key_lengths`` and
+``key_mask`` declare a primitive whose data (a tensor, per batch element and
 per head) is given at call time, ``attncc.attention(..., data={...})``: the node
 holds the structure only (block sizes), so the kernel is specialised to it and
 new data reuse the kernel (attncc.runtime.data checks and normalises the
@@ -522,6 +522,18 @@ class KeyLengths(RuntimePrimitive):
     DATA: ClassVar[tuple[str, ...]] = ("key_lengths",)
 
 
+@dataclass(frozen=True)
+class KeyMask(RuntimePrimitive):
+    """Keys marked valid at call time (a KV cache's evicted or unwritten slots, padding that is
+    not a suffix): keep ``(q, k)`` iff ``data["key_mask"][b, k]`` (or ``[b, h, k]``) is true, a
+    bool or integer tensor (non-zero keeps) ``[B or 1, N]`` or ``[B or 1, H or 1, N]`` over the
+    flat key index. A query whose keys are all masked gets a zero row (Note [Queries with no
+    keys] in attncc.reference)."""
+
+    NAME: ClassVar[str] = "key_mask"
+    DATA: ClassVar[tuple[str, ...]] = ("key_mask",)
+
+
 # --- combinators -------------------------------------------------------------
 
 
@@ -622,6 +634,7 @@ PRIMITIVES: dict[str, type[Pattern]] = {
         TopkBlocks,
         Documents,
         KeyLengths,
+        KeyMask,
     )
 }
 
@@ -705,6 +718,11 @@ def documents() -> Pattern:
 def key_lengths() -> Pattern:
     """Key padding given at call time as ``data={"key_lengths": lengths}`` (:class:`KeyLengths`)."""
     return KeyLengths()
+
+
+def key_mask() -> Pattern:
+    """Valid keys given at call time as ``data={"key_mask": mask}`` (:class:`KeyMask`)."""
+    return KeyMask()
 
 
 def union(*patterns: Pattern) -> Pattern:

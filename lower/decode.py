@@ -29,10 +29,10 @@ Note [Decode iteration]: how a program finds its KV tiles.
   taken together as their hull, a superset). The program takes, per span, the tiles from its
   rows' least first key to their greatest last key, merged into one range where the two meet,
   and walks them as one count: no table, no set-up pass.
-- ``list`` plans (patterns with block layouts, document ids or global tokens, static or given
-  per call): per call, on the device, each program's list of the KV tiles some row of it keeps
-  (attncc.runtime.decode_lists: exact per tile for block layouts and key intervals, a superset
-  from each tile's id range for documents), which the program walks.
+- ``list`` plans (patterns with block layouts, document ids, global tokens or a key mask,
+  static or given per call): per call, on the device, each program's list of the KV tiles some
+  row of it keeps (attncc.runtime.decode_lists: exact per tile for block layouts, key masks and
+  key intervals, a superset from each tile's id range for documents), which the program walks.
 
 Every visited tile is masked per element by the exact rule (``mask_expr``, the general kernels'
 rule spelled by :func:`attncc.lower.lowering.spell_rule`), so a span or list that is a superset
@@ -44,6 +44,22 @@ scores (16 x 64 for one query of 8 heads) for every ``2 x block_n x D`` K/V elem
 it is bound by memory, and the mask's few integer operations per score hide under the loads
 (benchmarks/STATIC.md, "Decode"). So there is one loop, with no branch in its body: Triton
 software-pipelines its loads (cp.async on sm_90).
+
+Note [Paged caches]: a serving engine keeps K and V in a pool of fixed-size pages (``[pages,
+page size, H_kv, D]``, as vLLM and FlashInfer lay them out) and gives each sequence a block
+table (``[B, pages per sequence]`` int32: page ``j`` of sequence ``b`` holds its keys ``j x page
+.. (j + 1) x page - 1``). A paged plan reads key ``n`` of batch element ``b`` at row ``n % page`` of
+page ``table[b, n // page]``: per key, not per tile, so any page size works (1 included) and a
+tile may span pages. The pattern, its spans and lists are those of the logical sequence of
+``pages per sequence x page`` keys; a table entry past a sequence's end is never read for a key
+the pattern keeps (clamped into the pool for the keys a visited tile holds beyond it). The page
+size is a constexpr (Triton compiles a kernel per size: a deployment has one). A tile reads one
+table entry when it lies in one page (pages of a multiple of its 64 keys) and one per page it
+touches for smaller pages that are powers of two (16, 32); other sizes (1 included) read an entry
+per key. The table reads and the 64-bit row addresses cost some 100-200 instructions per KV tile
+over a contiguous cache's (benchmarks/STATIC.md, "Decode"), under the tile's loads: a decode
+program is bound by memory. Under triton 3.6 an entry per key puts branches in the KV loop (3.9
+none), which pages of a power-of-two size of at least 2 avoid.
 """
 
 from __future__ import annotations
@@ -59,7 +75,16 @@ from attncc.errors import PatternError, field_error
 from attncc.ir import symbolic
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
-from attncc.ir.nodes import BlockMask, BlockSparse, Document, Documents, GlobalTokens, Pattern, TopkBlocks
+from attncc.ir.nodes import (
+    BlockMask,
+    BlockSparse,
+    Document,
+    Documents,
+    GlobalTokens,
+    KeyMask,
+    Pattern,
+    TopkBlocks,
+)
 from attncc.ir.score import INPUTS, Score, as_score
 from attncc.ir.symbolic import AllOf, AnyOf, FlatRange, GridBox, Rule, Runtime, rules
 from attncc.lower.lowering import (
@@ -77,7 +102,7 @@ MAX_QUERIES = 64  # Note [Decode]: more queries are a prefill chunk, the general
 MAX_SPLITS = MAX_DECODE_SPLITS  # the most programs one program's tiles are split over (Note [Split count])
 TERMS = ("temperature", "alibi")  # the tensor terms the decode kernels read (and softcap, a constant)
 # Leaves that make a plan a ``list`` plan (Note [Decode iteration]).
-LISTED = (BlockSparse, BlockMask, TopkBlocks, Document, Documents, GlobalTokens)
+LISTED = (BlockSparse, BlockMask, TopkBlocks, Document, Documents, GlobalTokens, KeyMask)
 
 # Note [Decode warps]: 16 rows take 4 warps; from 32 rows on, 4 warps hold too much of the score
 # and accumulator tiles per thread (sm_90, bf16, D = 128: 32 rows on 4 warps spill, 168
@@ -151,6 +176,7 @@ class DecodePlan:
     temperature: bool = False
     alibi: str | None = None  # "flat" or "signed"
     fast_tanh: bool = False
+    paged: bool = False  # K/V in a pool of pages read through a block table (Note [Paged caches])
     num_warps: int = 4
     num_stages: int = 3
 
@@ -217,9 +243,11 @@ def lower_decode(
     score: str | Score = "softmax",
     device_type: str = "cuda",
     config: DecodeConfig | None = None,
+    paged: bool = False,
 ) -> DecodePlan:
     """Plan the decode kernels of a head-independent ``pattern`` on a sequence of ``keys`` tokens,
-    for ``queries`` queries of ``group`` query heads per KV head."""
+    for ``queries`` queries of ``group`` query heads per KV head; ``paged``: K/V are read from a
+    pool of pages through a block table (Note [Paged caches])."""
     if dtype not in SUPPORTED_DTYPES:
         raise field_error(PatternError, "dtype", dtype, ", ".join(SUPPORTED_DTYPES))
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or not 1 <= head_dim <= MAX_HEAD_DIM:
@@ -262,6 +290,7 @@ def lower_decode(
         temperature=scored.temperature,
         alibi=None if scored.alibi is None else ("signed" if scored.alibi == "signed" else "flat"),
         fast_tanh=scored.softcap is not None and device_type == "cuda" and dtype != "float32",
+        paged=paged,
         num_warps=config.num_warps or (8 if block_m >= WIDE_ROWS else 4),
         num_stages=config.num_stages,
     )

@@ -720,6 +720,9 @@ def _spell_runtime(node: Pattern, grid: Grid) -> str:
     if leaf.kind == "documents":
         base = f"{ptr} + b.to(tl.int64) * {strides}0"
         return f"(tl.load({base} + qf * {strides}1) == tl.load({base} + kf * {strides}1))"
+    if leaf.kind == "key_mask":
+        base = f"{ptr} + b.to(tl.int64) * {strides}0 + h.to(tl.int64) * {strides}1"
+        return f"(tl.load({base} + kf * {strides}2) != 0)"
     return f"(kf < tl.load({ptr} + b.to(tl.int64) * {strides}0))"  # key_lengths
 
 

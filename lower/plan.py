@@ -61,7 +61,7 @@ the key bias's: Note [Term gradients] in attncc.runtime.terms). Term values are 
 the tensor's own dtype and widened to float32.
 
 Note [Runtime plans]: a pattern with primitives whose data come with each call (a block
-layout or top-k block indices per batch element and head, document ids, key lengths:
+layout or top-k block indices per batch element and head, document ids, key lengths, key masks:
 ``RUNTIME_KINDS``) lowers to a ``runtime`` plan: a table plan (box tiles, no dilation, the
 rule per element in partial tiles) whose tile lists are built on the device for every call
 from its data (attncc.runtime.tables) instead of once on the host. ``runtime`` lists those
@@ -69,10 +69,11 @@ leaves; ``program`` says how the pattern combines them with its static parts, as
 tuples: ``("leaf", kind)``, ``("static", text)`` for a part with no such leaf (its tile
 classes come from the analysis, once per plan), ``("or" | "and", (children...))``. The
 kernels take, per leaf, its data and strides (``RT_BM``/``RT_TK`` the int8 layouts ``[B', H',
-QB, KB]``, ``RT_DC`` the ids ``[B', N]``, ``RT_KL`` the lengths ``[B]``), then the call's
-lists: counts ``[B', H', tiles, 2]`` (full, partial) and indices ``[B', H', tiles, other
-tiles]``, each with its strides (B', H' are 1 where the data broadcast: stride 0). Changing
-the data never re-lowers, re-renders or recompiles a kernel.
+QB, KB]``, ``RT_DC`` the ids ``[B', N]``, ``RT_KL`` the lengths ``[B]``, ``RT_KM`` the int8
+key flags ``[B', H', N]``), then the call's lists: counts ``[B', H', tiles, 2]`` (full,
+partial) and indices ``[B', H', tiles, other tiles]``, each with its strides (B', H' are 1
+where the data broadcast: stride 0). Changing the data never re-lowers, re-renders or
+recompiles a kernel.
 
 Note [Query regions]: the queries may cover a box of the grid (a KV cache's last tokens, a
 video's last frames, a prefill chunk: ``q_region``, its shape), at offsets each batch element
@@ -167,6 +168,7 @@ RUNTIME_ARGS = {
     "topk_blocks": ("RT_TK", "rtk", 4),
     "documents": ("RT_DC", "rdc", 2),
     "key_lengths": ("RT_KL", "rkl", 1),
+    "key_mask": ("RT_KM", "rkm", 3),
 }
 
 

@@ -23,6 +23,8 @@ from attncc import AttnccError
 from attncc.ir import (
     Grid,
     bias,
+    block_mask,
+    block_sparse,
     causal,
     documents,
     global_tokens,
@@ -192,6 +194,16 @@ def test_kernels_with_documents_on_a_region():
 def test_kernels_on_a_dilated_grid_region_along_an_undilated_axis():
     pattern = neighborhood((3, 3), dilation=(1, 2), causal=(True, False))
     _kernel_check(pattern, (1, H, 20, D), (1, H_KV, 60, D), grid=(6, 10))
+
+
+def test_kernels_with_block_sparse_layouts_on_a_chunk():
+    """A static layout and a layout given per call (batch and head), forward and backward."""
+    layout = [[int(j <= i and (i + j) % 3 != 1) for j in range(5)] for i in range(5)]
+    _kernel_check(
+        block_sparse(layout, 16) & causal(), (2, H, 20, D), (2, H_KV, 70, D), torch.tensor([17, 48])
+    )
+    mask = torch.rand(2, H, 5, 5, generator=torch.Generator().manual_seed(5)) < 0.5
+    _kernel_check(block_mask(16) & causal(), (2, H, 20, D), (2, H_KV, 70, D), 33, data={"block_mask": mask})
 
 
 def test_kernels_fp16():

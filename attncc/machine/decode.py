@@ -83,30 +83,33 @@ def decode_profile(
     dtype: str = "bfloat16",
     score: str = "softmax",
     name: str = "",
+    page: int | None = None,
 ) -> DecodeProfile:
     """Compile the kernels ``attncc.attention`` launches for a decode step of ``queries`` queries
     over ``keys`` keys (split as the cost model or ``ATTNCC_DECODE_SPLITS`` says; ``score`` the
-    score's form, its terms given as contiguous tensors) for sm_90, with no GPU, and read them.
+    score's form, its terms given as contiguous tensors) for sm_90, with no GPU, and read them;
+    ``page``: K/V in a pool of pages of that size (Note [Paged caches] in attncc.lower.decode).
     Needs the real Triton JIT: unset ``TRITON_INTERPRET`` first."""
     if dtype not in _TORCH_DTYPES:
         raise AttnccError(f"dtype = {dtype!r} is out of range; allowed: {', '.join(_TORCH_DTYPES)}")
     torch_dtype = _TORCH_DTYPES[dtype]
     text = format_pattern(pattern)
-    kern = decode.kernel(text, keys, queries, heads, kv_heads, head_dim, torch_dtype, "cuda", score)
+    paged = page is not None
+    kern = decode.kernel(text, keys, queries, heads, kv_heads, head_dim, torch_dtype, "cuda", score, paged)
     if not isinstance(kern.module.decode_kernel, JITFunction):
         raise AttnccError(
             "TRITON_INTERPRET = 1 is set: the kernels are interpreter functions; allowed: unset "
             "TRITON_INTERPRET in the process that profiles"
         )
     q = torch.empty((batch, heads, queries, head_dim), dtype=torch_dtype, device="meta")
-    k, v = (
-        torch.empty((batch, kv_heads, keys, head_dim), dtype=torch_dtype, device="meta") for _ in range(2)
-    )
+    shape = (batch * keys // page, page, kv_heads, head_dim) if paged else (batch, kv_heads, keys, head_dim)
+    k, v = (torch.empty(shape, dtype=torch_dtype, device="meta") for _ in range(2))
+    table = torch.empty((batch, keys // page), dtype=torch.int32, device="meta") if paged else None
     offsets = torch.empty((batch,), dtype=torch.int32, device="meta")
     recorder = Recorder()
     data = _placeholders(kern.plan, batch, heads)
     terms = [torch.empty((heads, 1)[: 1 + (name == "alibi")], device="meta") for name in kern.plan.inputs]
-    decode.forward(q, k, v, kern, offsets, head_dim**-0.5, terms, data, wrap=recorder)
+    decode.forward(q, k, v, kern, offsets, head_dim**-0.5, terms, data, wrap=recorder, block_table=table)
     kernels = []
     for call in recorder.calls:
         compiled = compile_call(call)
@@ -153,6 +156,8 @@ def _placeholders(plan, batch: int, heads: int) -> dict[str, torch.Tensor]:
         if leaf.kind in ("block_mask", "topk_blocks"):
             blocks = math.ceil(plan.keys / leaf.block[2])
             out[leaf.kind] = torch.empty((batch, heads, blocks, blocks), dtype=torch.int8, device="meta")
+        elif leaf.kind == "key_mask":
+            out[leaf.kind] = torch.empty((batch, heads, plan.keys), dtype=torch.int8, device="meta")
         else:
             shape = (batch, plan.keys) if leaf.kind == "documents" else (batch,)
             out[leaf.kind] = torch.empty(shape, dtype=torch.int32, device="meta")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.table import Table
@@ -107,3 +111,28 @@ def problems(k: KernelProfile) -> list[str]:
         if not loop.pipelined and loop.loads != "none":
             out.append(f"{loop.name} loop: {loop.loads} loads (not pipelined)")
     return out
+
+
+def write_section(path: Path, text: str) -> None:
+    """Put ``text``, a markdown section whose first line is its ``## `` title, into the file at
+    ``path``: in place of the section of the same title, or appended (one per triton version)."""
+    old = path.read_text() if path.exists() else ""
+    title = text.splitlines()[0]
+    pattern = re.compile(re.escape(title) + r"\n.*?(?=\n+## |\Z)", re.S)
+    new = pattern.sub(lambda _: text.rstrip("\n"), old) if title in old else old.rstrip("\n") + "\n\n" + text
+    path.write_text(new if new.endswith("\n") else new + "\n")
+
+
+def section_main(doc: str, section: Callable[[], tuple[str, list[str]]]) -> None:
+    """A profiling script's command line: print ``section()``'s text, write it with ``--markdown
+    FILE`` (:func:`write_section`), and exit 1 when it found problems (printed to stderr)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--markdown", type=Path, help="write the section into this file")
+    args = parser.parse_args()
+    text, failed = section()
+    print(text)
+    if args.markdown:
+        write_section(args.markdown, text)
+    for line in failed:
+        print("FAILED", line, file=sys.stderr)
+    sys.exit(1 if failed else 0)

@@ -19,6 +19,8 @@ documents       integer ids ``[B|1, N]``               int32 ``[B', N]`` (docume
 cu_seqlens      integer offsets ``[S + 1]``            int32 ``[1, N]`` sequence index per token,
                                                        by ``torch.searchsorted`` (documents)
 key_lengths     integer ``[B]``                        int32 ``[B]``, cut to ``0..N`` (key_lengths)
+key_mask        bool or integer ``[B|1, N]`` or        int8 0/1 ``[B', H', N]`` (key_mask)
+                ``[B|1, H|1, N]``
 =============== ===================================== ==========================================
 
 A cross call (q on a grid of its own: Note [Cross-attention] in attncc.runtime.cross) takes the
@@ -28,7 +30,8 @@ is its own (an interval of keys when the keys' ids are sorted: the text of an im
 image). ``cu_seqlens`` has no cross form (offsets of one sequence).
 
 ``QB = KB`` is the number of blocks of the primitive on the grid (ceil(N / block) flat, the
-product of ceil(axis / block) for box blocks). A bool layout is taken as int8 without a copy.
+product of ceil(axis / block) for box blocks). A bool layout or key mask is taken as int8 without
+a copy; a key mask ``[B|1, N]`` is the same for every head (``H' = 1``).
 
 Note [Values the checker cannot see]: the checks read only what the host knows without waiting
 for the device (keys, dtypes, devices, shapes): no ``.item()``, ``.tolist()`` or ``.any()`` on
@@ -41,7 +44,8 @@ values outside the documented ranges give a well-defined mask, not a fault:
 - ``documents``: ids are compared as int32, so ids that differ by a multiple of 2**32 meet;
 - ``cu_seqlens``: offsets that are not non-decreasing give ``torch.searchsorted``'s answer for
   unsorted input (some index in ``[-1, S]`` per token); tokens before ``cu[0]`` get id -1;
-- ``key_lengths``: a length below 0 keeps no key, one above N every key.
+- ``key_lengths``: a length below 0 keeps no key, one above N every key;
+- ``key_mask``: every value is valid (non-zero keeps).
 
 The kernels index only the normalised tensors, within their shapes, so no value of the user's
 can make them read out of bounds.
@@ -53,7 +57,7 @@ import torch
 
 from attncc.errors import AttnccError, field_error, form_error
 from attncc.ir.grid import Grid
-from attncc.ir.nodes import BlockMask, Documents, KeyLengths, Pattern, TopkBlocks
+from attncc.ir.nodes import BlockMask, Documents, KeyLengths, KeyMask, Pattern, TopkBlocks
 from attncc.ir.validate import block_count, validate
 from attncc.memo import memo
 
@@ -63,6 +67,7 @@ KEYS: dict[str, str] = {
     "documents": Documents.NAME,
     "cu_seqlens": Documents.NAME,
     "key_lengths": KeyLengths.NAME,
+    "key_mask": KeyMask.NAME,
 }
 """Every key of ``data=``, and the primitive (by name) whose data it gives."""
 
@@ -102,8 +107,10 @@ def checked(
             out[key] = _documents(value, batch, extent)
         elif key == "cu_seqlens":
             out["documents"] = _cu_seqlens(value, extent)
-        else:
+        elif key == "key_lengths":
             out[key] = _key_lengths(value, batch, extent)
+        else:
+            out[key] = _key_mask(value, batch, heads, extent)
     return out
 
 
@@ -197,6 +204,7 @@ _FORMS = {
     "documents": "integer ids [B or 1, N]",
     "cu_seqlens": "integer offsets [S + 1] (FlashAttention varlen)",
     "key_lengths": "integer [B]",
+    "key_mask": "bool or integer [B or 1, N] or [B or 1, H or 1, N]",
 }
 
 
@@ -279,3 +287,15 @@ def _key_lengths(t: torch.Tensor, batch: int, n: int) -> torch.Tensor:
             AttnccError, "key_lengths shape", tuple(t.shape), f"({batch},): one length per batch element"
         )
     return t.long().clamp(0, n).to(torch.int32)
+
+
+def _key_mask(t: torch.Tensor, batch: int, heads: int, n: int) -> torch.Tensor:
+    """The valid keys as int8 0/1 ``[B', H', N]``: a mask ``[B|1, N]`` gains a head dimension of 1."""
+    _dtype("key_mask", t, (torch.bool, *INTEGERS), "bool or an integer type (non-zero: the key may be seen)")
+    form = f"({batch} or 1, {n}) or ({batch} or 1, {heads} or 1, {n}): [B, N] or [B, H, N], one flag per key"
+    if t.dim() == 2:
+        t = _leading("key_mask", t, (batch,), (n,), form)[:, None]
+    else:
+        t = _leading("key_mask", t, (batch, heads), (n,), form)
+    keep = t if t.dtype == torch.bool else t != 0
+    return keep.view(torch.int8).contiguous()

@@ -78,8 +78,10 @@ class DecodeKernel:
 
 @memo
 def kernel(pattern: str, keys: int, queries: int, heads: int, kv_heads: int, head_dim: int,
-           dtype: torch.dtype, device_type: str, score: str) -> DecodeKernel:  # fmt: skip
-    """The decode kernels of the pattern with text ``pattern`` (cached per process)."""
+           dtype: torch.dtype, device_type: str, score: str,
+           paged: bool = False) -> DecodeKernel:  # fmt: skip
+    """The decode kernels of the pattern with text ``pattern`` (cached per process); ``paged``:
+    K/V in a pool of pages (Note [Paged caches] in attncc.lower.decode)."""
     grid = Grid((keys,))
     groups = head_groups(parse(pattern), grid, heads)
     if len(groups) > 1:
@@ -87,7 +89,9 @@ def kernel(pattern: str, keys: int, queries: int, heads: int, kv_heads: int, hea
         allowed = "one pattern for every head (per-head patterns run in the general kernels)"
         raise field_error(PatternError, "decode head patterns", shown, allowed)
     canon = groups[0][0]
-    plan = lower_decode(canon, keys, queries, heads // kv_heads, head_dim, DTYPES[dtype], score, device_type)
+    plan = lower_decode(
+        canon, keys, queries, heads // kv_heads, head_dim, DTYPES[dtype], score, device_type, paged=paged
+    )
     log.info("decode %s, %d keys, %d queries: %s plan", format_pattern(canon), keys, queries, plan.iteration)
     return DecodeKernel(plan, load_decode(plan), table_values(canon, grid), canon)
 
@@ -115,14 +119,16 @@ def _properties(index: int) -> tuple[str, int]:
 
 
 def forward(q, k, v, kern: DecodeKernel, offsets: torch.Tensor, scale: float, params: list[torch.Tensor],
-            data: dict[str, torch.Tensor], wrap=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(out, lse) of ``q [B, H, Lq, D]`` over ``k, v [B, H_kv, N, D]`` (views, any strides):
-    ``offsets`` [B] int32 each batch element's first query position, ``params`` the score terms'
-    tensors (attncc.runtime.terms.inputs, in the plan's order), ``data`` the pattern's
-    normalised data (attncc.runtime.data)."""
+            data: dict[str, torch.Tensor], wrap=None, block_table: torch.Tensor | None = None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(out, lse) of ``q [B, H, Lq, D]`` over ``k, v [B, H_kv, N, D]`` (views, any strides), or
+    pools of pages ``[pages, page, H_kv, D]`` read through ``block_table`` (Note [Paged caches] in
+    attncc.lower.decode): ``offsets`` [B] int32 each batch element's first query position,
+    ``params`` the score terms' tensors (attncc.runtime.terms.inputs, in the plan's order),
+    ``data`` the pattern's normalised data (attncc.runtime.data)."""
     plan = kern.plan
     b, h, lq, _ = q.shape
-    h_kv = k.shape[1]
+    h_kv = k.shape[1] if block_table is None else k.shape[2]
     n_splits = splits(plan, b, h_kv, q.device)
     o = _output_like(q)
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
@@ -136,7 +142,7 @@ def forward(q, k, v, kern: DecodeKernel, offsets: torch.Tensor, scale: float, pa
     lists = decode_lists.build(plan, kern.pattern, data, offsets, h, h_kv) if plan.iteration == "list" else ()
     kern.module.launch(
         q, k, v, o, lse, parts, part_lse, offsets, _values(kern, q), n_splits, scale, terms, runtime, lists,
-        wrap=wrap,
+        wrap=wrap, block_table=block_table,
     )  # fmt: skip
     return o, lse
 

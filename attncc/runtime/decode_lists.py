@@ -1,14 +1,15 @@
 """The KV tiles each decode program visits, for ``list`` plans, built on the device per call.
 
-Note [Decode lists]: a ``list`` plan's pattern has block layouts, document ids or global tokens
-(Note [Decode iteration] in attncc.lower.decode). Per call, for every (batch element, query head,
-query) row and every KV tile, this module decides whether the row may keep a key of the tile,
-from the pattern's leaves combined as the pattern combines them (a union of leaves takes either,
-an intersection both):
+Note [Decode lists]: a ``list`` plan's pattern has block layouts, document ids, global tokens or
+a key mask (Note [Decode iteration] in attncc.lower.decode). Per call, for every (batch element,
+query head, query) row and every KV tile, this module decides whether the row may keep a key of
+the tile, from the pattern's leaves combined as the pattern combines them (a union of leaves
+takes either, an intersection both):
 
 - a key interval (causal, windows, key ranges, ...: the plan's spans of the leaf, evaluated
   once per plan at every position on the host): the tiles that meet the row's interval;
 - key lengths: the tiles that start before the batch element's length;
+- a key mask: the tiles holding a key valid for the row's batch element and head;
 - a block layout (``block_mask``, ``topk_blocks`` after attncc.runtime.data, a static
   ``block_sparse``): the tiles holding a key block the row's query block keeps, by prefix sums
   over the layout's row (exact for any block and tile sizes);
@@ -39,6 +40,7 @@ from attncc.ir.nodes import (
     GlobalTokens,
     Intersection,
     KeyLengths,
+    KeyMask,
     Pattern,
     TopkBlocks,
     Union,
@@ -108,6 +110,10 @@ def _visits(p: Pattern, plan: DecodePlan, data: dict, positions, first, last) ->
         return flags[positions][:, None, :, None] | tile_has
     if isinstance(p, KeyLengths):
         return (first < data["key_lengths"].long()[:, None])[:, None, None, :]
+    if isinstance(p, KeyMask):
+        flags = data["key_mask"]  # [B', H', N]
+        tiled = _per_tile(flags.reshape(-1, plan.keys), plan).any(-1)  # [B' H', tiles]
+        return tiled.reshape(*flags.shape[:2], 1, plan.kv_tiles)
     out = None
     for lo, hi in _constant(("spans", p, plan.keys), positions):  # a leaf with a closed form
         f, l_ = lo[positions][:, None, :, None], hi[positions][:, None, :, None]

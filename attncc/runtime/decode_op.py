@@ -18,12 +18,17 @@ from attncc.ir.symbolic import RUNTIME_KINDS
 from attncc.runtime import decode
 
 
-def _decode(q, k, v, pattern, scale, score, q_offset, temperature, alibi, data_, wrap):
+def _decode(q, k, v, pattern, scale, score, q_offset, temperature, alibi, data_, block_table, wrap):
     _, h, lq, d = q.shape
-    kern = decode.kernel(pattern, k.shape[2], lq, h, k.shape[1], d, q.dtype, q.device.type, score)
+    if block_table is None:
+        keys, kv_heads = k.shape[2], k.shape[1]
+    else:  # pools [pages, page, H_kv, D] (Note [Paged caches] in attncc.lower.decode)
+        keys, kv_heads = block_table.shape[1] * k.shape[1], k.shape[2]
+    paged = block_table is not None
+    kern = decode.kernel(pattern, keys, lq, h, kv_heads, d, q.dtype, q.device.type, score, paged)
     params = [t for t in (temperature, alibi) if t is not None]
     data = {name: t for name, t in zip(RUNTIME_KINDS, data_) if t is not None}
-    return decode.forward(q, k, v, kern, q_offset, scale, params, data, wrap)
+    return decode.forward(q, k, v, kern, q_offset, scale, params, data, wrap, block_table)
 
 
 @triton_op("attncc::decode", mutates_args=())
@@ -41,14 +46,20 @@ def decode_op(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode on ``q [B, H, Lq, D]`` over ``k, v [B, H_kv, N, D]``: (out, lse float32 ``[B, H,
     Lq]``). ``q_offset`` int32 ``[B]``: each batch element's first query position; ``score`` the
     score's form (softmax, with softcap, temperature, alibi); ``temperature``/``alibi`` its
-    terms' views (attncc.runtime.terms.inputs); ``block_mask`` .. ``key_lengths`` the pattern's
-    normalised data (attncc.runtime.data)."""
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
-    return _decode(q, k, v, pattern, scale, score, q_offset, temperature, alibi, data_, wrap_triton)
+    terms' views (attncc.runtime.terms.inputs); ``block_mask`` .. ``key_mask`` the pattern's
+    normalised data (attncc.runtime.data); with ``block_table`` int32 ``[B, pages per sequence]``,
+    k and v are pools of pages ``[pages, page, H_kv, D]`` (Note [Paged caches] in
+    attncc.lower.decode)."""
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
+    return _decode(
+        q, k, v, pattern, scale, score, q_offset, temperature, alibi, data_, block_table, wrap_triton
+    )
 
 
 @custom_op("attncc::decode_opaque", mutates_args=())
@@ -66,10 +77,12 @@ def decode_opaque(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`decode_op` as an opaque op (the CPU interpreter)."""
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
-    return _decode(q, k, v, pattern, scale, score, q_offset, temperature, alibi, data_, None)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
+    return _decode(q, k, v, pattern, scale, score, q_offset, temperature, alibi, data_, block_table, None)
 
 
 @register_fake("attncc::decode_opaque")

@@ -116,16 +116,17 @@ def fwd(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     region: list[int] | None = None,
     q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on ``[B, H, N, D]`` tensors: (out, lse float32 ``[B, H, N]``). ``score`` is the
     score's form (its text: attncc.ir.score); ``temperature`` .. ``seed`` its terms' views
-    (attncc.runtime.terms.inputs) and dropout's seed, ``block_mask`` .. ``key_lengths`` the
+    (attncc.runtime.terms.inputs) and dropout's seed, ``block_mask`` .. ``key_mask`` the
     pattern's runtime data (attncc.runtime.data), None where there are none (Note [Term
     arguments])."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _fwd(
         q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region, q_offset, wrap_triton
     )
@@ -157,13 +158,14 @@ def bwd(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     region: list[int] | None = None,
     q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """Backward: (dq, dk, dv, the gradients of the score's ``grad=True`` terms, in its order),
     given the gradients of out (``do``) and of lse (``dlse``)."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _bwd(
         q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, wrap_triton
     )
@@ -191,12 +193,13 @@ def fwd_opaque(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     region: list[int] | None = None,
     q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fwd` as an opaque op (the CPU interpreter)."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _fwd(q, k, v, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region, q_offset, None)
 
 
@@ -226,12 +229,13 @@ def bwd_opaque(
     topk_blocks: torch.Tensor | None = None,
     documents: torch.Tensor | None = None,
     key_lengths: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
     region: list[int] | None = None,
     q_offset: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """:func:`bwd` as an opaque op."""
     terms_ = (temperature, alibi, rel_pos_bias, query_bias, key_bias, dense_bias, seed)
-    data_ = (block_mask, topk_blocks, documents, key_lengths)
+    data_ = (block_mask, topk_blocks, documents, key_lengths, key_mask)
     return _bwd(
         q, k, v, o, lse, do, dlse, pattern, grid, scale, score, bias, terms_, dropout_p, data_, region,
         q_offset, None,
@@ -303,6 +307,7 @@ def attention(
     data: dict[str, torch.Tensor] | None = None,
     q_offset: object = None,
     q_grid: Grid | tuple[int, ...] | int | None = None,
+    block_table: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sparse attention of ``pattern`` with fused, pattern-specialised kernels (differentiable).
 
@@ -328,8 +333,8 @@ def attention(
     generator when None); the backward regenerates the same mask. ``layout`` ('sdpa' or
     'spatial') says how a 4-D q reads where its shape does not (Note [Ambiguous layouts] in
     attncc.layouts). ``data`` gives the pattern's primitives whose data come with each call
-    (``block_mask``, ``topk_blocks``, ``documents``/``cu_seqlens``, ``key_lengths``: attncc.runtime.
-    data); new data reuse the compiled kernels.
+    (``block_mask``, ``topk_blocks``, ``documents``/``cu_seqlens``, ``key_lengths``, ``key_mask``:
+    attncc.runtime.data); new data reuse the compiled kernels.
 
     ``q`` may cover a part of ``k``'s grid (a KV cache's newest rows, a chunk of a prefill,
     a box of an image): whole rows (SDPA), or a box of whole slices (spatial, or SDPA on a
@@ -340,6 +345,14 @@ def attention(
     along a dilated axis is refused. A forward call with 1 to 64 queries over a longer 1-D key
     sequence is a decode step, run by the decode kernels (Note [Decode dispatch] in
     attncc.runtime.decode).
+
+    ``block_table`` (an integer ``[B, pages per sequence]`` tensor) says k and v are pools of pages
+    ``[pages, page size, H_kv, D]`` (a paged KV cache, as vLLM and FlashInfer keep it): sequence
+    ``b``'s keys ``j x page .. (j + 1) x page - 1`` are page ``block_table[b, j]``, its length is
+    pages per sequence x page size, and ``q_offset`` places the queries in it as in a contiguous
+    cache (pass each sequence's position: its later pages are never seen by a causal pattern;
+    add ``key_lengths()`` for others). A decode step reads the pools in place (Note [Paged
+    caches] in attncc.lower.decode); any other call gathers them first.
 
     ``q_grid`` (a Grid, a tuple of sizes, or an int for a sequence) puts q on a grid of its own,
     independent of k's: cross-attention (Note [Cross-attention] in attncc.runtime.cross). q is
@@ -357,6 +370,11 @@ def attention(
         out = attncc.attention(text_q, image_k, image_v, documents(), q_grid=77,
                                data={"documents": image_of_key, "query_documents": image_of_text})
     """
+    pages = None
+    if block_table is not None:  # Note [Paged caches] in attncc.lower.decode
+        if q_grid is not None:
+            raise field_error(AttnccError, "q_grid", q_grid, "None with a block_table (a paged KV cache)")
+        k, v, pages = _paged(q, k, v, block_table, grid, layout)
     if q_grid is not None:
         if q_offset is not None:
             allowed = "None with q_grid (queries on a grid of their own have no place among the keys)"
@@ -369,8 +387,43 @@ def attention(
     data_of = functools.partial(_data_of, pattern, data)
     return attend(
         q, k, v, text_of, scale, return_lse, grid, out, score, sigmoid_bias, layout, score_mod, dropout_p,
-        dropout_seed, data_of, q_offset,
+        dropout_seed, data_of, q_offset, pages,
     )  # fmt: skip
+
+
+def _paged(q, k, v, table, grid, layout) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Logical ``[B, H_kv, N, D]`` stand-ins for pools of pages ``k``/``v`` ``[pages, page, H_kv,
+    D]`` read through ``table`` ``[B, pages per sequence]`` (N = pages per sequence x page; they
+    hold no data: the decode kernels read the pools, other calls gather them), and the pools
+    with the table as int32 (Note [Paged caches] in attncc.lower.decode)."""
+    if not isinstance(table, torch.Tensor):
+        raise form_error(AttnccError, "block_table", type(table).__name__, "a tensor [B, pages per sequence]")
+    if table.dtype.is_floating_point or table.dtype == torch.bool:
+        raise field_error(AttnccError, "block_table dtype", table.dtype, "an integer type (page indices)")
+    if q.dim() != 4 or layout not in (None, "sdpa"):
+        allowed = "q [B, H, Lq, D] (SDPA layout) with a block_table"
+        raise field_error(AttnccError, "q shape", tuple(q.shape), allowed)
+    if k.dim() != 4 or k.shape != v.shape:
+        allowed = "k and v alike, pools of pages [pages, page size, H_kv, D]"
+        raise field_error(AttnccError, "k/v shape", (tuple(k.shape), tuple(v.shape)), allowed)
+    if table.dim() != 2 or table.shape[0] != q.shape[0] or table.shape[1] < 1:
+        allowed = f"({q.shape[0]}, pages per sequence >= 1): a row of page indices per sequence"
+        raise field_error(AttnccError, "block_table shape", tuple(table.shape), allowed)
+    if table.device != q.device:
+        raise field_error(AttnccError, "block_table device", table.device, f"the device of q ({q.device})")
+    n = table.shape[1] * k.shape[1]
+    if grid is not None and tuple(grid.shape if isinstance(grid, Grid) else grid) != (n,):
+        raise field_error(AttnccError, "grid", grid, f"None or ({n},): pages per sequence x page size")
+    logical = (q.shape[0], k.shape[2], n, k.shape[3])
+    stand_ins = (t.new_zeros(()).expand(logical) for t in (k, v))
+    return *stand_ins, (k, v, table.to(torch.int32).contiguous())
+
+
+def _gathered(pool: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """A pool of pages ``[pages, page, H_kv, D]`` as each sequence's ``[B, H_kv, N, D]`` keys
+    (a copy; entries out of the pool read its last page, which no kept key reaches)."""
+    pages = pool[table.clamp(0, pool.shape[0] - 1).long()]  # [B, pages per sequence, page, H_kv, D]
+    return pages.flatten(1, 2).transpose(1, 2)
 
 
 def attend(
@@ -390,11 +443,13 @@ def attend(
     dropout_seed: int | None = None,
     data_of: Callable[[Grid, int, int, torch.device], dict[str, torch.Tensor]] | None = None,
     q_offset: object = None,
+    pages: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`attention`, the pattern given as ``text_of(grid shape, heads)``: its text, checked
     against the call's grid and head count. The front doors (a pattern, ``@attncc.jit``,
     ``attncc.flex``) differ only in that function, which torch.compile calls at trace time
-    (Note [Patterns under torch.compile] in attncc.runtime.dynamo)."""
+    (Note [Patterns under torch.compile] in attncc.runtime.dynamo). ``pages``: k and v are
+    stand-ins for these pools of pages and their block table (:func:`_paged`)."""
     views = to_sdpa_views(q, k, v, grid, layout)
     grid, qs, ks, vs, found = views.grid, views.q, views.k, views.v, views.out
     if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -427,17 +482,26 @@ def attend(
     # magnitude, ../shared/TOOLCHAIN.md), so on the CPU a bf16 call runs the float32 kernels on
     # widened inputs and rounds the output to bf16: more exact than a GPU's bf16, never garbage.
     wide = q.device.type == "cpu" and q.dtype == torch.bfloat16
+    pools = pages[:2] if pages is not None else ()
     if wide:
-        qs, ks, vs = qs.float(), ks.float(), vs.float()
+        qs = qs.float()
+        ks, vs = (ks, vs) if pages is not None else (ks.float(), vs.float())
+        pools = tuple(t.float() for t in pools)
     by_name = dict(zip((*terms_.inputs, "seed"), params))
     terms_args = [by_name.get(name) for name in TERMS]  # Note [Term arguments]
     runtime_data = data_of(grid, b, h, q.device) if data_of is not None else {}
     data_args = [runtime_data.get(name) for name in DATA]
-    forward_only = not (torch.is_grad_enabled() and any(t.requires_grad for t in (qs, ks, vs)))
+    forward_only = not (torch.is_grad_enabled() and any(t.requires_grad for t in (qs, ks, vs, *pools)))
     part = views.region != grid.shape
     if part and forward_only and decode.takes(grid.shape, views.region, score_text, pattern_text, h):
-        o, lse = _decode(views, qs, ks, vs, q_offset, pattern_text, score_text, scale, terms_args, data_args)
+        if pages is not None:  # the decode kernels read the pools through the table
+            ks, vs = pools
+        table = None if pages is None else pages[2]
+        o, lse = _decode(views, qs, ks, vs, q_offset, pattern_text, score_text, scale, terms_args, data_args,
+                         table)  # fmt: skip
     else:
+        if pages is not None:
+            ks, vs = (_gathered(pool, pages[2]) for pool in pools)
         region, offsets = None, None
         if views.region != grid.shape:  # Note [Query regions] in attncc.lower.plan
             region = list(views.region)
@@ -484,16 +548,18 @@ def _cross(
 
 
 def _decode(views: Views, qs, ks, vs, q_offset: object, pattern_text: str, score_text: str, scale: float,
-            terms_args: list, data_args: list) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+            terms_args: list, data_args: list, block_table: torch.Tensor | None,
+            ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """(out, lse) of a decode step, from the decode kernels (Note [Decode dispatch] in
     attncc.runtime.decode): ``qs``/``ks``/``vs`` the call's views (widened for the CPU's bf16),
-    ``terms_args``/``data_args`` the ops' optional tensors."""
+    or with ``block_table`` the pools of pages as ``ks``/``vs``; ``terms_args``/``data_args`` the
+    ops' optional tensors."""
     by_name = dict(zip(TERMS, terms_args))
     offsets = query_offsets(views, q_offset, qs.shape[0], qs.device)[:, 0].to(torch.int32).contiguous()
     visible = qs.device.type == "cuda"
     op = torch.ops.attncc.decode if visible else torch.ops.attncc.decode_opaque
     return op(qs, ks, vs, pattern_text, scale, score_text, offsets, by_name["temperature"], by_name["alibi"],
-              *data_args)  # fmt: skip
+              *data_args, block_table)  # fmt: skip
 
 
 def _real(name: str, value: object) -> float:

@@ -20,6 +20,9 @@ where it cannot, never wrong:
   them);
 - key lengths: a KV tile is full for batch element ``b`` when its last token is below
   ``lengths[b]``, empty when its first is not;
+- a key mask: a KV tile is full for ``(b, h)`` when every key of it is valid, empty when none
+  is (exact; a gather of the flags by tile, work proportional to the tokens), so the lists
+  skip a cache's tiles of invalid keys;
 - static parts: the exact classes of the analysis (host, once per plan).
 
 A union takes the larger class (empty < partial < full), an intersection the smaller; a tile
@@ -139,6 +142,14 @@ def _leaf_classes(plan: KernelPlan, leaf: RuntimeLeaf, data: dict[str, torch.Ten
         empty = first[None, :] >= lengths[:, None]
         classes = torch.where(empty, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)
         return classes[:, None, None, :]  # [B, 1, 1, KT]
+    if leaf.kind == "key_mask":
+        tokens = _device(("tokens", grid, plan.kv_tile), device)  # [KT, BLOCK_N]
+        real = tokens >= 0
+        valid = (data["key_mask"][:, :, tokens.clamp(min=0)] != 0) & real  # [B', H', KT, BLOCK_N]
+        count = valid.sum(-1)
+        full = count == real.sum(-1)
+        classes = torch.where(count == 0, EMPTY, torch.where(full, FULL, PARTIAL)).to(torch.int8)
+        return classes[:, :, None, :]  # [B', H', 1, KT]
     raise AssertionError(leaf.kind)
 
 
