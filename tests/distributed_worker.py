@@ -22,13 +22,15 @@ def _case(case, rank: int) -> list[torch.Tensor]:
     return [t.detach() for t in (out, q.grad, k.grad, v.grad)]
 
 
-def _module(rank: int) -> list[torch.Tensor]:
+def _module(rank: int, compiled: bool = False) -> list[torch.Tensor]:
     from distributed_cases import MODULE_CASE, module, module_input
 
     from attncc.distributed import ContextParallelAttention
 
     attn = module()
     cp = ContextParallelAttention(attn, MODULE_CASE.sharding)
+    if compiled:  # a training step under torch.compile: the exchange is a graph break
+        cp = torch.compile(cp, backend="aot_eager")
     x, dout = (MODULE_CASE.sharding.shard(t, rank, MODULE_CASE.grid, dim=1) for t in module_input())
     x.requires_grad_(True)
     out = cp(x)
@@ -50,6 +52,7 @@ def _run(rank: int, world: int, port: int, out_dir: str) -> None:
             results[case.name + "#again"] = _case(case, rank)
     if world == 2:
         results["module"] = _module(rank)
+        results["module compiled"] = _module(rank, compiled=True)
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()
 

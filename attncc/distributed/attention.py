@@ -69,6 +69,11 @@ def _check(
         raise field_error(AttnccError, "k.shape", tuple(k.shape), f"v's {tuple(v.shape)}, batch and D of q")
 
 
+# Note [Context parallelism under torch.compile]: dynamo cannot trace the exchange (process
+# groups, batch_isend_irecv, autograd Functions holding requests in flight; tracing them fails
+# hard in torch 2.13), so the whole call runs eagerly: a compiled model graph-breaks here and
+# compiles the blocks around it (the projections of ContextParallelAttention among them).
+@torch.compiler.disable
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
