@@ -16,10 +16,10 @@ from attncc.autotune.report import model_pick
 from attncc.bench.command import bench_cmd
 from attncc.cache_cli import cache_cmd
 from attncc.errors import AttnccError, PatternError, field_error
-from attncc.ir.analysis import Analysis, HeadGroup, analyze, head_groups
+from attncc.ir.analysis import Analysis, CrossAnalysis, HeadGroup, analyze, analyze_cross, head_groups
 from attncc.ir.canonical import pattern_hash
 from attncc.ir.score import Score
-from attncc.ir.spec import Spec, load_spec, whole_grid
+from attncc.ir.spec import Spec, load_spec, one_grid, whole_grid
 from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
 from attncc.lower.plan import RANK, KernelPlan
@@ -82,45 +82,83 @@ def _table(spec: Spec, results: list[Analysis]) -> Table:
     return table
 
 
-def _summary(spec: Spec, a: Analysis) -> Table:
-    text = format_pattern(spec.pattern)
-    if len(text) > 160:
-        text = text[:157] + "..."
+def _counts(a: Analysis | CrossAnalysis) -> list[tuple[str, str]]:
+    """The summary's rows of kept pairs, density, ideal speedup and FLOPs (their ranges for a
+    pattern with data given at call time: Note [Data-dependent analysis] in attncc.ir.analysis)."""
+    if not a.data_dependent:
+        return [
+            ("kept pairs", f"{a.kept_pairs:,} of {a.total_pairs:,}"),
+            ("density", f"{a.density:.4%}"),
+            ("ideal speedup", f"{a.ideal_speedup:.2f}x (1 / density)"),
+            ("FLOPs kept (fwd, B=1)", f"{a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense"),
+        ]
+    least = a.min_kept_pairs / a.total_pairs
+    return [
+        ("kept pairs", f"{a.min_kept_pairs:,} to {a.kept_pairs:,} of {a.total_pairs:,}"),
+        (
+            "density",
+            f"data-dependent ({', '.join(a.runtime)} given at call time): {least:.4%} to {a.density:.4%}",
+        ),
+        ("ideal speedup", f"data-dependent: at least {a.ideal_speedup:.2f}x"),
+        (
+            "FLOPs kept (fwd, B=1)",
+            f"at most {a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense",
+        ),
+    ]
+
+
+def _rows_table(spec: Spec, rows: list[tuple[str, str]]) -> Table:
+    """The summary's table of ``rows``, with the spec's score after its name and pattern."""
+    if spec.score != Score():
+        rows.insert(2, ("score", spec.score.text))
     table = Table(show_header=False, box=None)
     table.add_column(style="bold")
     table.add_column()
-    rows = [
-        ("spec", spec.name),
-        ("pattern", text),
-        ("canonical hash", pattern_hash(spec.pattern, spec.grid)),
-        ("grid", f"{spec.grid} ({spec.grid.size:,} tokens)"),
-        ("heads x head_dim", f"{spec.heads} x {spec.head_dim} ({spec.dtype})"),
-        ("kept pairs", f"{a.kept_pairs:,} of {a.total_pairs:,}"),
-        ("density", f"{a.density:.4%}"),
-        ("ideal speedup", f"{a.ideal_speedup:.2f}x (1 / density)"),
-        ("FLOPs kept (fwd, B=1)", f"{a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense"),
-    ]
-    if a.data_dependent:  # Note [Data-dependent analysis] in attncc.ir.analysis
-        least = a.min_kept_pairs / a.total_pairs
-        rows[-4:] = [
-            ("kept pairs", f"{a.min_kept_pairs:,} to {a.kept_pairs:,} of {a.total_pairs:,}"),
-            (
-                "density",
-                f"data-dependent ({', '.join(a.runtime)} given at call time): {least:.4%} to {a.density:.4%}",
-            ),
-            ("ideal speedup", f"data-dependent: at least {a.ideal_speedup:.2f}x"),
-            (
-                "FLOPs kept (fwd, B=1)",
-                f"at most {a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense",
-            ),
-        ]
-    if spec.queries:
-        rows.insert(4, ("queries", f"a box {spec.queries} of the grid (below: every query, then the box)"))
-    if spec.score != Score():
-        rows.insert(2, ("score", spec.score.text))
     for key, value in rows:
         table.add_row(key, escape(value))
     return table
+
+
+def _pattern_text(spec: Spec) -> str:
+    text = format_pattern(spec.pattern)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _summary(spec: Spec, a: Analysis) -> Table:
+    rows = [
+        ("spec", spec.name),
+        ("pattern", _pattern_text(spec)),
+        ("canonical hash", pattern_hash(spec.pattern, spec.grid)),
+        ("grid", f"{spec.grid} ({spec.grid.size:,} tokens)"),
+        ("heads x head_dim", f"{spec.heads} x {spec.head_dim} ({spec.dtype})"),
+        *_counts(a),
+    ]
+    if spec.queries:
+        rows.insert(4, ("queries", f"a box {spec.queries} of the grid (below: every query, then the box)"))
+    return _rows_table(spec, rows)
+
+
+def _cross_summary(spec: Spec, a: CrossAnalysis) -> Table:
+    """What analyze prints for a spec with ``q_grid``: the kept pairs over Nq x Nk and where the
+    kernels run the call (Note [Cross-attention] in attncc.runtime.cross)."""
+    from attncc.runtime import cross
+
+    assert spec.q_grid is not None
+    _, embedding = cross.plan(spec.pattern, spec.q_grid.shape, spec.grid.shape, spec.heads)
+    n_q, n_k = spec.q_grid.size, spec.grid.size
+    where = f"{n_q:,} queries at token {embedding.offset:,} of a 1-D grid of {embedding.length:,} tokens"
+    if embedding.padding:
+        where += f"; k and v copied with {embedding.padding:,} zero keys after their own"
+    rows = [
+        ("spec", spec.name),
+        ("pattern", _pattern_text(spec)),
+        ("q_grid", f"{spec.q_grid} ({n_q:,} queries, a grid of their own: cross-attention)"),
+        ("grid", f"{spec.grid} ({n_k:,} keys)"),
+        ("heads x head_dim", f"{spec.heads} x {spec.head_dim} ({spec.dtype}): pairs of H x Nq x Nk"),
+        *_counts(a),
+        ("kernels", where),
+    ]
+    return _rows_table(spec, rows)
 
 
 def _closed_forms(spec: Spec) -> str:
@@ -236,17 +274,20 @@ def analyze_cmd(
             raise field_error(PatternError, "--ranks", ranks, "alone (no --q-tile, --kv-tile or --png)")
         _context_parallel(whole_grid(spec, "analyze --ranks"), ranks, sharding)
         return
+    runtime = [str(leaf) for leaf in spec.pattern.runtime_leaves]
+    if png and runtime:
+        allowed = "a pattern whose mask is known before the call"
+        why = f"{', '.join(runtime)} read data given at call time: drop --png"
+        raise field_error(PatternError, "--png", png, allowed, why)
+    if spec.q_grid is not None:
+        _analyze_cross(spec, q_tiles + kv_tiles, png)
+        return
     q_list = list(q_tiles) or _DEFAULT_TILES[spec.grid.rank]
     if kv_tiles and len(kv_tiles) not in (1, len(q_list)):
         raise field_error(
             PatternError, "--kv-tile count", len(kv_tiles), f"1 or {len(q_list)} (one per --q-tile)"
         )
     kv_list = list(kv_tiles) * (len(q_list) if len(kv_tiles) == 1 else 1) if kv_tiles else q_list
-    runtime = [str(leaf) for leaf in spec.pattern.runtime_leaves]
-    if png and runtime:
-        allowed = "a pattern whose mask is known before the call"
-        why = f"{', '.join(runtime)} read data given at call time: drop --png"
-        raise field_error(PatternError, "--png", png, allowed, why)
     results = [
         analyze(
             spec.pattern,
@@ -276,6 +317,22 @@ def analyze_cmd(
         from attncc.plot import draw
 
         draw(spec, results[0], plans, png)
+        console.print(f"wrote {png}")
+
+
+def _analyze_cross(spec: Spec, tiles: tuple[str, ...], png: str | None) -> None:
+    """analyze of a spec with ``q_grid``: the kept pairs over Nq x Nk and, with ``png``, the mask."""
+    if tiles:
+        why = "a cross call runs as a region of a 1-D grid: no tilings of q_grid to compare"
+        raise field_error(PatternError, "--q-tile/--kv-tile", tiles[0], "absent with a spec's q_grid", why)
+    assert spec.q_grid is not None
+    a = analyze_cross(spec.pattern, spec.q_grid, spec.grid, spec.heads, spec.head_dim)
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    console.print(_cross_summary(spec, a))
+    if png:
+        from attncc.plot import draw
+
+        draw(spec, None, [], png)
         console.print(f"wrote {png}")
 
 
@@ -356,7 +413,7 @@ def compile_cmd(spec_path: str, out_dir: str, device: str, force: bool) -> None:
     """Write SPEC's kernels as a standalone package (needs only torch and triton)."""
     from attncc.lower.emit import usage, write_package
 
-    spec = load_spec(spec_path)
+    spec = one_grid(load_spec(spec_path), "compile")
     start = time.perf_counter()
     with progress.step(f"compiling {Path(spec_path).name} into {out_dir}"):
         path = write_package(spec, out_dir, device, force)

@@ -24,7 +24,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure, SubFigure
 
 from attncc.errors import AttnccError, form_error
-from attncc.ir.analysis import EMPTY, FULL, PARTIAL, Analysis, HeadGroup, Tiling, analyze, keys_of
+from attncc.ir.analysis import EMPTY, FULL, PARTIAL, Analysis, HeadGroup, Tiling, analyze, cross_keys, keys_of
 from attncc.ir.canonical import resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
@@ -45,11 +45,11 @@ _STYLE = {"axes.titlesize": 9, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick
 
 
 def draw(
-    spec: Spec, tiled: Analysis, plans: Sequence[tuple[HeadGroup, KernelPlan]], path: str | Path
+    spec: Spec, tiled: Analysis | None, plans: Sequence[tuple[HeadGroup, KernelPlan]], path: str | Path
 ) -> None:
-    """Write :func:`figure` as a PNG."""
+    """Write :func:`figure` (:func:`cross_figure` for a spec with ``q_grid``) as a PNG."""
     with plt.rc_context(_STYLE):  # ticks are made as the figure is drawn: keep the style until then
-        fig = figure(spec, tiled, plans)
+        fig = cross_figure(spec) if tiled is None else figure(spec, tiled, plans)
         try:
             fig.savefig(path, dpi=110)
         except OSError as e:
@@ -88,6 +88,36 @@ def figure(spec: Spec, tiled: Analysis, plans: Sequence[tuple[HeadGroup, KernelP
     more = f" (the first {len(plans)} head patterns: {shown} of the heads)" if shown < spec.heads else ""
     title = f"{_literal(spec.name)}: grid {grid}, {_plural(spec.heads, 'head')}{more}"
     fig.suptitle(title, fontweight="bold")
+    return fig
+
+
+def cross_figure(spec: Spec) -> Figure:
+    """The mask of a cross-attention ``spec`` (its ``q_grid`` over its keys' ``grid``), one panel
+    per distinct head pattern (the first four): exact up to 512 tokens a side, else the kept
+    fraction per block. Every query keeps the same keys (:func:`attncc.ir.analysis.cross_keys`),
+    so the rows of a panel are alike."""
+    assert spec.q_grid is not None
+    n_q, n_k = spec.q_grid.size, spec.grid.size
+    rows = cross_keys(spec.pattern, spec.grid, spec.heads)
+    groups: dict[bytes, list[int]] = {}
+    for head, row in enumerate(rows):
+        groups.setdefault(row.tobytes(), []).append(head)
+    shown = list(groups.values())[:4]
+    q_cell, k_cell = max(1, math.ceil(n_q / _MAX_CELLS)), max(1, math.ceil(n_k / _MAX_CELLS))
+    starts = np.arange(0, n_k, k_cell)
+    fig = plt.figure(figsize=(_PANEL * len(shown), _PANEL + 0.4), layout="constrained")
+    for ax, heads in zip(fig.subplots(1, len(shown), squeeze=False)[0], shown):
+        row = rows[heads[0]]
+        kept = np.add.reduceat(row.astype(float), starts) / np.diff(np.append(starts, n_k))
+        image = np.broadcast_to(kept, (math.ceil(n_q / q_cell), len(kept)))
+        ax.imshow(image, cmap="Greys", vmin=0, vmax=1, interpolation="nearest", aspect="auto")
+        who = f"heads {_short(', '.join(map(str, heads)), 40)}: " if len(groups) > 1 else ""
+        ax.set_title(f"{who}{int(row.sum()):,} of {n_k:,} keys per query")
+        ax.set_ylabel(
+            f"query {'token' if q_cell == 1 else f'block of {q_cell} tokens'} (q_grid {spec.q_grid})"
+        )
+        ax.set_xlabel(f"key {'token' if k_cell == 1 else f'block of {k_cell} tokens'} (grid {spec.grid})")
+    fig.suptitle(f"{_literal(spec.name)}: cross-attention, {_plural(spec.heads, 'head')}", fontweight="bold")
     return fig
 
 

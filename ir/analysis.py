@@ -48,7 +48,7 @@ from attncc.errors import PatternError, field_error
 from attncc.ir import symbolic
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
-from attncc.ir.nodes import Pattern
+from attncc.ir.nodes import Dense, Documents, Intersection, KeyLengths, KeyRange, Pattern, Union
 from attncc.ir.symbolic import (
     AllOf,
     AnyOf,
@@ -63,7 +63,7 @@ from attncc.ir.symbolic import (
     rules,
     to_numpy,
 )
-from attncc.ir.validate import required_heads, validate
+from attncc.ir.validate import required_heads, validate, validate_cross
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _ROW_BLOCK_ELEMENTS = 1 << 22  # bound on queries x keys evaluated at once
@@ -282,6 +282,83 @@ def _bounded(rule: Rule, grid: Grid, most: bool) -> Rule:
     if isinstance(rule, (AnyOf, AllOf)):
         return type(rule)(tuple(_bounded(r, grid, most) for r in rule.rules))
     return rule
+
+
+@dataclass(frozen=True)
+class CrossAnalysis:
+    """What :func:`analyze_cross` found: the kept pairs of ``heads`` x ``Nq`` queries on
+    ``q_grid`` by ``Nk`` keys on ``grid``; the most any data keep and the fewest (Note
+    [Data-dependent analysis]), equal for a pattern without data given at call time."""
+
+    q_grid: Grid
+    grid: Grid
+    heads: int
+    head_dim: int
+    kept_pairs: int
+    min_kept_pairs: int
+    runtime: tuple[str, ...] = ()
+
+    @property
+    def data_dependent(self) -> bool:
+        return bool(self.runtime)
+
+    @property
+    def total_pairs(self) -> int:
+        return self.heads * self.q_grid.size * self.grid.size
+
+    @property
+    def density(self) -> float:
+        return self.kept_pairs / self.total_pairs
+
+    @property
+    def ideal_speedup(self) -> float:
+        return math.inf if self.kept_pairs == 0 else self.total_pairs / self.kept_pairs
+
+    @property
+    def flops_kept(self) -> int:
+        """Forward FLOPs of the kept pairs (QK^T and PV: 4 * head_dim each), batch 1."""
+        return 4 * self.head_dim * self.kept_pairs
+
+    @property
+    def flops_dense(self) -> int:
+        return 4 * self.head_dim * self.total_pairs
+
+
+def analyze_cross(
+    pattern: Pattern, q_grid: Grid, grid: Grid, heads: int | None = None, head_dim: int = 128
+) -> CrossAnalysis:
+    """Exact kept pairs of ``pattern`` for queries on ``q_grid`` over keys on ``grid`` (Note
+    [Cross-attention] in attncc.runtime.cross): ``Nq`` times each head's row of
+    :func:`cross_keys`, under the data that keep the most and under those that keep the fewest."""
+    heads = validate_cross(pattern, q_grid, grid, heads)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise field_error(PatternError, "head_dim", head_dim, "an integer >= 1")
+    most, fewest = (int(cross_keys(pattern, grid, heads, m).sum()) * q_grid.size for m in (True, False))
+    runtime = tuple(leaf.NAME for leaf in pattern.runtime_leaves)
+    return CrossAnalysis(q_grid, grid, heads, head_dim, most, fewest, runtime)
+
+
+def cross_keys(pattern: Pattern, grid: Grid, heads: int, most: bool = True) -> np.ndarray:
+    """``[heads, Nk]`` bool: the keys on ``grid`` that every query of a cross call keeps, per
+    head, for a pattern :func:`attncc.ir.validate.validate_cross` took. Such a pattern keeps a
+    pair from the key's flat index and the call's data alone, so under the data that keep the
+    most (``most``: every key within its length, one id for all) or the fewest (no key, ids
+    that never match) every query keeps the same keys; without data, always. O(Nk) per head."""
+    keys = np.arange(grid.size)
+
+    def row(node: Pattern) -> np.ndarray:
+        if isinstance(node, Dense):
+            return np.ones(grid.size, dtype=bool)
+        if isinstance(node, (KeyLengths, Documents)):
+            return np.full(grid.size, most)
+        if isinstance(node, KeyRange):
+            lo, hi = node.lo if node.lo is not None else 0, node.hi if node.hi is not None else grid.size
+            return (keys >= lo) & (keys <= hi)
+        assert isinstance(node, (Union, Intersection)), node  # validate_cross lets nothing else through
+        combine = np.logical_or if isinstance(node, Union) else np.logical_and
+        return functools.reduce(combine, (row(op) for op in node.operands))
+
+    return np.stack([row(head) for head in resolve_heads(pattern, heads)])
 
 
 @dataclass(frozen=True)

@@ -9,10 +9,14 @@ YAML or JSON, e.g.::
     dtype: bfloat16
     score: softcap(50.0)    # optional: a score's text (attncc.ir.score), softmax by default
     queries: [2, 128, 128]  # optional: the queries are a box of the grid (a KV cache's last frames)
+    q_grid: [77]            # optional, instead: the queries' own grid (cross-attention)
 
 ``queries`` (one size per grid axis, or an int on a sequence) says the queries cover a box of
 the grid, placed per call (``q_offset``, the end by default: Note [Query regions] in
-attncc.lower.plan); the keys are the whole grid. Without it, queries and keys are the grid.
+attncc.lower.plan); the keys are the whole grid. ``q_grid`` (1 to 3 sizes, or an int for a
+sequence) puts the queries on a grid of their own and makes ``grid`` the keys' alone (Note
+[Cross-attention] in attncc.runtime.cross): the pattern may compare no query's place with a
+key's. Without either, queries and keys are the grid.
 
 ``pattern`` is the text form, or the same tree as mappings, which suits long
 block layouts: ``{block_sparse: {layout: [[1, 0], [1, 1]], block: 64}}``,
@@ -34,10 +38,12 @@ from attncc.ir.grid import Grid
 from attncc.ir.nodes import PRIMITIVES, Pattern, intersection, per_head, union
 from attncc.ir.score import Score, parse_score
 from attncc.ir.text import parse
-from attncc.ir.validate import validate
+from attncc.ir.validate import validate, validate_cross
 
 DTYPES = ("float16", "bfloat16", "float32")
-_FIELDS = ("pattern", "grid", "heads", "head_dim", "dtype", "score", "queries", "name", "description")
+_FIELDS = (
+    "pattern", "grid", "heads", "head_dim", "dtype", "score", "queries", "q_grid", "name", "description"
+)  # fmt: skip
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -72,6 +78,7 @@ class Spec:
     name: str = ""
     score: Score = dataclasses.field(default_factory=Score)  # softmax, no terms
     queries: tuple[int, ...] | None = None  # the queries' box of the grid; None: all of it
+    q_grid: Grid | None = None  # the queries' own grid (cross-attention: grid is the keys'); None: grid
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -113,7 +120,11 @@ def spec_from_data(data: Any, default_name: str = "") -> Spec:
         raise field_error(SpecError, "grid", grid_value, "a list of 1 to 3 integers >= 1")
     grid = Grid(tuple(grid_value) if isinstance(grid_value, list) else grid_value)
     pattern = pattern_from_data(data["pattern"])
-    heads = validate(pattern, grid, data.get("heads"))
+    q_grid = _q_grid(data.get("q_grid"), data.get("queries"))
+    if q_grid is None:
+        heads = validate(pattern, grid, data.get("heads"))
+    else:
+        heads = validate_cross(pattern, q_grid, grid, data.get("heads"))
     head_dim = data.get("head_dim", 128)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise field_error(SpecError, "head_dim", head_dim, "an integer >= 1")
@@ -126,13 +137,30 @@ def spec_from_data(data: Any, default_name: str = "") -> Spec:
         raise form_error(SpecError, "score", score_text, expected)
     score = parse_score(score_text)
     score.check(grid, heads)
+    if q_grid is not None:
+        for name in ("alibi", "rel_pos_bias"):
+            if getattr(score, name) is not None:
+                why = "q_grid is not the keys' grid: no query has a position among the keys"
+                raise field_error(
+                    SpecError, "score", score_text, "terms other than alibi and rel_pos_bias", why
+                )
     queries = _queries(data.get("queries"), grid)
-    return Spec(pattern, grid, heads, head_dim, dtype, str(data.get("name", default_name)), score, queries)
+    name = str(data.get("name", default_name))
+    return Spec(pattern, grid, heads, head_dim, dtype, name, score, queries, q_grid)
+
+
+def one_grid(spec: Spec, command: str) -> Spec:
+    """``spec``, for a command that runs queries on the keys' grid: one with ``q_grid`` is refused."""
+    if spec.q_grid is not None:
+        allowed = "no q_grid field (attncc analyze takes it; attncc.attention(..., q_grid=...) runs it)"
+        raise field_error(SpecError, f"q_grid (for attncc {command})", spec.q_grid.shape, allowed)
+    return spec
 
 
 def whole_grid(spec: Spec, command: str) -> Spec:
-    """``spec``, for a command that runs every query of the grid: one with ``queries`` is refused."""
-    if spec.queries:
+    """``spec``, for a command that runs every query of the grid: one with ``queries`` (or
+    ``q_grid``: :func:`one_grid`) is refused."""
+    if one_grid(spec, command).queries:
         allowed = "no queries field (it runs every query of the grid; analyze, inspect and compile take it)"
         raise field_error(SpecError, f"queries (for attncc {command})", spec.queries, allowed)
     return spec
@@ -148,6 +176,25 @@ def _queries(value: Any, grid: Grid) -> tuple[int, ...] | None:
     if not fits or not all(type(s) is int and 1 <= s <= g for s, g in zip(sizes, grid.shape)):
         raise field_error(SpecError, "queries", value, allowed)
     return None if tuple(sizes) == grid.shape else tuple(sizes)
+
+
+def _q_grid(value: Any, queries: Any) -> Grid | None:
+    """The spec's ``q_grid`` (None: the queries are on the keys' grid)."""
+    if value is None:
+        return None
+    sizes = [value] if isinstance(value, int) else value
+    if (
+        not isinstance(sizes, list)
+        or not 1 <= len(sizes) <= 3
+        or not all(type(s) is int and s >= 1 for s in sizes)
+    ):
+        raise field_error(
+            SpecError, "q_grid", value, "a list of 1 to 3 integers >= 1, or an integer (a sequence)"
+        )
+    if queries is not None:
+        why = "queries is a box of the keys' grid, q_grid a grid of the queries' own"
+        raise field_error(SpecError, "q_grid", value, "absent when queries is given", why)
+    return Grid(tuple(sizes))
 
 
 def pattern_from_data(data: Any) -> Pattern:

@@ -10,7 +10,7 @@ from rich.console import Console
 from attncc import settings
 from attncc.autotune.command import parse_shape
 from attncc.errors import AttnccError
-from attncc.ir.spec import DTYPES, load_spec
+from attncc.ir.spec import DTYPES, load_spec, one_grid
 from attncc.ir.validate import validate
 from attncc.outputs import output_file
 
@@ -50,6 +50,7 @@ def inspect_cmd(
     attncc.machine.model: tensor-core cycles over modelled cycles, 1 = tensor-bound on every
     tile the plan visits). The spec's score terms are fused in (the backward computes the
     gradients of those it marks grad=True; dropout's kernels draw their mask)."""
+    spec = one_grid(load_spec(spec_path), "inspect")
     if settings.interpreter():
         raise AttnccError(
             "TRITON_INTERPRET = 1 is set; allowed: unset (the interpreter's kernels cannot be compiled)"
@@ -57,7 +58,6 @@ def inspect_cmd(
     from attncc.machine import profile
     from attncc.machine.report import problems, table, write_json
 
-    spec = load_spec(spec_path)
     batch, heads, grid = parse_shape(shape) if shape else (1, spec.heads, spec.grid)
     validate(spec.pattern, grid, heads)
     console = Console(width=None if sys.stdout.isatty() else 160)
