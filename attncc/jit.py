@@ -45,6 +45,12 @@ that holds for some queries only, two different axes, or a band of the flat
 index that leaves the diagonal of a 2-D grid, raises a
 :class:`~attncc.errors.TraceError` that quotes the comparison as written and
 says why. A predicate that keeps no pair (``k.index < 0``) is refused too.
+
+Cross-attention: ``f(q, k, v, q_grid=...)`` puts q on a grid of its own (Note
+[Cross-attention] in attncc.runtime.cross); the predicate's axes are then the keys' grid's, and
+it may read the key alone (``k.index < 16``, ``k.x < 5``) or be constant ``True``: no query has
+a place among the keys, so a comparison that reads ``q`` is refused, quoted. The keys it keeps
+run as ``key_range`` runs of k's row-major order (Note [Key runs]).
 """
 
 from __future__ import annotations
@@ -54,18 +60,22 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
 from attncc import settings
 from attncc.errors import TraceError, field_error
+from attncc.ir.analysis import keys_of
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import MAX_RANK, Grid
-from attncc.ir.nodes import Band, Pattern, dense
-from attncc.layouts import to_sdpa_views
+from attncc.ir.nodes import Band, Pattern, dense, key_range, union
+from attncc.layouts import as_grid, cross_views, to_sdpa_views
 from attncc.predicate import Matcher
-from attncc.runtime.library import attend, checked_text
+from attncc.runtime.library import attend, attention, checked_text
 from attncc.score_fn import ScoreFunction
-from attncc.trace import Cond, trace
+from attncc.trace import Cond, Int, trace
+
+MAX_KEY_RUNS = 64  # Note [Key runs]: the key_range runs a cross-attention predicate may keep
 
 __all__ = ["JitAttention", "jit", "match"]
 
@@ -81,6 +91,7 @@ class JitAttention:
         self.fn, self.names = fn, names
         # Traced once per grid, the last ATTNCC_MEMO_SIZE grids kept (attncc.memo).
         self._patterns = functools.lru_cache(maxsize=settings.memo_size())(self._match)
+        self._key_patterns = functools.lru_cache(maxsize=settings.memo_size())(self._match_keys)
         functools.update_wrapper(self, fn)
 
     def pattern(self, grid: Grid | tuple[int, ...]) -> Pattern:
@@ -100,6 +111,38 @@ class JitAttention:
             raise TraceError(f"{where}: {e}") from None
         return match(cond, grid, self.names, where)
 
+    def key_pattern(self, grid: Grid | tuple[int, ...]) -> Pattern:
+        """The pattern a cross-attention call (``q_grid=``) over keys on ``grid`` runs, on the
+        keys' flat sequence of ``grid.size`` tokens (Note [Key runs]); traced once per grid."""
+        grid = grid if isinstance(grid, Grid) else Grid(tuple(grid))
+        self._check_rank(grid)
+        return self._key_patterns(grid)
+
+    def _check_rank(self, grid: Grid) -> None:
+        if grid.rank != len(self.names):
+            allowed = (
+                f"{len(self.names)} axes ({', '.join(self.names)}): [B, *grid, heads, D] tensors, "
+                "or [B, heads, N, D] with grid=(sizes)"
+            )
+            raise field_error(TraceError, "grid", grid.shape, allowed)
+
+    def _match_keys(self, grid: Grid) -> Pattern:
+        where = f"@attncc.jit {self.fn.__name__} across grids (q_grid) over keys on {grid}"
+        try:
+            cond = trace(self.fn, self.names)
+        except TraceError as e:
+            raise TraceError(f"{where}: {e}") from None
+        _refuse_queries(cond, where)
+        kept = keys_of(match(cond, grid, self.names, where), grid, 0)
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], kept.astype(np.int8), [0]])))
+        runs = list(zip(edges[::2].tolist(), (edges[1::2] - 1).tolist()))
+        if len(runs) > MAX_KEY_RUNS:
+            why = "a cross call keeps keys by key_range runs of k's row-major order (Note [Key runs])"
+            raise field_error(TraceError, f"{where}: runs of kept keys", len(runs), f"1..{MAX_KEY_RUNS}", why)
+        if runs == [(0, grid.size - 1)]:
+            return dense()
+        return union(*(key_range(0, lo, hi) for lo, hi in runs))
+
     def __call__(
         self,
         q: torch.Tensor,
@@ -111,17 +154,29 @@ class JitAttention:
     ) -> Any:
         """``attncc.attention(q, k, v, pattern, ...)``: spatial ``[B, *grid, H, D]`` (the
         grid sizes come from the shape) or SDPA ``[B, H, N, D]`` with ``grid=`` sizes; q may
-        cover a box of k's grid (``q_offset=``, as attncc.attention takes it)."""
+        cover a box of k's grid (``q_offset=``, as attncc.attention takes it), or, with
+        ``q_grid=``, lie on a grid of its own (cross-attention: the predicate reads keys alone)."""
+        if kwargs.get("q_grid") is not None:
+            return self._cross(q, k, v, grid, layout, **kwargs)
         found = to_sdpa_views(q, k, v, grid, layout).grid
-        if found.rank != len(self.names):
-            allowed = (
-                f"{len(self.names)} axes ({', '.join(self.names)}): [B, *grid, heads, D] tensors, "
-                "or [B, heads, N, D] with grid=(sizes)"
-            )
-            raise field_error(TraceError, "grid", found.shape, allowed)
+        self._check_rank(found)
         if callable(kwargs.get("score_mod")):  # a score function's q and k use this grid's names
             kwargs["score_mod"] = ScoreFunction(kwargs["score_mod"], "coords", self.names)
         return attend(q, k, v, functools.partial(_text, self), grid=found, layout=layout, **kwargs)
+
+    def _cross(self, q, k, v, grid, layout, q_grid, out=None, return_lse=False, **kwargs) -> Any:
+        """A call with ``q_grid``: attncc.attention's cross-attention of :meth:`key_pattern`
+        over k's flat sequence, in the caller's layout."""
+        views = cross_views(q, k, v, grid, as_grid("q_grid", q_grid), layout)
+        self._check_rank(views.grid)
+        found = attention(
+            views.q, views.k, views.v, self.key_pattern(views.grid), grid=(views.grid.size,), layout="sdpa",
+            q_grid=views.q_grid.size, out=None if out is None else views.out(out), return_lse=return_lse,
+            **kwargs,
+        )  # fmt: skip
+        if not return_lse:
+            return views.out.output(found)
+        return views.out.output(found[0]), views.out.lse(found[1])
 
     def __repr__(self) -> str:
         return f"<attncc.jit {self.fn.__name__} over ({', '.join(self.names)})>"
@@ -131,6 +186,36 @@ class JitAttention:
 def _text(jitted: JitAttention, grid: tuple[int, ...], heads: int) -> str:
     """The text of ``jitted``'s pattern on ``grid``, checked (torch.compile traces once and keeps it)."""
     return checked_text(jitted.pattern(grid), grid, heads)
+
+
+# Note [Key runs]: across grids (a call with q_grid) no query has a place among the keys, so a
+# predicate may read the key alone; matched on the keys' grid, its pattern keeps the same keys
+# for every query. The cross kernels read k as one flat sequence (key_range takes a 1-D k:
+# attncc.ir.validate.validate_cross), so those keys become key_range runs of k's row-major
+# order: one run for ``k.index < 16`` or ``k.x < 5`` (whole rows), one per row for ``k.y < 5``
+# on a 2-D grid. At most MAX_KEY_RUNS runs are taken (a union of that many ranges).
+
+
+def _refuse_queries(cond: Cond | bool, where: str) -> None:
+    """Raise a :class:`TraceError` quoting the first comparison of ``cond`` that reads ``q``."""
+    if isinstance(cond, bool):
+        return
+    if cond.kind == "cmp":
+        if any(_reads_query(side) for side in cond.args[1:]):
+            why = "cross-attention (q_grid) takes conditions on keys alone: q has no place among the keys"
+            raise TraceError(f"{where}: {cond.text}: {why}")
+        return
+    for part in cond.args:
+        if isinstance(part, Cond):
+            _refuse_queries(part, where)
+
+
+def _reads_query(value: object) -> bool:
+    if not isinstance(value, Int):
+        return False
+    if value.kind == "var":
+        return value.args[0] == "q"
+    return any(_reads_query(arg) for arg in value.args)
 
 
 def match(cond: Cond | bool, grid: Grid, names: tuple[str, ...], where: str) -> Pattern:
