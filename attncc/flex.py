@@ -31,8 +31,12 @@ captures. What has a pattern, in FlexAttention's terms:
 ``and_masks``/``or_masks`` of these, ``&``, ``|``, ``~``   intersections and unions
 =========================================================  ========================================
 
-``b`` and ``h`` may be ignored. A mask that uses ``b`` (the batch index) is
-refused: an attncc pattern is the same for every batch element. A mask that
+``b`` and ``h`` may be ignored. ``b`` (the batch index) may read per-batch data on the key
+alone, given at call time (Note [Per-batch masks]): ``valid[b, kv_idx]`` (a bool or integer
+``[B, N]`` tensor) is ``key_mask()``, ``kv_idx < lengths[b]`` (an integer ``[B]`` tensor)
+``key_lengths()``, combined with the rest as usual (``valid[b, kv_idx] & (q_idx >= kv_idx)``);
+any other use of ``b`` is refused, quoted: an attncc pattern is the same for every batch
+element, its data are not. A mask that
 uses ``h`` is traced once per head with ``h`` a plain ``int`` (``heads=``
 must be given; :func:`flex_attention` takes it from ``query``) and becomes
 ``per_head([...])``; 0-d integer tensors (``windows[h]``) are constants.
@@ -86,12 +90,12 @@ import torch
 from attncc.errors import AttnccError, TraceError, field_error, form_error
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
-from attncc.ir.nodes import Pattern, dense, per_head
+from attncc.ir.nodes import KeyLengths, KeyMask, Pattern, dense, per_head
 from attncc.ir.nodes import block_mask as ir_block_mask
 from attncc.jit import match
 from attncc.runtime.library import attend, attention, checked_text
 from attncc.score_fn import ScoreFunction
-from attncc.trace import Int, Opaque, Used, run, tensor_reads
+from attncc.trace import Cond, Int, Opaque, Used, run, tensor_reads
 
 __all__ = ["flex_attention", "pattern"]
 
@@ -128,9 +132,18 @@ def pattern(mask_mod: Callable, seq_len: int, heads: int | None = None) -> Patte
     ``heads`` is needed only when ``mask_mod`` uses ``h``: it is then traced once per head
     and the result is ``per_head([...])`` (or one pattern, if every head gives the same).
     Raises :class:`~attncc.errors.TraceError` naming the sub-expression that has no pattern.
+    A mask reading per-batch data (``valid[b, kv_idx]``, ``kv_idx < lengths[b]``) gives
+    ``key_mask()``/``key_lengths()``, whose tensors a call passes as ``data=`` (Note
+    [Per-batch masks]).
 
     Example: ``pattern(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, 128)`` is ``causal()``.
     """
+    return _traced(mask_mod, seq_len, heads)[0]
+
+
+def _traced(mask_mod: Callable, seq_len: int, heads: int | None) -> tuple[Pattern, dict[str, torch.Tensor]]:
+    """:func:`pattern`, and the per-batch tensors it reads by their data names (Note
+    [Per-batch masks])."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise field_error(TraceError, "seq_len", seq_len, "an integer >= 1 (tokens in the sequence)")
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
@@ -140,21 +153,21 @@ def pattern(mask_mod: Callable, seq_len: int, heads: int | None = None) -> Patte
     where = (
         f"attncc.flex mask_mod {getattr(mask_mod, '__name__', type(mask_mod).__name__)} on {seq_len} tokens"
     )
-    b = Opaque("b", "the batch index; an attncc pattern is the same for every batch element")
+    b = _Batch()
     h = Opaque("h", "the head index; give heads= to trace one pattern per head")
     try:
-        return _one(mask_mod, grid, names, (b, h), where)
+        return _one(mask_mod, grid, names, (b, h), where), b.data
     except Used as e:  # h was used: trace once per head
         if heads is None:
             raise TraceError(f"{where}: {e}") from None
     patterns = [_one(mask_mod, grid, names, (b, head), f"{where}, head h = {head}") for head in range(heads)]
-    return canonicalize(per_head(patterns), grid)
+    return canonicalize(per_head(patterns), grid), b.data
 
 
 def _one(mask_mod: Callable, grid: Grid, names: tuple[str, str], bh: tuple, where: str) -> Pattern:
     q_idx, kv_idx = (Int("var", (side, 0), name) for side, name in zip("qk", names))
     try:
-        cond = run(mask_mod, (*bh, q_idx, kv_idx), _RETURNS)
+        cond = _key_lengths(run(mask_mod, (*bh, q_idx, kv_idx), _RETURNS), bh[0])
     except Used as e:
         if e.opaque is bh[1]:
             raise  # the head index, when it is not given: pattern() traces once per head
@@ -162,6 +175,75 @@ def _one(mask_mod: Callable, grid: Grid, names: tuple[str, str], bh: tuple, wher
     except TraceError as e:
         raise TraceError(f"{where}: {e}") from None
     return match(cond, grid, _NAME, where)
+
+
+# Note [Per-batch masks]: FlexAttention masks often read a per-batch tensor on the key alone:
+# valid[b, kv_idx] (padding that is not a suffix, a cache's evicted slots) or kv_idx < lengths[b]
+# (padding). An attncc pattern is the same for every batch element, but the primitives
+# key_mask() and key_lengths() take such data per call (Note [Runtime data] in attncc.ir.nodes),
+# so those two forms trace to them: the batch index b is a _Batch, whose lookups are a
+# key_mask() condition or a per-batch length (an Int of kind "batch") that a comparison
+# kv_idx < lengths[b] makes key_lengths() (_key_lengths). The tensors are kept by their data
+# names and passed with the call; their values are never read while tracing, so new values
+# reuse the kernels. Any other use of b (q_idx < lengths[b], lengths[b] - 1, valid[b, q_idx])
+# is refused, quoted.
+
+
+class _Batch(Opaque):
+    """FlexAttention's ``b`` (Note [Per-batch masks]): ``valid[b, kv_idx]`` and ``lengths[b]``
+    trace; ``data`` collects the tensors they read."""
+
+    def __init__(self) -> None:
+        meaning = (
+            "the batch index; attncc reads it only as valid[b, kv_idx] (key_mask) and "
+            "kv_idx < lengths[b] (key_lengths): an attncc pattern is the same for every batch element"
+        )
+        super().__init__("b", meaning)
+        self.data: dict[str, torch.Tensor] = {}
+
+    def lookup(self, table: Any, index: Any, shown: str) -> Int | Cond:
+        key = index[1] if isinstance(index, tuple) and len(index) == 2 and index[0] is self else None
+        if index is self and isinstance(table, torch.Tensor) and table.dim() == 1:
+            self._keep("key_lengths", table, shown)
+            return Int("batch", (table,), shown)
+        if (
+            isinstance(key, Int)
+            and key.kind == "var"
+            and key.args[0] == "k"
+            and isinstance(table, torch.Tensor)
+        ):
+            self._keep("key_mask", table, shown)
+            return Cond("pattern", (KeyMask(),), shown)
+        raise self.used(shown)
+
+    def _keep(self, name: str, table: torch.Tensor, shown: str) -> None:
+        if self.data.setdefault(name, table) is not table:
+            allowed = f"one {name} tensor per mask (a pattern has one {name}() primitive)"
+            raise field_error(TraceError, f"{shown}: the tensor", name, allowed, "a second one is read")
+
+
+def _key_lengths(cond: Cond | bool, b: _Batch) -> Cond | bool:
+    """``cond`` with each comparison ``kv_idx < lengths[b]`` (or ``lengths[b] > kv_idx``) as a
+    ``key_lengths()`` condition; any other comparison of a per-batch length is refused, quoted
+    (Note [Per-batch masks])."""
+    if isinstance(cond, bool) or cond.kind in ("const", "pattern"):
+        return cond
+    if cond.kind != "cmp":
+        return Cond(cond.kind, tuple(_key_lengths(c, b) for c in cond.args), cond.text, cond.strength)
+    op, left, right = cond.args
+    if not (_per_batch(left) or _per_batch(right)):
+        return cond
+    key, length = (left, right) if op == "<" else (right, left) if op == ">" else (None, None)
+    if isinstance(key, Int) and key.kind == "var" and key.args[0] == "k" and length.kind == "batch":
+        return Cond("pattern", (KeyLengths(),), cond.text)
+    allowed = "kv_idx < lengths[b] (key_lengths(): the keys before each batch element's length)"
+    raise field_error(TraceError, "per-batch length comparison", cond.text, allowed)
+
+
+def _per_batch(value: object) -> bool:
+    if not isinstance(value, Int):
+        return False
+    return value.kind == "batch" or any(_per_batch(arg) for arg in value.args)
 
 
 def flex_attention(
@@ -236,7 +318,13 @@ def flex_attention(
             query, key, value, ir_block_mask(size), scale=scale, return_lse=return_lse, layout="sdpa",
             score_mod=terms, data={"block_mask": _layout(block_mask)},
         )  # fmt: skip
-    text_of = functools.partial(_text, mask_mod, torch.compiler.is_compiling())
+    if mask_mod is not None and not torch.compiler.is_compiling():  # trace here, per-batch data included
+        found, data = _traced(mask_mod, n, query.shape[1])
+        return attention(
+            query, key, value, found, scale=scale, return_lse=return_lse, layout="sdpa", score_mod=terms,
+            data=data or None,
+        )  # fmt: skip
+    text_of = functools.partial(_text, mask_mod)
     return attend(
         query, key, value, text_of, scale=scale, return_lse=return_lse, layout="sdpa", score_mod=terms
     )
@@ -284,14 +372,22 @@ def _layout(block_mask: Any) -> torch.Tensor:
 
 
 @torch.compiler.assume_constant_result  # Note [Patterns under torch.compile] in attncc.runtime.dynamo
-def _text(mask_mod: Callable | None, compiling: bool, grid: tuple[int, ...], heads: int) -> str:
+def _text(mask_mod: Callable | None, grid: tuple[int, ...], heads: int) -> str:
     """The checked text of ``mask_mod``'s pattern (dense for None) on a sequence of ``grid[0]``
-    tokens, traced afresh (Note [No trace cache]); ``compiling`` while torch.compile traces."""
+    tokens, traced afresh (Note [No trace cache]): what torch.compile keeps (an eager call
+    traces in :func:`flex_attention`, where per-batch data can be passed on)."""
     if mask_mod is None:
         return checked_text(dense(), grid, heads)
     with tensor_reads() as reads:
-        found = pattern(mask_mod, grid[0], heads=heads)
-    if compiling and reads:
+        found, data = _traced(mask_mod, grid[0], heads)
+    if data:  # the graph takes no tensors from here: pass them as attncc.attention's data
+        raise TraceError(
+            f"attncc.flex mask_mod {getattr(mask_mod, '__name__', type(mask_mod).__name__)} reads per-batch "
+            f"data ({', '.join(data)}: Note [Per-batch masks]) inside torch.compile; build the pattern "
+            "outside the compiled region, attncc.flex.pattern(mask_mod, N, heads), and call "
+            "attncc.attention(q, k, v, pattern, data=...) inside it, with those tensors by those names"
+        )
+    if reads:
         # Note [Tensors under torch.compile]: the compiled graph keeps the pattern of its
         # first trace and nothing guards the values of a tensor the mask_mod reads, so a
         # later call with other values would silently reuse the old pattern.

@@ -217,6 +217,13 @@ class Matcher:
             return cond != negate
         if cond.kind == "const":
             return cond.args[0] != negate
+        if cond.kind == "pattern":
+            if negate:
+                why = (
+                    "keeps keys given at call time; its complement has no pattern (negate the tensor instead)"
+                )
+                raise TraceError(f"~({cond.text}): {cond.text} {why}")
+            return cond.args[0]
         if cond.kind == "not":
             return self.formula(cond.args[0], not negate)
         if cond.kind in ("and", "or"):

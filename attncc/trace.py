@@ -352,7 +352,9 @@ def _int(value: Any, left: Int, op: str) -> Int:
 
 @dataclass(frozen=True, eq=False)
 class Cond:
-    """A traced condition: ``kind`` is cmp (op, lhs, rhs), and, or, not, or const."""
+    """A traced condition: ``kind`` is cmp (op, lhs, rhs), and, or, not, const, or pattern (a
+    :class:`~attncc.ir.nodes.Pattern` that a front door put in the condition's place, such as
+    attncc.flex's per-batch masks)."""
 
     kind: str
     args: tuple
@@ -541,8 +543,11 @@ def _lookup(table: Any, index: Any) -> Int:
     index = index[0] if isinstance(index, tuple) and len(index) == 1 else index
     name = name_of(table) or "tensor"
     shown = f"{name}[{', '.join(map(text_of, index)) if isinstance(index, tuple) else text_of(index)}]"
-    if isinstance(index, Opaque):
-        raise index.used(shown)
+    opaque = next(
+        (i for i in (index if isinstance(index, tuple) else (index,)) if isinstance(i, Opaque)), None
+    )
+    if opaque is not None:
+        return opaque.lookup(table, index, shown)
     if not isinstance(index, Int):
         raise TraceError(f"{shown}: the index is not one traced integer; " + _LOOKUP_HELP)
     if not _is_integer_tensor(table) or table.dim() != 1:
@@ -570,6 +575,11 @@ class Opaque:
 
     def used(self, where: str) -> Used:
         return Used(self, where)
+
+    def lookup(self, table: Any, index: Any, shown: str) -> Int | Cond:
+        """``table[index]``, ``index`` holding this value (``shown`` as written): a use, unless
+        a subclass gives it a meaning (attncc.flex's batch index: Note [Per-batch masks])."""
+        raise self.used(shown)
 
     def new_zeros(self, size: Any = (), **kwargs: Any) -> Cond:
         return self._filled(size, kwargs, False)

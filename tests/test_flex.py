@@ -123,7 +123,7 @@ def _branches(b, h, q_idx, kv_idx):
 
 
 REFUSALS = [
-    ("batch", lambda b, h, q_idx, kv_idx: (b == 0) & (q_idx >= kv_idx), r"b == 0: uses b \(the batch index; an attncc pattern is the same for every batch element\)"),
+    ("batch", lambda b, h, q_idx, kv_idx: (b == 0) & (q_idx >= kv_idx), r"b == 0: uses b \(the batch index; attncc reads it only as valid\[b, kv_idx\] \(key_mask\) and kv_idx < lengths\[b\]"),
     ("head-without-heads", window_per_head, r"WINDOWS\[h\]: uses h \(the head index; give heads="),
     ("unknown-torch-function", lambda b, h, q_idx, kv_idx: torch.sin(q_idx) > kv_idx, r"torch.sin\(q_idx\): not traced; allowed torch functions"),
     ("where", lambda b, h, q_idx, kv_idx: torch.where(q_idx >= kv_idx, True, False), r"torch.where\(q_idx >= kv_idx, True, False\): not traced"),
