@@ -19,7 +19,7 @@ from attncc.errors import AttnccError, PatternError, field_error
 from attncc.ir.analysis import Analysis, CrossAnalysis, HeadGroup, analyze, analyze_cross, head_groups
 from attncc.ir.canonical import pattern_hash
 from attncc.ir.score import Score
-from attncc.ir.spec import Spec, load_spec, one_grid, whole_grid
+from attncc.ir.spec import Spec, load_spec, whole_grid
 from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
 from attncc.lower.plan import RANK, KernelPlan
@@ -413,7 +413,7 @@ def compile_cmd(spec_path: str, out_dir: str, device: str, force: bool) -> None:
     """Write SPEC's kernels as a standalone package (needs only torch and triton)."""
     from attncc.lower.emit import usage, write_package
 
-    spec = one_grid(load_spec(spec_path), "compile")
+    spec = load_spec(spec_path)
     start = time.perf_counter()
     with progress.step(f"compiling {Path(spec_path).name} into {out_dir}"):
         path = write_package(spec, out_dir, device, force)

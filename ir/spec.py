@@ -152,7 +152,9 @@ def spec_from_data(data: Any, default_name: str = "") -> Spec:
 def one_grid(spec: Spec, command: str) -> Spec:
     """``spec``, for a command that runs queries on the keys' grid: one with ``q_grid`` is refused."""
     if spec.q_grid is not None:
-        allowed = "no q_grid field (attncc analyze takes it; attncc.attention(..., q_grid=...) runs it)"
+        allowed = (
+            "no q_grid field (attncc analyze and compile take it; attncc.attention(..., q_grid=...) runs it)"
+        )
         raise field_error(SpecError, f"q_grid (for attncc {command})", spec.q_grid.shape, allowed)
     return spec
 

@@ -5,7 +5,9 @@ variant of Note [Package variants] in package_init.py.j2: with and without dropo
 without term gradients, as the spec's score allows), their int32 tables, a ``_terms`` module
 that checks the score terms' tensors (package_terms.py.j2), and an ``__init__`` spelled from
 ``package_init.py.j2`` whose ``forward`` (differentiable: the backward kernels are in the same
-modules) needs only torch and triton.
+modules) needs only torch and triton. A spec with ``q_grid`` (cross-attention) is written as
+the one-grid problem it embeds into (Note [Cross-attention] in attncc.runtime.cross), behind a
+``forward`` that takes q on ``q_grid`` and k/v on the keys' grid.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ import numpy as np
 from attncc import __version__
 from attncc.errors import SpecError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
+from attncc.ir.grid import Grid
 from attncc.ir.score import Score
 from attncc.ir.spec import Spec
-from attncc.ir.text import format_pattern
+from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import required_heads
 from attncc.lower.lowering import LaunchConfig, kernel_tables, lower
 from attncc.lower.plan import KernelPlan
@@ -139,9 +142,35 @@ def write_package(spec: Spec, out_dir: str | Path, device_type: str = "cuda", fo
     return out
 
 
+def _cross(spec: Spec) -> tuple[Spec, dict | None]:
+    """A spec with ``q_grid`` as the one-grid spec of its embedded problem (Note
+    [Cross-attention] in attncc.runtime.cross: the queries a region of a 1-D grid, the keys its
+    first tokens, zero keys after them cut by the pattern), and what the package's ``forward``
+    needs to take the caller's tensors to it; ``spec`` itself and None without ``q_grid``."""
+    if spec.q_grid is None:
+        return spec, None
+    from attncc.runtime import cross
+
+    text, embedding = cross.plan(spec.pattern, spec.q_grid.shape, spec.grid.shape, spec.heads)
+    region = (embedding.queries,) if embedding.queries < embedding.length else None
+    one_grid = dataclasses.replace(
+        spec, pattern=parse(text), grid=Grid((embedding.length,)), queries=region, q_grid=None
+    )
+    about = {
+        "q_grid": spec.q_grid.shape,
+        "grid": spec.grid.shape,
+        "n_queries": embedding.queries,
+        "n_keys": embedding.keys,
+        "padding": embedding.padding,
+        "offset": embedding.offset,
+    }
+    return one_grid, about
+
+
 def _render_package(spec: Spec, name: str, device_type: str) -> dict[str, str]:
     """The files of the package ``name``: its kernel modules (Note [Package variants] in
     package_init.py.j2), tables, term checks and ``__init__``."""
+    spec, cross = _cross(spec)
     learn = learned(spec.score)
     if spec.pattern.runtime_leaves:
         kinds = ", ".join(leaf.NAME for leaf in spec.pattern.runtime_leaves)
@@ -193,7 +222,7 @@ def _render_package(spec: Spec, name: str, device_type: str) -> dict[str, str]:
         f"TABLES = {tables!r}\nDKDV_TABLES = {dkdv_tables!r}\n"
     )
     score, plan = spec.score, plans[0]
-    passed, shapes = given(score), _shapes(spec)
+    passed, shapes = given(score), _shapes(spec, cross["n_keys"] if cross else spec.grid.size)
     q_tokens = math.prod(spec.queries or spec.grid.shape)
     common = dict(
         name=name,
@@ -236,13 +265,14 @@ def _render_package(spec: Spec, name: str, device_type: str) -> dict[str, str]:
         fast_tanh=plan.fast_tanh,
         region=spec.queries,
         offsets="q_offsets" if spec.queries else "None",
+        cross=cross,
     )
     return files
 
 
-def _shapes(spec: Spec) -> dict[str, str]:
-    """Each term tensor's shape as the package's docstring and refusals show it."""
-    n, rank = spec.grid.size, spec.grid.rank
+def _shapes(spec: Spec, n: int) -> dict[str, str]:
+    """Each term tensor's shape as the package's docstring and refusals show it (``n``: the keys)."""
+    rank = spec.grid.rank
     n_q = math.prod(spec.queries or spec.grid.shape)
     per_axis = spec.score.alibi == "axes" and rank > 1
     return {
