@@ -24,3 +24,18 @@ def test_ci_runs_the_readme_test_command():
     test = _commands()[1]
     ci_lines = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()]
     assert test in ci_lines
+
+
+def test_every_package_is_installed():
+    """The README's `pip install .` (not editable, as CI runs it) ships every package of the source
+    tree: pyproject.toml lists them by hand, and a package left out imports only from a checkout."""
+    import tomllib
+
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = {name: REPO / folder for name, folder in setuptools["package-dir"].items()}
+    found = set()
+    for name, folder in roots.items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            found.add(".".join((name, *parts)))
+    assert found <= set(setuptools["packages"]), sorted(found - set(setuptools["packages"]))
