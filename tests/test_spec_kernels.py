@@ -61,6 +61,8 @@ TWINS = {
     ),
     "sliding_window.yaml": (sliding_window(left=15, right=0), (70,)),
     "strided.yaml": ((sliding_window(left=7) | strided(stride=8)) & causal(), (70,)),
+    # its cross-attention (q_grid) runs in tests/test_spec_cross.py and test_compile_cross.py
+    "text_to_image_cross.yaml": (dense(), (6, 7)),
     "video_chunks.yaml": (
         block_diagonal(axis=0, block=2)
         & (band(1, lo=-1, hi=1) & band(2, lo=-1, hi=1) | congruent(1, modulus=4) & congruent(2, modulus=4)),
