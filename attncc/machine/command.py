@@ -10,7 +10,7 @@ from rich.console import Console
 from attncc import settings
 from attncc.autotune.command import parse_shape
 from attncc.errors import AttnccError
-from attncc.ir.spec import DTYPES, load_spec
+from attncc.ir.spec import DTYPES, load_spec, on_grid
 from attncc.ir.validate import validate
 from attncc.outputs import output_file
 
@@ -57,7 +57,7 @@ def inspect_cmd(
     from attncc.machine import profile
     from attncc.machine.report import problems, table, write_json
 
-    spec = load_spec(spec_path)
+    spec = on_grid(load_spec(spec_path), "inspect")
     batch, heads, grid = parse_shape(shape) if shape else (1, spec.heads, spec.grid)
     validate(spec.pattern, grid, heads)
     console = Console(width=None if sys.stdout.isatty() else 160)
