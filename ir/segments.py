@@ -43,33 +43,17 @@ space, gradients through autograd), analysis over the whole space
 tile maps] there), spec files with a ``segments:`` field (attncc.ir.spec) and ``attncc analyze``
 of them (``--png`` included).
 
-Plan for the stages not done yet:
+The kernels (Note [Segment kernels] in attncc.lower.segments) run the whole space as one
+forward launch, one dQ and one dK/dV, each segment tiled on its own grid, every pair walked from
+tile lists with its rule per element on partial tiles: ``attncc.attention(q, k, v,
+by_segments(...))`` on ``[B, H, N, D]`` tensors with ``N = space.size``, GQA and MQA, softmax
+with a scale (attncc.runtime.segments).
 
-1. Lowering, one forward kernel. A ``SegmentPlan`` (frozen, in attncc.lower.plan) holds one
-   ``KernelPlan``-like part per segment: its Q tiling (box tiles of ``BLOCK_M`` tokens in a
-   grid segment, flat tiles in a 1-D one; all segments share ``BLOCK_M`` and ``BLOCK_N``
-   token counts, which ``tl.dot`` needs, while the box shapes differ), and per listed pair the
-   existing iteration of that pair's pattern (a same-segment pair: the closed-form KV range
-   lower/visits.py already emits for the segment's grid; a cross pair: every KV tile of the key
-   segment, cut by a ``key_range`` bound where there is one). The launch grid is the sum of
-   every segment's Q tile count; a program finds its segment by comparing its program id with
-   the prefix sums of tile counts (static constants: Jinja unrolls the segments as it unrolls
-   the regions of Note [Query regions]). Each program then loops over the key segments listed
-   for its query segment, in segment order, one online-softmax state across all of them, with
-   the pointers offset by the key segment's ``offsets[s]``, and writes out/lse once. Token
-   permutations (box tiling) are per segment, so the permutation of the whole space is the
-   concatenation of each segment's, the text unpermuted.
-2. Backward: the same two-level loop for dK/dV with the roles swapped (per KV tile of a
-   segment, the query segments that list it, each with the transposed iteration the inverse
-   walk already builds: Note in lower/visits.py), dQ as today by the forward's iteration.
-   Gradients are tested against the float64 oracle here (reference.attention with autograd).
-3. Front doors: ``attncc.attention(q, k, v, by_segments(...))`` on ``[B, H, N, D]`` tensors
-   with ``N = space.size`` (GQA as today), ``SparseAttention(space=...)``, spec files with a
-   ``segments:`` field beside ``grid:``, ``@attncc.jit`` refusing segments until a predicate
-   over (segment, coordinates) is designed. Score terms of relative positions (alibi,
-   rel_pos_bias) are refused across segments and could be allowed within a same-segment pair.
-4. Benchmarks: the HunyuanVideo-like block of benchmarks/ against FlexAttention and NATTEN's
-   extra-KV path, and a static profile of the kernel.
+Not done yet: score terms and dropout in the kernels (relative-position terms would stay refused
+across segments and could be allowed within a same-segment pair), ``per_head`` pairs in the
+kernels, the closed-form KV ranges of the one-grid kernels for same-segment pairs (the lists'
+loads, not tiles, would be saved), a torch.library op (torch.compile), primitives whose data are
+given at call time inside pairs, and ``@attncc.jit`` (a predicate over (segment, coordinates)).
 """
 
 from __future__ import annotations

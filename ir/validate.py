@@ -103,8 +103,9 @@ def validate(p: Pattern, grid: Grid, heads: int | None = None) -> int:
         raise form_error(PatternError, "pattern", _shown(p), "an attncc pattern", _pattern_hint(p))
     if p.ROOT_ONLY:  # Note [Root-only nodes] in attncc.ir.nodes
         why = (
-            "it carries its own token space, which only attncc.ir.mask, attncc.reference.attention and "
-            "attncc.ir.analysis.analyze_segments take so far (Note [Segment spaces] in attncc.ir.segments)"
+            "it carries its own token space, which only attncc.attention, attncc.reference.attention, "
+            "attncc.ir.mask and attncc.ir.analysis.analyze_segments take so far (Note [Segment spaces] in "
+            "attncc.ir.segments)"
         )
         raise field_error(PatternError, "pattern", p.NAME, f"a pattern on one grid ({grid})", why)
     heads = _heads(p, heads)

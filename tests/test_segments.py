@@ -17,7 +17,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import attncc
 from attncc.cli import cli
 from attncc.errors import ParseError, PatternError, SpecError
 from attncc.ir import (
@@ -490,13 +489,3 @@ def test_other_commands_refuse_a_segments_spec_naming_the_field(tmp_path, comman
     result = CliRunner().invoke(cli, args)
     assert isinstance(result.exception, SpecError), result.output
     assert f"segments (for attncc {command}) = 'segments(cls=1, reg=4, img=(7, 9))'" in str(result.exception)
-
-
-# --- front doors with no segment path yet ---------------------------------------------------
-
-
-def test_kernels_refuse_a_space_naming_the_pattern():
-    p = by_segments(VIT, VIT_PAIRS)
-    q = torch.randn(1, 2, VIT.size, 8)
-    with pytest.raises(PatternError, match=r"pattern = 'by_segments' .*its own token space"):
-        attncc.attention(q, q, q, p)
