@@ -24,30 +24,32 @@ are whole (no padding), so full loops load without bounds checks. The closed-for
 the one-grid kernels (Note [KV iteration]) are not used here yet: for a same-segment pair they
 would save the lists' loads, not tiles.
 
-Each segment's boxes are those of its same-segment pair's fewest visited tile pairs (Note [Box
-choice] in attncc.lower.lowering) among the power-of-two boxes that fit its grid, or, for a
-segment smaller than a tile, one box that holds it all.
+Each segment's boxes are those the one-grid lowering picks for its same-segment pair (Note [Box
+choice] in attncc.lower.lowering: the fewest visited tiles among the power-of-two boxes that fit
+its grid), or, for a segment smaller than a tile, one box that holds it all.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from attncc.errors import PatternError, field_error
-from attncc.ir.analysis import FULL, analyze, analyze_segments
+from attncc.ir.analysis import FULL, analyze_segments
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import Grid
+from attncc.ir.nodes import Pattern
 from attncc.ir.segments import BySegments
 from attncc.ir.symbolic import rules
 from attncc.ir.validate import required_heads
 from attncc.lower.lowering import (
     MAX_HEAD_DIM,
     SUPPORTED_DTYPES,
+    LaunchConfig,
     boxes,
+    lower,
     spell_rule,
     split_table,
     table_values,
@@ -154,7 +156,7 @@ def lower_segments(
     parts, q_start, kv_start = [], 0, 0
     for s, (name, grid) in enumerate(zip(space.names, space.grids)):
         same = pattern.pattern_of(name, name)
-        q_box, kv_box = _boxes(same, grid, block_m, block_n)
+        q_box, kv_box = _boxes(same, grid, (head_dim, dtype, block_m, block_n))
         part = SegmentPart(name, space.offsets[s], pad3(grid.shape, 1), q_box, kv_box, q_start, kv_start)
         parts.append(part)
         q_start, kv_start = q_start + part.q_count, kv_start + part.kv_count
@@ -196,19 +198,19 @@ def _candidates(tokens: int, grid: Grid) -> list[Box]:
     return [tuple(box)]  # type: ignore[list-item]
 
 
-def _boxes(same: object, grid: Grid, block_m: int, block_n: int) -> tuple[Box, Box]:
-    """The Q and KV boxes of a segment (Note [Segment kernels]): of its same-segment pair's
-    fewest visited tile pairs when it has one, else the first candidates."""
+def _boxes(same: Pattern | None, grid: Grid, plan_args: tuple) -> tuple[Box, Box]:
+    """The Q and KV boxes of a segment (Note [Segment kernels]): those the one-grid lowering
+    picks for its same-segment pair (Note [Box choice] in attncc.lower.lowering: the fewest
+    visited tiles, counted in closed form) when its plan has no dilation groups (whose boxes are
+    in group coordinates), else the first candidates."""
+    head_dim, dtype, block_m, block_n = plan_args
     q_list, kv_list = _candidates(block_m, grid), _candidates(block_n, grid)
     if same is None or (len(q_list) == 1 and len(kv_list) == 1):
         return q_list[0], kv_list[0]
-    user = RANK - grid.rank
-
-    def visited(q_box: Box, kv_box: Box) -> int:
-        a = analyze(same, grid, q_box[user:], kv_box[user:])  # type: ignore[arg-type]
-        return a.partial_tiles + a.full_tiles
-
-    return min(itertools.product(q_list, kv_list), key=lambda boxes_: visited(*boxes_))
+    plan = lower(same, grid, head_dim, dtype, config=LaunchConfig(block_m, block_n))
+    if plan.dilation != (1, 1, 1):
+        return q_list[0], kv_list[0]
+    return plan.q_tile, plan.kv_tile
 
 
 def segment_tables(pattern: BySegments, plan: SegmentPlan) -> tuple[np.ndarray, ...]:
