@@ -17,6 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import attncc
 from attncc.cli import cli
 from attncc.errors import ParseError, PatternError, SpecError
 from attncc.ir import (
@@ -489,3 +490,14 @@ def test_other_commands_refuse_a_segments_spec_naming_the_field(tmp_path, comman
     result = CliRunner().invoke(cli, args)
     assert isinstance(result.exception, SpecError), result.output
     assert f"segments (for attncc {command}) = 'segments(cls=1, reg=4, img=(7, 9))'" in str(result.exception)
+
+
+def test_jit_refuses_a_space_of_segments_naming_the_field():
+    from attncc.errors import TraceError
+
+    with pytest.raises(TraceError, match=r"jit grid = 'segments\(a=3\)' .*write by_segments"):
+        attncc.jit(lambda q, k: True, grid=segments(a=3))
+    jitted = attncc.jit(lambda q, k: True, grid=("n",))
+    q = torch.randn(1, 1, 3, 8)
+    with pytest.raises(TraceError, match=r"grid = 'segments\(a=3\)' .*one grid"):
+        jitted(q, q, q, grid=segments(a=3))

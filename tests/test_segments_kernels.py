@@ -230,3 +230,86 @@ def test_per_head_pairs_are_refused_by_the_kernels():
     q = torch.randn(1, 2, pattern.space.size, D, device=DEVICE)
     with pytest.raises(AttnccError, match=r"by_segments pairs = 'per_head' .*one pattern for every head"):
         attncc.attention(q, q, q, pattern)
+
+
+# --- front doors: attncc.nn.SparseAttention -------------------------------------------------
+
+
+def test_sparse_attention_over_a_space_of_segments():
+    """``[B, N, dim]`` over the whole space, GQA, gradients to x; the same as the projections
+    around the oracle."""
+    from attncc.nn import SparseAttention
+
+    pattern = CASES["text1-image7x9"]
+    torch.manual_seed(0)
+    module = SparseAttention(32, 4, pattern, kv_heads=2).to(DEVICE)
+    assert module.grid.shape == (pattern.space.size,)
+    x = torch.randn(2, pattern.space.size, 32, device=DEVICE, requires_grad=True)
+    y = module(x)
+    y.sum().backward()
+    q = module.q(x).unflatten(-1, (4, 8)).transpose(1, 2)
+    k, v = (t.transpose(1, 2) for t in module.kv(x).unflatten(-1, (2, 2, 8)).unbind(-3))
+    want = module.proj(reference(q, k, v, pattern).transpose(1, 2).flatten(-2))
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert SparseAttention(32, 4, pattern, pattern.space).grid == module.grid  # the space, or None
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"rel_pos_bias": True}, r"rel_pos_bias = True .*False with a pattern per pair of segments"),
+        ({"attn_drop": 0.1}, r"attn_drop = 0\.1 .*0\.0 with a pattern per pair of segments"),
+        (
+            {"grid": segments(text=1, img=(9, 7))},
+            r"grid = 'segments\(text=1, img=\(9, 7\)\)' .*the pattern's space",
+        ),
+    ],
+    ids=["rel-pos-bias", "attn-drop", "other-space"],
+)
+def test_sparse_attention_refuses_what_the_segments_kernels_lack(kwargs, match):
+    from attncc.nn import SparseAttention
+
+    with pytest.raises(AttnccError, match=match):
+        SparseAttention(32, 4, CASES["text1-image7x9"], **kwargs)
+
+
+def test_sparse_attention_takes_a_space_only_with_by_segments_and_no_cache():
+    from attncc.nn import SparseAttention
+
+    with pytest.raises(AttnccError, match=r"grid = 'segments\(a=4\)' .*by_segments"):
+        SparseAttention(32, 4, dense(), segments(a=4))
+    module = SparseAttention(32, 4, CASES["text1-image7x9"])
+    with pytest.raises(AttnccError, match=r"cache = 'a KVCache' .*take no cache yet"):
+        module(torch.randn(1, 64, 32), cache=module.new_cache(1))
+
+
+def test_the_front_doors_example_runs():
+    """docs/front-doors.md's example of token spaces of segments runs as written."""
+    import re
+
+    from conftest import REPO
+
+    doc = (REPO / "docs" / "front-doors.md").read_text()
+    section = doc[doc.index("### Token spaces of segments") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    scope: dict = {}
+    exec(compile(code, "docs/front-doors.md (Token spaces of segments)", "exec"), scope)
+    assert scope["out"].shape == (2, 4, 77, 16) and scope["q"].grad is not None
+    assert scope["y"].shape == (2, 77, 64)
+
+
+def test_the_shipped_segments_spec_analyses(tmp_path):
+    """examples/segment_specs/text_video.yaml through attncc analyze: box tiles in the video beat
+    flat runs of as many tokens."""
+    from click.testing import CliRunner
+    from conftest import REPO
+
+    from attncc.cli import cli
+
+    result = CliRunner().invoke(
+        cli, ["analyze", str(REPO / "examples" / "segment_specs" / "text_video.yaml")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "segments(text=226, video=(16, 48, 48)) (37,090 tokens)" in result.output
+    assert "8.11x" in result.output and "5.76x" in result.output
