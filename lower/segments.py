@@ -116,8 +116,9 @@ class SegmentPlan:
     dtype: str
     block_m: int
     block_n: int
-    num_warps: int
+    num_warps: int  # the forward's and dQ's
     num_stages: int
+    dkdv_warps: int  # Note [Segment backward warps]
 
     @property
     def q_tiles(self) -> int:
@@ -141,6 +142,7 @@ def lower_segments(
     block_n: int,
     num_warps: int = 4,
     num_stages: int = 2,
+    dkdv_warps: int = 4,
 ) -> SegmentPlan:
     """Plan the kernels of ``pattern`` for ``[B, H, N, D]`` tensors of its whole space."""
     if not isinstance(pattern, BySegments):
@@ -178,6 +180,7 @@ def lower_segments(
         block_n=block_n,
         num_warps=num_warps,
         num_stages=num_stages,
+        dkdv_warps=dkdv_warps,
     )
 
 

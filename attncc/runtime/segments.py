@@ -32,13 +32,18 @@ class SegmentKernels:
     tables: tuple[np.ndarray, ...] = field(repr=False)
 
 
-def tiles(device_type: str, dtype: str) -> tuple[int, int, int, int]:
-    """(block_m, block_n, warps, stages): 64-token tiles on a GPU (fp32 dots take 32 keys, as
-    the one-grid kernels' fp32 configs do: attncc.lower.lowering.LaunchConfig.default), 16 under
-    the interpreter, where small tiles make the CPU tests walk several tiles per segment."""
+def tiles(device_type: str, dtype: str) -> tuple[int, int, int, int, int]:
+    """(block_m, block_n, warps, stages, dK/dV warps): 64-token tiles on a GPU (fp32 dots take
+    32 keys, as the one-grid kernels' fp32 configs do: attncc.lower.lowering.LaunchConfig.default),
+    16 under the interpreter, where small tiles make the CPU tests walk several tiles per segment.
+
+    Note [Segment backward warps]: the three kernels share one tiling (their lists are one
+    table, read by Q tile and by KV tile), and the dK/dV program holds two float32 accumulators
+    of 64 keys x D besides its scores: at D = 128 on 4 warps that is 255 registers and spills
+    (benchmarks/STATIC.md), on 8 warps it fits, so dK/dV launches 8 warps on a GPU."""
     if device_type != "cuda":
-        return 16, 16, 4, 1
-    return (64, 32, 8, 2) if dtype == "float32" else (64, 64, 4, 2)
+        return 16, 16, 4, 1, 4
+    return (64, 32, 8, 2, 8) if dtype == "float32" else (64, 64, 4, 2, 8)
 
 
 @memo
