@@ -28,8 +28,8 @@ key ``'q -> k'`` (quoted: a YAML ``*`` starts an alias)::
       "video -> video": neighborhood(window=(7, 15, 15))
       "video -> text": dense()
 
-(or the text ``by_segments(segments(...), {...})`` of the same space). Only ``attncc analyze``
-takes such a spec so far; the other commands refuse it, naming the field.
+(or the text ``by_segments(segments(...), {...})`` of the same space). ``attncc analyze`` and
+``attncc inspect`` take such a spec; the other commands refuse it, naming the field.
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def _segments_pattern(value: Any, space: Segments) -> BySegments:
 def on_grid(spec: Spec, command: str) -> Spec:
     """``spec``, for a command that runs kernels on one grid: a space of segments is refused."""
     if spec.space is not None:
-        allowed = "a grid field (of the commands, only attncc analyze takes segments so far)"
+        allowed = "a grid field (of the commands, attncc analyze and inspect take segments so far)"
         raise field_error(SpecError, f"segments (for attncc {command})", str(spec.space), allowed)
     return spec
 

@@ -39,3 +39,22 @@ def test_segments_kernels_compile_cleanly_for_sm90(tmp_path):
     names = {name for loops in kernels.values() for name, _ in loops}
     assert {"full-0", "partial-2"} <= names and "?" not in names, names
     assert all(mma > 0 for name, mma in kernels["segments_fwd_kernel"] if name != "heads")
+
+
+def test_inspect_takes_a_spec_of_segments(tmp_path):
+    spec = tmp_path / "vit.yaml"
+    spec.write_text(
+        "segments: {cls: 1, img: [8, 8]}\npattern:\n  'cls -> *': dense()\n  'img -> img': neighborhood(3)\n"
+        "heads: 2\nhead_dim: 32\ndtype: float16\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    args = [sys.executable, "-m", "attncc", "inspect", str(spec), "--json", str(tmp_path / "p.json")]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "segments_fwd_kernel" in proc.stdout and "cls 64/64, img 8x8/8x8" in proc.stdout
+    assert json.loads((tmp_path / "p.json").read_text())["shape"] == [1, 2, 2, 65]
+    bad = subprocess.run(
+        [*args[:5], "--shape", "1,2,65"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--shape = '1,2,65'" in bad.stderr
