@@ -313,3 +313,51 @@ def test_the_shipped_segments_spec_analyses(tmp_path):
     assert result.exit_code == 0, result.output
     assert "segments(text=226, video=(16, 48, 48)) (37,090 tokens)" in result.output
     assert "8.11x" in result.output and "5.76x" in result.output
+
+
+def _random_case(seed: int):
+    """A space of 2-3 segments of random ranks and odd sizes (single tokens included), and
+    random pairs: within a segment a neighbourhood, causal, a band or dense; across two
+    segments dense or, on a 1-D key segment, a key range; some pairs left out."""
+    import random
+
+    from attncc.ir import sliding_window
+
+    rng = random.Random(seed)
+    shapes = {}
+    for i in range(rng.randint(2, 3)):
+        rank = rng.randint(1, 3)
+        shape = tuple(rng.choice([1, 2, 3, 5, 7]) for _ in range(rank))
+        shapes[f"s{i}"] = shape[0] if rank == 1 else shape
+    space = segments(**shapes)
+    pairs = {}
+    for q_name in space.names:
+        for k_name, grid in zip(space.names, space.grids):
+            if rng.random() < 0.25:
+                continue
+            if q_name == k_name:
+                window = tuple(rng.randint(1, n) for n in grid.shape)
+                options = [dense(), neighborhood(window)]
+                if grid.rank == 1:
+                    options += [causal(), sliding_window(rng.randint(0, 3), rng.randint(0, 3))]
+            else:
+                options = [dense()]
+                if grid.rank == 1:
+                    options.append(key_range(0, 0, rng.randint(0, grid.size - 1)))
+            pairs[(q_name, k_name)] = rng.choice(options)
+    if not pairs:
+        pairs[(space.names[0], space.names[0])] = dense()
+    return by_segments(space, pairs)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_spaces_match_the_oracle(seed):
+    pattern = _random_case(seed)
+    n = pattern.space.size
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 2, n, D, generator=g).to(DEVICE)
+    k, v = (torch.randn(1, 1, n, D, generator=g).to(DEVICE) for _ in range(2))
+    out, lse = attncc.attention(q, k, v, pattern, return_lse=True)
+    want, want_lse = reference(q.double(), k.double(), v.double(), pattern, return_lse=True)
+    _close(out, want, 1e-4)
+    _close(lse, want_lse, 1e-4)
