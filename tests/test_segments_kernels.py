@@ -14,6 +14,7 @@ in conftest.py), so a row no program writes fails.
 
 import pytest
 import torch
+import torch._dynamo.testing
 from conftest import DEVICE
 
 import attncc
@@ -361,3 +362,40 @@ def test_random_spaces_match_the_oracle(seed):
     want, want_lse = reference(q.double(), k.double(), v.double(), pattern, return_lse=True)
     _close(out, want, 1e-4)
     _close(lse, want_lse, 1e-4)
+
+
+# --- torch.library ops (Note [Segment ops] in attncc.runtime.segments) ----------------------
+
+
+def test_opcheck():
+    """The ops' schemas, fakes and autograd registrations hold."""
+    from attncc.ir import format_pattern
+
+    pattern = CASES["text1-image7x9"]
+    q, k, v = (t.requires_grad_() for t in _inputs(pattern, torch.float32, batch=1))
+    args = (q, k, v, format_pattern(pattern), 0.25)
+    torch.library.opcheck(torch.ops.attncc.segments_fwd_opaque.default, args)
+    o, lse = torch.ops.attncc.segments_fwd_opaque(*args)
+    bwd_args = (q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), torch.randn_like(o),
+                torch.zeros_like(lse), *args[3:])  # fmt: skip
+    torch.library.opcheck(torch.ops.attncc.segments_bwd_opaque.default, bwd_args)
+
+
+def test_torch_compile_traces_one_graph_forward_and_backward():
+    pattern = CASES["text5-image7x9"]
+    q, k, v = (t.requires_grad_() for t in _inputs(pattern, torch.float32, batch=1))
+
+    def loss(q, k, v):
+        out, lse = attncc.attention(q, k, v, pattern, return_lse=True)
+        return out.square().sum() + lse.sum()
+
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(loss, backend=counter, fullgraph=True)
+    got = compiled(q, k, v)
+    got_grads = torch.autograd.grad(got, (q, k, v))
+    want = loss(q, k, v)
+    want_grads = torch.autograd.grad(want, (q, k, v))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)

@@ -419,7 +419,8 @@ def _segments(q, k, v, pattern, scale, return_lse, out, score, layout, dropout_p
         if value is not None and not (name == "data" and not value):
             shown = sorted(value) if name == "data" and isinstance(value, dict) else value
             raise field_error(AttnccError, name, shown, "None", why)
-    if as_score(score) != Score():
+    plain = _parsed(score) == dataclasses.astuple(Score()) if isinstance(score, str) else score == Score()
+    if not plain:  # a score's text is parsed once per trace (torch.compile)
         raise field_error(AttnccError, "score", str(score), "'softmax' (no score terms yet)", why)
     if _probability(dropout_p) > 0:
         raise field_error(AttnccError, "dropout_p", dropout_p, "0.0 (no dropout yet)", why)
