@@ -122,9 +122,10 @@ def test_rows_that_see_nothing_are_zero_with_lse_minus_inf():
 
 @pytest.mark.parametrize("case", ["text1-image7x9", "text5-image7x9", "cls-reg-video3x5x7", "lookups"])
 def test_gradients_match_the_float64_oracle(case):
-    """dq, dk, dv (the GQA heads of a KV head summed), with a gradient of the log-sum-exp too."""
+    """dq, dk, dv (the GQA heads of a KV head summed; two batch elements), with a gradient of the
+    log-sum-exp too."""
     pattern = CASES[case]
-    q, k, v = _inputs(pattern, torch.float32, batch=1, requires_grad=True)
+    q, k, v = _inputs(pattern, torch.float32, batch=2, requires_grad=True)
     out, lse = attncc.attention(q, k, v, pattern, return_lse=True)
     g = torch.Generator().manual_seed(7)
     d_out = torch.randn(out.shape, generator=g).to(DEVICE)
