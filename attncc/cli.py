@@ -16,10 +16,20 @@ from attncc.autotune.report import model_pick
 from attncc.bench.command import bench_cmd
 from attncc.cache_cli import cache_cmd
 from attncc.errors import AttnccError, PatternError, field_error
-from attncc.ir.analysis import Analysis, CrossAnalysis, HeadGroup, analyze, analyze_cross, head_groups
+from attncc.ir.analysis import (
+    Analysis,
+    CrossAnalysis,
+    HeadGroup,
+    SegmentsAnalysis,
+    analyze,
+    analyze_cross,
+    analyze_segments,
+    head_groups,
+)
 from attncc.ir.canonical import pattern_hash
 from attncc.ir.score import Score
-from attncc.ir.spec import Spec, load_spec, whole_grid
+from attncc.ir.segments import BySegments
+from attncc.ir.spec import Spec, load_spec, on_grid, whole_grid
 from attncc.ir.symbolic import describe, rules
 from attncc.ir.text import format_pattern
 from attncc.lower.plan import RANK, KernelPlan
@@ -32,6 +42,7 @@ _DEFAULT_TILES = {
     2: ["128", "8x16", "16x8"],
     3: ["128", "2x8x8", "4x4x8"],
 }
+_SEGMENT_BOXES = {1: "128", 2: "8x16", 3: "2x8x8"}  # a box of 128 tokens per rank
 
 
 MAX_TILE = 2**31 - 1  # token indices are int32 in the kernels, and in numpy's analyses
@@ -49,14 +60,23 @@ def parse_tile(text: str, name: str) -> int | tuple[int, ...]:
     return sizes[0] if len(sizes) == 1 else sizes
 
 
-def _table(spec: Spec, results: list[Analysis]) -> Table:
+def parse_segment_tile(text: str, name: str) -> int | list[int | tuple[int, ...]]:
+    """``"128"`` (flat runs in every segment) or one tile per segment, comma-separated in
+    segment order: ``"64,2x8x8"``."""
+    parts = text.split(",")
+    if len(parts) == 1:
+        return parse_tile(text, name)
+    return [parse_tile(part.strip(), name) for part in parts]
+
+
+def _table(spec: Spec, results: list[Analysis] | list[SegmentsAnalysis]) -> Table:
     first = results[0]
     maps = first.tile_classes.shape[0]
     per = "per head" if maps == 1 else f"summed over {maps} heads"
     table = Table(title=f"tilings (tile pairs {per})", title_justify="left")
+    for col in ("q tile", "kv tile"):
+        table.add_column(col, justify="right", no_wrap=True)  # a space's tiles name each segment
     for col in (
-        "q tile",
-        "kv tile",
         "tile pairs",
         "empty",
         "partial",
@@ -117,6 +137,51 @@ def _rows_table(spec: Spec, rows: list[tuple[str, str]]) -> Table:
     for key, value in rows:
         table.add_row(key, escape(value))
     return table
+
+
+def _segments_summary(spec: Spec, a: SegmentsAnalysis) -> Table:
+    text = format_pattern(spec.pattern)
+    table = Table(show_header=False, box=None)
+    table.add_column(style="bold")
+    table.add_column()
+    assert spec.space is not None
+    rows = [
+        ("spec", spec.name),
+        ("pattern", text if len(text) <= 160 else text[:157] + "..."),
+        ("segments", f"{spec.space} ({spec.space.size:,} tokens)"),
+        ("heads x head_dim", f"{spec.heads} x {spec.head_dim} ({spec.dtype})"),
+        ("kept pairs", f"{a.kept_pairs:,} of {a.total_pairs:,}"),
+        ("density", f"{a.density:.4%}"),
+        ("ideal speedup", f"{a.ideal_speedup:.2f}x (1 / density)"),
+        ("FLOPs kept (fwd, B=1)", f"{a.flops_kept / 1e9:,.2f} GFLOP of {a.flops_dense / 1e9:,.2f} dense"),
+    ]
+    if spec.score != Score():
+        rows.insert(2, ("score", spec.score.text))
+    for key, value in rows:
+        table.add_row(key, escape(value))
+    return table
+
+
+def _segment_closed_forms(spec: Spec) -> str:
+    """Each listed pair's closed forms, on the query segment's grid for a same-segment pair, on
+    the key segment's for a pair of two (whose keys do not depend on the query)."""
+    pattern, space = spec.pattern, spec.space
+    assert isinstance(pattern, BySegments) and space is not None
+    lines = ["closed forms per pair of segments (q: the query's coordinate in its segment):"]
+    for i, j, pair in pattern.listed():
+        grid = space.grids[j]
+        across = "" if i == j else ", the same keys for every query"
+        lines.append(
+            f"  {space.names[i]} -> {space.names[j]} (grid {grid}{across}): {format_pattern(pair)[:80]}"
+        )
+        groups = head_groups(pair, grid, spec.heads)
+        for group in groups[:2]:
+            if len(groups) > 1:
+                lines.append(f"    {group.label}:")
+            lines += describe(rules(group.pattern, grid), "    ")
+        if len(groups) > 2:
+            lines.append(f"    ... and {len(groups) - 2} more head patterns")
+    return escape("\n".join(lines))
 
 
 def _pattern_text(spec: Spec) -> str:
@@ -274,6 +339,9 @@ def analyze_cmd(
             raise field_error(PatternError, "--ranks", ranks, "alone (no --q-tile, --kv-tile or --png)")
         _context_parallel(whole_grid(spec, "analyze --ranks"), ranks, sharding)
         return
+    if spec.space is not None:
+        _analyze_segments(spec, q_tiles, kv_tiles, png)
+        return
     runtime = [str(leaf) for leaf in spec.pattern.runtime_leaves]
     if png and runtime:
         allowed = "a pattern whose mask is known before the call"
@@ -282,12 +350,6 @@ def analyze_cmd(
     if spec.q_grid is not None:
         _analyze_cross(spec, q_tiles + kv_tiles, png)
         return
-    q_list = list(q_tiles) or _DEFAULT_TILES[spec.grid.rank]
-    if kv_tiles and len(kv_tiles) not in (1, len(q_list)):
-        raise field_error(
-            PatternError, "--kv-tile count", len(kv_tiles), f"1 or {len(q_list)} (one per --q-tile)"
-        )
-    kv_list = list(kv_tiles) * (len(q_list) if len(kv_tiles) == 1 else 1) if kv_tiles else q_list
     results = [
         analyze(
             spec.pattern,
@@ -297,7 +359,7 @@ def analyze_cmd(
             heads=spec.heads,
             head_dim=spec.head_dim,
         )
-        for qt, kt in zip(q_list, kv_list)
+        for qt, kt in _tile_lists(q_tiles, kv_tiles, _DEFAULT_TILES[spec.grid.rank])
     ]
     console = Console(width=None if sys.stdout.isatty() else 130)
     console.print(_summary(spec, results[0]))
@@ -391,6 +453,52 @@ def _context_parallel(spec: Spec, ranks: int, order: str) -> None:
     )
 
 
+def _tile_lists(
+    q_tiles: tuple[str, ...], kv_tiles: tuple[str, ...], default: list[str]
+) -> list[tuple[str, str]]:
+    """The (Q tile, KV tile) texts of ``--q-tile``/``--kv-tile`` (one KV tile for all, or one per Q tile)."""
+    q_list = list(q_tiles) or default
+    if kv_tiles and len(kv_tiles) not in (1, len(q_list)):
+        raise field_error(
+            PatternError, "--kv-tile count", len(kv_tiles), f"1 or {len(q_list)} (one per --q-tile)"
+        )
+    kv_list = list(kv_tiles) * (len(q_list) if len(kv_tiles) == 1 else 1) if kv_tiles else q_list
+    return list(zip(q_list, kv_list))
+
+
+def _analyze_segments(
+    spec: Spec, q_tiles: tuple[str, ...], kv_tiles: tuple[str, ...], png: str | None
+) -> None:
+    """``attncc analyze`` of a space of segments (Note [Segment tile maps] in attncc.ir.analysis):
+    by default each segment in boxes of 128 tokens, then flat runs of 128 and of 64 tokens."""
+    assert isinstance(spec.pattern, BySegments) and spec.space is not None
+    boxes = ",".join(_SEGMENT_BOXES[g.rank] for g in spec.space.grids)
+    default = [boxes, "128", "64"] if len(spec.space.names) > 1 else [boxes]
+    results = [
+        analyze_segments(
+            spec.pattern,
+            parse_segment_tile(qt, "--q-tile"),
+            parse_segment_tile(kt, "--kv-tile"),
+            heads=spec.heads,
+            head_dim=spec.head_dim,
+        )
+        for qt, kt in _tile_lists(q_tiles, kv_tiles, default)
+    ]
+    console = Console(width=None if sys.stdout.isatty() else 130)
+    console.print(_segments_summary(spec, results[0]))
+    console.print(_segment_closed_forms(spec), soft_wrap=True)
+    console.print(_table(spec, results))
+    console.print(
+        "tile bound = tile pairs / visited pairs: the speedup over dense"
+        " that a kernel skipping empty tiles can reach; each segment is tiled on its own grid."
+    )
+    if png:
+        from attncc.plot import draw_segments
+
+        draw_segments(spec, results[0], png)
+        console.print(f"wrote {png}")
+
+
 @cli.command("compile")
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @click.option(
@@ -413,7 +521,7 @@ def compile_cmd(spec_path: str, out_dir: str, device: str, force: bool) -> None:
     """Write SPEC's kernels as a standalone package (needs only torch and triton)."""
     from attncc.lower.emit import usage, write_package
 
-    spec = load_spec(spec_path)
+    spec = on_grid(load_spec(spec_path), "compile")
     start = time.perf_counter()
     with progress.step(f"compiling {Path(spec_path).name} into {out_dir}"):
         path = write_package(spec, out_dir, device, force)

@@ -69,6 +69,7 @@ from attncc.ir.analysis import keys_of
 from attncc.ir.canonical import canonicalize
 from attncc.ir.grid import MAX_RANK, Grid
 from attncc.ir.nodes import Band, Pattern, dense, key_range, union
+from attncc.ir.segments import Segments
 from attncc.layouts import as_grid, cross_views, to_sdpa_views
 from attncc.predicate import Matcher
 from attncc.runtime.library import attend, attention, checked_text
@@ -156,6 +157,8 @@ class JitAttention:
         grid sizes come from the shape) or SDPA ``[B, H, N, D]`` with ``grid=`` sizes; q may
         cover a box of k's grid (``q_offset=``, as attncc.attention takes it), or, with
         ``q_grid=``, lie on a grid of its own (cross-attention: the predicate reads keys alone)."""
+        if isinstance(grid, Segments):
+            raise _segments_refused("grid", grid)
         if kwargs.get("q_grid") is not None:
             return self._cross(q, k, v, grid, layout, **kwargs)
         found = to_sdpa_views(q, k, v, grid, layout).grid
@@ -234,8 +237,19 @@ def match(cond: Cond | bool, grid: Grid, names: tuple[str, ...], where: str) -> 
     return canon
 
 
+def _segments_refused(name: str, space: Segments) -> TraceError:
+    """A predicate is traced on one grid: a space of segments is refused, saying what to write."""
+    why = (
+        "a predicate over a space of segments is not defined yet: write by_segments(space, "
+        "{(q segment, k segment): pattern}) and call attncc.attention (Note [Segment spaces])"
+    )
+    return field_error(TraceError, name, str(space), "one grid", why)
+
+
 def jit(fn: Callable | None = None, *, grid: tuple[str, ...] | str) -> Any:
     """Decorate a predicate ``f(q, k)`` over the axes named by ``grid`` (see the module doc)."""
+    if isinstance(grid, Segments):
+        raise _segments_refused("jit grid", grid)
     names = (grid,) if isinstance(grid, str) else tuple(grid) if isinstance(grid, (tuple, list)) else None
     allowed = f"1 to {MAX_RANK} distinct axis names (identifiers other than 'index'), e.g. ('T', 'H', 'W')"
     if names is None or not 1 <= len(names) <= MAX_RANK:

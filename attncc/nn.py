@@ -35,8 +35,9 @@ from attncc.ir.grid import Grid
 from attncc.ir.nodes import KeyLengths, Pattern, dense, key_lengths
 from attncc.ir.score import rel_pos_bias as rel_pos_bias_term
 from attncc.ir.score import table_units
+from attncc.ir.segments import BySegments, Segments
 from attncc.ir.symbolic import offset_reach, rules
-from attncc.ir.validate import validate, validate_cross
+from attncc.ir.validate import validate, validate_cross, validate_segments
 from attncc.runtime.library import attention
 
 
@@ -51,6 +52,29 @@ def table_sizes(pattern: Pattern, grid: Grid, heads: int) -> tuple[int, ...]:
         for a, (reach, unit) in enumerate(zip(offset_reach(rules(canon, grid), grid), units)):
             radius[a] = max(radius[a], -(-reach // unit))
     return tuple(2 * r + 1 for r in radius)
+
+
+def _space(
+    pattern: Pattern, grid: object, heads: int, rel_pos_bias: bool, attn_drop: float
+) -> Segments | None:
+    """The space of a pattern per pair of segments, checked against ``grid`` (the space or
+    None) and the module's options; None for a pattern on one grid."""
+    if not isinstance(pattern, BySegments):
+        if isinstance(grid, Segments):
+            allowed = "a grid, or by_segments(...) as the pattern of a space of segments"
+            raise field_error(AttnccError, "grid", str(grid), allowed)
+        return None
+    if grid is not None and grid != pattern.space:
+        raise field_error(AttnccError, "grid", str(grid), f"None or the pattern's space, {pattern.space}")
+    validate_segments(pattern, heads)
+    why = "the segments kernels take no score terms or dropout yet (Note [Segment kernels])"
+    if rel_pos_bias:
+        raise field_error(
+            AttnccError, "rel_pos_bias", rel_pos_bias, "False with a pattern per pair of segments", why
+        )
+    if attn_drop:
+        raise field_error(AttnccError, "attn_drop", attn_drop, "0.0 with a pattern per pair of segments", why)
+    return pattern.space
 
 
 @dataclass(eq=False)
@@ -73,6 +97,12 @@ class SparseAttention(nn.Module):
 
     ``forward(x)`` takes ``[B, *grid, dim]`` or ``[B, N, dim]`` (N = grid size)
     and returns the same shape. ``dim`` must split into ``heads`` heads.
+
+    A pattern per pair of segments (``by_segments``: Note [Segment spaces] in attncc.ir.segments)
+    takes its space as ``grid`` (or None): ``x`` is then ``[B, N, dim]`` over the whole space,
+    the segments' tokens in turn (a text's, then a video's frames row-major), and the module
+    runs the segments kernels (Note [Segment kernels] in attncc.lower.segments), which take no
+    ``rel_pos_bias``, ``attn_drop`` or cache yet.
     """
 
     def __init__(
@@ -80,7 +110,7 @@ class SparseAttention(nn.Module):
         dim: int,
         heads: int,
         pattern: Pattern,
-        grid: tuple[int, ...] | Grid,
+        grid: tuple[int, ...] | Grid | Segments | None = None,
         kv_heads: int | None = None,
         qkv_bias: bool = True,
         proj_bias: bool = True,
@@ -93,12 +123,18 @@ class SparseAttention(nn.Module):
             raise field_error(AttnccError, "heads", heads, f"a divisor of dim = {dim}")
         if kv_heads < 1 or heads % kv_heads:
             raise field_error(AttnccError, "kv_heads", kv_heads, f"a divisor of heads = {heads}")
+        self.space = _space(pattern, grid, heads, rel_pos_bias, attn_drop)
+        if self.space is not None:
+            grid = (self.space.size,)  # the space's tokens in turn: what x and the projections see
+        elif grid is None:
+            raise field_error(AttnccError, "grid", None, "the grid's sizes (a tuple or an attncc.ir.Grid)")
         self.grid = grid if isinstance(grid, Grid) else Grid(tuple(grid))
-        validate(pattern, self.grid, heads)  # a pattern that cannot fit fails here, not at the first step
+        if self.space is None:
+            validate(pattern, self.grid, heads)  # a pattern that cannot fit fails here, not at the first step
         self.pattern, self.heads, self.kv_heads = pattern, heads, kv_heads
         # Note [Generating with a cache]: a step's pattern (None: the pattern cuts keys itself)
         own_lengths = any(isinstance(leaf, KeyLengths) for leaf in pattern.runtime_leaves)
-        self.cache_pattern = None if own_lengths else pattern & key_lengths()
+        self.cache_pattern = None if own_lengths or self.space else pattern & key_lengths()
         self.dim = dim
         self.head_dim = dim // heads
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -220,6 +256,9 @@ class SparseAttention(nn.Module):
         tokens = x.reshape(shape[0], *self.grid.shape, shape[-1])
         q = self.q(tokens).unflatten(-1, (self.heads, self.head_dim))
         k, v = self.kv(tokens).unflatten(-1, (2, self.kv_heads, self.head_dim)).unbind(-3)
+        if self.space is not None:  # [B, H, N, D] of the whole space (Note [Segment kernels])
+            out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.pattern, data=data)
+            return self.proj(out.transpose(1, 2).flatten(-2)).reshape(shape)
         # [B, *grid, H, D]; a 1-D one could read as [B, H, N, D]: say which (Note [Ambiguous layouts])
         score = None if self.rpb is None else rel_pos_bias_term(self.rpb)
         drop = self.attn_drop if self.training else 0.0
@@ -238,6 +277,9 @@ class SparseAttention(nn.Module):
 
     def _step(self, x: torch.Tensor, cache: KVCache, data: dict | None) -> torch.Tensor:
         """One generation step: ``x``'s slices attend to the cache (Note [Generating with a cache])."""
+        if self.space is not None:
+            allowed = "None with a pattern per pair of segments (the segments kernels take no cache yet)"
+            raise field_error(AttnccError, "cache", "a KVCache", allowed)
         rest, width = self.grid.shape[1:], self.grid.size // self.grid.shape[0]
         shape = x.shape
         spatial = x.dim() == self.grid.rank + 2 and tuple(shape[2:-1]) == rest

@@ -6,6 +6,9 @@ for each): the kept fraction per block of the mask, the tile map of the first ti
 walks), the tile map of the box tiling that the kernel lowering plans actually runs, and,
 on a 2-D or 3-D grid, the keys of the centre query. On a 3-D grid the panels mark the
 time frames: lines between frames on the mask and the tile maps, the keys frame by frame.
+
+A space of segments (:func:`draw_segments`) gets one row: the mask over the whole space and
+the tile map of the first tiling, with lines where segments meet.
 """
 
 from __future__ import annotations
@@ -24,7 +27,19 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure, SubFigure
 
 from attncc.errors import AttnccError, form_error
-from attncc.ir.analysis import EMPTY, FULL, PARTIAL, Analysis, HeadGroup, Tiling, analyze, cross_keys, keys_of
+from attncc.ir.analysis import (
+    EMPTY,
+    FULL,
+    PARTIAL,
+    Analysis,
+    HeadGroup,
+    SegmentsAnalysis,
+    Tiling,
+    analyze,
+    analyze_segments,
+    cross_keys,
+    keys_of,
+)
 from attncc.ir.canonical import resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
@@ -119,6 +134,65 @@ def cross_figure(spec: Spec) -> Figure:
         ax.set_xlabel(f"key {'token' if k_cell == 1 else f'block of {k_cell} tokens'} (grid {spec.grid})")
     fig.suptitle(f"{_literal(spec.name)}: cross-attention, {_plural(spec.heads, 'head')}", fontweight="bold")
     return fig
+
+
+def draw_segments(spec: Spec, tiled: SegmentsAnalysis, path: str | Path) -> None:
+    """Write :func:`segments_figure` as a PNG."""
+    with plt.rc_context(_STYLE):
+        fig = segments_figure(spec, tiled)
+        try:
+            fig.savefig(path, dpi=110)
+        except OSError as e:
+            raise form_error(
+                AttnccError, "png path", str(path), "a writable file", e.strerror or str(e)
+            ) from None
+        finally:
+            plt.close(fig)
+
+
+def segments_figure(spec: Spec, tiled: SegmentsAnalysis) -> Figure:
+    """The picture of a spec of segments (its first head; the maps of all heads are alike
+    unless a pair's pattern is per head): the mask (exact up to 512 tokens, else the kept
+    fraction per cell, cells cut at segment borders) and the tile map of ``tiled``, with red
+    lines where segments meet."""
+    space = tiled.space
+    cell = max(1, math.ceil(space.size / _MAX_CELLS))
+    assert spec.space == space
+    fine = analyze_segments(spec.pattern, cell, cell, heads=tiled.heads)  # type: ignore[arg-type]
+    fraction = fine.tile_counts[0] / np.outer(fine.q_tiling.sizes(), fine.kv_tiling.sizes())
+    fig = plt.figure(figsize=(_PANEL * 2, _PANEL + 0.4), layout="constrained")
+    mask_ax, tiles_ax = fig.subplots(1, 2)
+    top = 1.0 if cell == 1 else max(float(fraction.max()), 1e-9)
+    image = mask_ax.imshow(fraction, cmap="Greys", vmin=0, vmax=top, interpolation="nearest")
+    mask_ax.set_title("mask" if cell == 1 else f"kept fraction per cell of up to {cell} tokens")
+    fig.colorbar(image, ax=mask_ax, shrink=0.8, label="kept" if cell == 1 else "kept fraction")
+    unit = "token" if cell == 1 else "cell"
+    mask_ax.set_ylabel(f"query {unit}")
+    mask_ax.set_xlabel(
+        f"key {unit}" + _segment_lines(mask_ax, fine.q_tiling.starts(), fine.kv_tiling.starts())
+    )
+    classes = tiled.tile_classes[0]
+    tiles_ax.imshow(classes, cmap=_TILE_COLOURS, vmin=0, vmax=2, interpolation="nearest", aspect="auto")
+    full, partial, empty = ((classes == c).sum() for c in (FULL, PARTIAL, EMPTY))
+    tiles_ax.set_title(
+        f"tiles q {tiled.q_tiling} / kv {tiled.kv_tiling}\n"
+        f"{full:,} full (blue), {partial:,} partial (orange), {empty:,} empty;\n"
+        f"tile bound {tiled.tile_bound:.2f}x"
+    )
+    tiles_ax.set_ylabel("Q tile")
+    lines = _segment_lines(tiles_ax, tiled.q_tiling.starts(), tiled.kv_tiling.starts())
+    tiles_ax.set_xlabel("KV tile" + lines)
+    fig.suptitle(f"{_literal(spec.name)}: {space}, {_plural(spec.heads, 'head')}", fontweight="bold")
+    return fig
+
+
+def _segment_lines(ax: Axes, rows: Sequence[int], cols: Sequence[int]) -> str:
+    """Lines before each segment's first row and column but the first; the axis label's note."""
+    for y in rows[1:]:
+        ax.axhline(y - 0.5, **_LINE)
+    for x in cols[1:]:
+        ax.axvline(x - 0.5, **_LINE)
+    return "; red lines: segments" if len(rows) > 1 else ""
 
 
 def _literal(text: str) -> str:

@@ -23,12 +23,14 @@ import math
 
 import torch
 
+from attncc.errors import PatternError, field_error
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.mask import coordinates, cross_mask
 from attncc.ir.mask import mask as brute_force_mask
 from attncc.ir.nodes import Pattern
 from attncc.ir.score import Score, as_score, checked, table_units
+from attncc.ir.segments import BySegments
 from attncc.layouts import CrossViews, cross_views, query_offsets, to_sdpa_views
 from attncc.runtime.cross import refuse_positions
 from attncc.runtime.data import checked as checked_data
@@ -82,7 +84,34 @@ def attention(
     Note [Cross-attention] in attncc.runtime.cross): the mask is
     :func:`attncc.ir.mask.cross_mask`, ``[Nq, Nk]`` per batch element and head, and per-query
     data (``query_bias``, ``bias``, the dropout mask, ``data["query_documents"]``) have q's length.
+    A pattern per pair of segments (Note [Segment spaces] in attncc.ir.segments) takes ``[B, H, N,
+    D]`` tensors over its whole space (``N = pattern.space.size``) and no ``grid``, ``q_offset``,
+    ``q_grid`` or ``data``; its score terms may not read relative positions.
     """
+    if isinstance(pattern, BySegments):
+        given = {"grid": grid, "q_offset": q_offset, "q_grid": q_grid, "data": data or None}
+        given["layout"] = None if layout in (None, "sdpa") else layout
+        for name, value in given.items():
+            if value is not None:
+                why = "a pattern per pair of segments runs on its whole space, [B, H, N, D]"
+                raise field_error(PatternError, name, value if name != "data" else sorted(value), "None", why)
+        views = to_sdpa_views(q, k, v, (pattern.space.size,), "sdpa")
+        if views.region != views.grid.shape:
+            why = f"q must cover the space {pattern.space} ({pattern.space.size} tokens)"
+            raise field_error(
+                PatternError, "q shape", tuple(q.shape), f"[B, H, {pattern.space.size}, D]", why
+            )
+        terms = as_score(score) if score_mod is None else as_score(score) + score_mod
+        for name in ("alibi", "rel_pos_bias"):
+            if getattr(terms, name) is not None:
+                why = "relative positions are not defined across segments (Note [Segment spaces])"
+                raise field_error(PatternError, "score", name, "terms that read no positions", why)
+        keep = brute_force_mask(pattern, pattern.space, heads=views.q.shape[1], device=q.device)
+        flat = Grid((pattern.space.size,))
+        args = (score, sigmoid_bias, score_mod, dropout_p, dropout_mask)
+        out, lse = _attend(views.q, views.k, views.v, keep[None], pattern, scale, flat, *args)
+        out = views.out.output(out)
+        return (out, views.out.lse(lse)) if return_lse and lse is not None else out
     if q_grid is not None:
         cross = cross_views(q, k, v, grid, q_grid, layout)
         args = (pattern, scale, score, sigmoid_bias, score_mod, dropout_p, dropout_mask, data)

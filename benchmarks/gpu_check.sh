@@ -5,7 +5,7 @@
 # machine, copied to $OUT so they come back to be committed. A device command may run 10
 # minutes at most, so each part runs on its own; in order of priority:
 #   bash benchmarks/gpu_check.sh smoke | tests | tests-front | tests-bwd | tests-terms | tests-runtime |
-#        tests-regions | bench-issue3 |
+#        tests-regions | tests-segments | bench-issue3 |
 #        bench-bwd | bench-terms | bench-tables | bench-decode | bench-text-video | cutlass | bench-cutlass | bench-grids | bench-flat |
 #        bench-models | extras | examples | tune | cp
 #   (all = every part but smoke, bench = every bench-*)
@@ -65,6 +65,14 @@ status=0
 [[ $part == all || $part == tests-regions ]] &&
   { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_regions.py tests/test_nn_cache.py \
     tests/test_compile_regions.py tests/test_cross.py tests/test_key_mask.py tests/test_paged.py 2>&1 | tee "$out/gpu_tests_regions.txt" || status=1; }
+# Token spaces of segments (issue 16 part 4) on CUDA: the kernels against the float64 oracle at odd
+# sizes (unmarked tests that take the GPU when there is one), then bf16/fp16/fp32 forward and
+# backward at realistic sizes (text beside a video, registers beside an odd image; -m gpu).
+[[ $part == all || $part == tests-segments ]] &&
+  { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_segments_kernels.py 2>&1 |
+      tee "$out/gpu_tests_segments.txt" || status=1
+    timeout 300 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_segments_gpu.py 2>&1 |
+      tee -a "$out/gpu_tests_segments.txt" || status=1; }
 [[ $part == all || $part == tests-bwd ]] &&
   { timeout 540 python3 -P -m pytest -m gpu -q -p no:cacheprovider tests/test_triton_bwd_gpu.py 2>&1 |
     tee "$out/gpu_tests_bwd.txt" || status=1; }
@@ -111,8 +119,9 @@ bench_part cutlass issue3 --fwd --peers sdpa,flex,attncc-cutlass,cutlass-example
       status=1
     (cd "$out" && timeout 420 python3 "$repo/benchmarks/decode_bench.py" --device cuda \
       --markdown "$repo/benchmarks/RESULTS.md") 2>&1 | tee -a "$out/bench-decode.txt" || status=1; }
-# Text beside video (issue 16 part 4's case): 256 text tokens + a 30x48x80 video, attncc's two calls
-# today beside FlexAttention (one mask_mod) and NATTEN's na3d with additional_keys where installed.
+# Text beside video (issue 16 part 4's case): 256 text tokens + a 30x48x80 video, attncc's one kernel
+# over the space of segments (by_segments) and its two calls beside FlexAttention (one mask_mod) and
+# NATTEN's na3d with additional_keys where installed.
 [[ $part == all || $part == bench || $part == bench-text-video ]] &&
   { (cd "$out" && timeout 420 python3 "$repo/benchmarks/text_video_block.py" --device cuda \
     --markdown "$repo/benchmarks/RESULTS.md") 2>&1 | tee "$out/bench-text-video.txt" || status=1; }

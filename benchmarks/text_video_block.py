@@ -4,10 +4,11 @@ token, video queries a 3-D neighborhood of the video and every text token.
 
     python benchmarks/text_video_block.py [--device cuda] [--markdown benchmarks/RESULTS.md]
 
-attncc runs it today as two calls (the single kernel over a token space of segments, part 4,
-is not built yet): the video queries through ``attncc.natten.na3d`` with the text as NATTEN's
-``additional_keys`` (the neighborhood kernels and a log-sum-exp merge), the text queries as
-cross-attention over every token (``q_grid=``, ``dense()``). Peers on the same tensors:
+attncc runs it two ways: as one kernel per direction over a token space of segments (``by_segments``:
+Note [Segment kernels] in attncc.lower.segments; the text a run of tokens, the video tiled in
+boxes), and as two calls: the video queries through ``attncc.natten.na3d`` with the text as
+NATTEN's ``additional_keys`` (the neighborhood kernels and a log-sum-exp merge), the text queries
+as cross-attention over every token (``q_grid=``, ``dense()``). Peers on the same tensors:
 FlexAttention with one ``mask_mod`` over the sequence of text then video (compiled, with its
 block mask, built once and not timed), and NATTEN's ``na3d`` with ``additional_keys`` plus SDPA for
 the text rows where NATTEN is installed. Every output must agree with attncc's (bf16: 3e-2 of the
@@ -28,7 +29,7 @@ import torch
 import attncc
 import attncc.natten
 from attncc.bench.report import prepend
-from attncc.ir import dense
+from attncc.ir import by_segments, dense, neighborhood, segments
 from attncc.timing import measure
 
 GPU = dict(text=256, video=(30, 48, 80), window=(7, 15, 15), heads=24, head_dim=128, dtype=torch.bfloat16)
@@ -60,6 +61,16 @@ def attncc_block(x: dict[str, torch.Tensor], window: tuple[int, ...]) -> torch.T
     n_text = x["qt"].shape[1]
     text = attncc.attention(x["qt"], _all(x, "k"), _all(x, "v"), dense(), q_grid=n_text, layout="spatial")
     return torch.cat([text, video.flatten(1, 3)], 1)
+
+
+def segments_block(x: dict[str, torch.Tensor], window: tuple[int, ...]) -> torch.Tensor:
+    """The block as one kernel over the space of its two segments, ``[B, text + video, heads, D]``."""
+    space = segments(text=x["qt"].shape[1], video=tuple(x["qv"].shape[1:4]))
+    pattern = by_segments(
+        space, {("text", "*"): dense(), ("video", "video"): neighborhood(window), ("video", "text"): dense()}
+    )
+    q, k, v = (_all(x, s).transpose(1, 2) for s in "qkv")
+    return attncc.attention(q, k, v, pattern).transpose(1, 2)
 
 
 def _keep(q_idx, kv_idx, n_text: int, video: tuple[int, ...], window: tuple[int, ...]):
@@ -131,6 +142,14 @@ def run(device: str, runs: int) -> dict:
             row["reference error"] = err
         ours = measure(lambda y: attncc_block(y, window), inputs, device, warmup=min(3, runs), runs=runs)
         row["attncc"] = ours.median
+        one = segments_block(inputs[0], window)
+        err = (one.float() - want.float()).abs().max().item()
+        tol = (1e-5 if shape["dtype"] == torch.float32 else 3e-2) * want.float().abs().max().item()
+        assert err <= tol, f"attncc's one kernel differs from its two calls by {err:.3g} (> {tol:.3g})"
+        one_kernel = measure(
+            lambda y: segments_block(y, window), inputs, device, warmup=min(3, runs), runs=runs
+        )
+        row["attncc one kernel"] = one_kernel.median
         peers = {"flex": _flex, "natten": _natten} if device == "cuda" else {}
         for name, make in peers.items():
             try:
@@ -154,14 +173,15 @@ def markdown(row: dict, device: str) -> str:
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter: tests the script)"
     s = row["shape"]
     video = "x".join(map(str, s["video"]))
-    head = ["attncc (two calls)", *row["peers"]]
-    cells = [_ms(row["attncc"]), *(_ms(v) for v in row["peers"].values())]
+    head = ["attncc (one kernel)", "attncc (two calls)", *row["peers"]]
+    cells = [_ms(row["attncc one kernel"]), _ms(row["attncc"]), *(_ms(v) for v in row["peers"].values())]
     return "\n".join([
         f"## Text beside video (issue 16 part 4), {datetime.date.today()}, {name}",
         "",
         f"`benchmarks/text_video_block.py`: {s['text']} text tokens + a {video} video, window "
         f"{'x'.join(map(str, s['window']))}, {s['heads']} heads, D = {s['head_dim']}, {s['dtype']};",
-        "attncc as two calls (na3d with the text as additional keys; the text rows as cross-attention).",
+        "attncc as one kernel per direction over the space of segments (by_segments), and as two calls",
+        "(na3d with the text as additional keys; the text rows as cross-attention).",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

@@ -14,7 +14,7 @@ data are given at call time (``block_mask``, ``topk_blocks``, ``documents``,
 normalised by :mod:`attncc.runtime.data`.
 """
 
-from attncc.ir.analysis import Analysis, Tiling, analyze
+from attncc.ir.analysis import Analysis, SegmentsAnalysis, SegmentTiling, Tiling, analyze, analyze_segments
 from attncc.ir.canonical import canonicalize, pattern_hash, resolve_heads, to_graph
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import (
@@ -75,6 +75,7 @@ from attncc.ir.score import (
     softcap,
     temperature,
 )
+from attncc.ir.segments import BySegments, Segments, by_segments, segments
 from attncc.ir.spec import Spec, load_spec
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
@@ -86,6 +87,7 @@ __all__ = [
     "BlockDiagonal",
     "BlockMask",
     "BlockSparse",
+    "BySegments",
     "Causal",
     "Congruent",
     "Dense",
@@ -102,6 +104,9 @@ __all__ = [
     "PerHead",
     "RuntimePrimitive",
     "Score",
+    "SegmentTiling",
+    "Segments",
+    "SegmentsAnalysis",
     "SlidingWindow",
     "Spec",
     "Strided",
@@ -110,12 +115,14 @@ __all__ = [
     "Union",
     "alibi",
     "analyze",
+    "analyze_segments",
     "axial",
     "band",
     "bias",
     "block_diagonal",
     "block_mask",
     "block_sparse",
+    "by_segments",
     "canonicalize",
     "causal",
     "congruent",
@@ -138,6 +145,7 @@ __all__ = [
     "query_bias",
     "rel_pos_bias",
     "resolve_heads",
+    "segments",
     "sigmoid",
     "sliding_window",
     "softcap",

@@ -39,6 +39,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,7 @@ from attncc.ir import symbolic
 from attncc.ir.canonical import canonicalize, resolve_heads
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Dense, Documents, Intersection, KeyLengths, KeyRange, Pattern, Union
+from attncc.ir.segments import BySegments, Segments
 from attncc.ir.symbolic import (
     AllOf,
     AnyOf,
@@ -63,7 +65,7 @@ from attncc.ir.symbolic import (
     rules,
     to_numpy,
 )
-from attncc.ir.validate import required_heads, validate, validate_cross
+from attncc.ir.validate import required_heads, validate, validate_cross, validate_segments
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 _ROW_BLOCK_ELEMENTS = 1 << 22  # bound on queries x keys evaluated at once
@@ -135,41 +137,34 @@ class Tiling:
         extents = [np.minimum(t, s - lo) for s, t, lo in zip(grid.shape, self.shape, starts)]
         return functools.reduce(np.multiply.outer, extents).ravel()
 
+    @property
+    def argument(self) -> int | tuple[int, ...]:
+        """The tile as :meth:`of` (and :func:`analyze`) take it: a size when flat, else a box."""
+        return self.shape[0] if self.flat else self.shape
+
     def __str__(self) -> str:
         return f"{self.shape[0]} flat" if self.flat else "x".join(map(str, self.shape))
 
 
-@dataclass(frozen=True, eq=False)
-class Analysis:
-    """What :func:`analyze` found.
+class _TileMapCounts:
+    """Density, FLOPs and tile counts of an analysis, from its ``heads``, ``head_dim``,
+    ``kept_pairs``, ``tile_classes``, ``runtime`` and ``tokens`` (N)."""
 
-    The tile map has one entry per head when heads differ, else a single entry
-    shared by every head; tile counts (``empty_tiles``, ...) are over the map,
-    while ``kept_pairs`` and FLOPs cover all ``heads``. For a pattern with data given at
-    call time (``runtime`` names its primitives), ``kept_pairs``, the density and
-    ``tile_counts`` are the most any data keep, ``min_kept_pairs`` the fewest (Note
-    [Data-dependent analysis]); for any other pattern the two are equal.
-    """
-
-    grid: Grid
     heads: int
     head_dim: int
-    q_tiling: Tiling
-    kv_tiling: Tiling
     kept_pairs: int
-    tile_counts: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] kept pairs
-    tile_classes: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] EMPTY/PARTIAL/FULL
-    min_kept_pairs: int = 0
-    runtime: tuple[str, ...] = ()  # the primitives whose data are given at call time, by name
+    tile_classes: np.ndarray
+    runtime: tuple[str, ...]
+    tokens: int
+
+    @property
+    def total_pairs(self) -> int:
+        return self.heads * self.tokens**2
 
     @property
     def data_dependent(self) -> bool:
         """Whether the kept pairs depend on data given at call time (Note [Data-dependent analysis])."""
         return bool(self.runtime)
-
-    @property
-    def total_pairs(self) -> int:
-        return self.heads * self.grid.size**2
 
     @property
     def density(self) -> float:
@@ -208,6 +203,34 @@ class Analysis:
         """See Note [Tile-level bound]."""
         visited = self.partial_tiles + self.full_tiles
         return math.inf if visited == 0 else self.tile_classes.size / visited
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis(_TileMapCounts):
+    """What :func:`analyze` found.
+
+    The tile map has one entry per head when heads differ, else a single entry
+    shared by every head; tile counts (``empty_tiles``, ...) are over the map,
+    while ``kept_pairs`` and FLOPs cover all ``heads``. For a pattern with data given at
+    call time (``runtime`` names its primitives), ``kept_pairs``, the density and
+    ``tile_counts`` are the most any data keep, ``min_kept_pairs`` the fewest (Note
+    [Data-dependent analysis]); for any other pattern the two are equal.
+    """
+
+    grid: Grid
+    heads: int
+    head_dim: int
+    q_tiling: Tiling
+    kv_tiling: Tiling
+    kept_pairs: int
+    tile_counts: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] kept pairs
+    tile_classes: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] EMPTY/PARTIAL/FULL
+    min_kept_pairs: int = 0
+    runtime: tuple[str, ...] = ()  # the primitives whose data are given at call time, by name
+
+    @property
+    def tokens(self) -> int:
+        return self.grid.size
 
 
 def analyze(
@@ -626,3 +649,139 @@ def _row_counts(rule: Rule, grid: Grid, q_tiling: Tiling, kv_tiling: Tiling) -> 
         per_query = np.add.reduceat(keep, kv_starts, axis=1, dtype=np.int64)
         np.add.at(out, q_tile_id[qf], per_query)
     return out
+
+
+# --- token spaces of segments ----------------------------------------------------------
+
+# Note [Segment tile maps]: a space of segments (Note [Segment spaces] in attncc.ir.segments) is
+# tiled segment by segment, each with a tiling of its own grid (box tiles in a grid, flat runs in
+# a text), so no tile straddles two segments; the space's tiles are the first segment's, then the
+# second's, ... and its tile map is one block per (query segment, key segment) pair. A
+# same-segment pair's block is :func:`analyze` of its pattern on that segment's grid; a pair of
+# two segments keeps a pair from the key alone (attncc.ir.validate.validate_cross), so every
+# query of its segment has the same keys and the block is the outer product of the Q tiles'
+# sizes with the kept keys per KV tile; unlisted pairs' blocks are empty.
+
+SegmentTile = int | tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SegmentTiling:
+    """One :class:`Tiling` per segment of ``space``, in segment order (Note [Segment tile maps])."""
+
+    space: Segments
+    tilings: tuple[Tiling, ...]
+
+    @staticmethod
+    def of(tile: SegmentTile | Sequence[SegmentTile], space: Segments, name: str = "tile") -> SegmentTiling:
+        """One size (flat runs of that many tokens in every segment), or one tile per segment
+        (each a size or a box of the segment's rank)."""
+        if isinstance(tile, int) and not isinstance(tile, bool):
+            per_segment: Sequence[SegmentTile] = [tile] * len(space.names)
+        elif isinstance(tile, (list, tuple)) and len(tile) == len(space.names):
+            per_segment = tile
+        else:
+            allowed = f"one size, or {len(space.names)} tiles (one per segment: {', '.join(space.names)})"
+            raise field_error(PatternError, name, tile, allowed)
+        tilings = tuple(
+            Tiling.of(t, g, f"{name}[{n}]") for t, g, n in zip(per_segment, space.grids, space.names)
+        )
+        return SegmentTiling(space, tilings)
+
+    def counts(self) -> tuple[int, ...]:
+        """Tiles per segment."""
+        return tuple(math.prod(t.counts(g)) for t, g in zip(self.tilings, self.space.grids))
+
+    def starts(self) -> tuple[int, ...]:
+        """The index of each segment's first tile among the space's tiles."""
+        return tuple(int(x) for x in np.cumsum((0, *self.counts()))[:-1])
+
+    def sizes(self) -> np.ndarray:
+        """Number of real tokens in each tile of the space."""
+        return np.concatenate([t.sizes(g) for t, g in zip(self.tilings, self.space.grids)])
+
+    def tile_of_token(self) -> np.ndarray:
+        """Tile index (among the space's tiles) of every flat token of the space."""
+        parts = [t.tile_of_token(g) for t, g in zip(self.tilings, self.space.grids)]
+        return np.concatenate([p + s for p, s in zip(parts, self.starts())])
+
+    def __str__(self) -> str:
+        return ", ".join(f"{n} {t}" for n, t in zip(self.space.names, self.tilings))
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentsAnalysis(_TileMapCounts):
+    """What :func:`analyze_segments` found: :class:`Analysis` over a space of segments (Note
+    [Segment tile maps]); no pattern of segments reads data given at call time."""
+
+    space: Segments
+    heads: int
+    head_dim: int
+    q_tiling: SegmentTiling
+    kv_tiling: SegmentTiling
+    kept_pairs: int
+    tile_counts: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] kept pairs
+    tile_classes: np.ndarray = field(repr=False)  # [H or 1, q tiles, kv tiles] EMPTY/PARTIAL/FULL
+    runtime: tuple[str, ...] = ()
+
+    @property
+    def tokens(self) -> int:
+        return self.space.size
+
+    @property
+    def min_kept_pairs(self) -> int:
+        return self.kept_pairs
+
+
+def analyze_segments(
+    pattern: BySegments,
+    q_tile: SegmentTile | Sequence[SegmentTile] = 128,
+    kv_tile: SegmentTile | Sequence[SegmentTile] = 128,
+    heads: int | None = None,
+    head_dim: int = 128,
+) -> SegmentsAnalysis:
+    """Exact density, FLOPs and tile map of a pattern per pair of segments over its whole space
+    (Note [Segment tile maps]). ``q_tile``/``kv_tile``: one size (flat runs in every segment) or
+    one tile per segment, a size or a box of that segment's rank."""
+    if not isinstance(pattern, BySegments):
+        raise field_error(PatternError, "pattern", str(pattern), "by_segments(...)")
+    heads = validate_segments(pattern, heads)
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
+        raise field_error(PatternError, "head_dim", head_dim, "an integer >= 1")
+    space = pattern.space
+    q_tiling = SegmentTiling.of(q_tile, space, "q_tile")
+    kv_tiling = SegmentTiling.of(kv_tile, space, "kv_tile")
+    shared = required_heads(pattern) is None
+    maps = 1 if shared else heads
+    q_tiles, kv_tiles = sum(q_tiling.counts()), sum(kv_tiling.counts())
+    hint = f"{space} in tiles of {q_tiling} (Q) and {kv_tiling} (KV): take larger tiles"
+    _within("Q tiles", q_tiles, MAX_TILES, hint)
+    _within("KV tiles", kv_tiles, MAX_TILES, hint)
+    _within("tile map entries", maps * q_tiles * kv_tiles, MAX_TILE_PAIRS, hint)
+    counts = np.zeros((maps, q_tiles, kv_tiles), np.int64)
+    q_starts, kv_starts = q_tiling.starts(), kv_tiling.starts()
+    for i, j, pair in pattern.listed():
+        q_grid, k_grid = space.grids[i], space.grids[j]
+        q_t, kv_t = q_tiling.tilings[i], kv_tiling.tilings[j]
+        rows = slice(q_starts[i], q_starts[i] + q_tiling.counts()[i])
+        cols = slice(kv_starts[j], kv_starts[j] + kv_tiling.counts()[j])
+        if i == j:
+            block = analyze(pair, q_grid, q_t.argument, kv_t.argument, heads, head_dim).tile_counts
+        else:  # the keys of a pair of two segments do not depend on the query: any query's
+            kv_of_key = kv_t.tile_of_token(k_grid)
+            keys = [keys_of(pair, k_grid, 0, h) for h in range(maps)]
+            per_tile = np.stack([np.bincount(kv_of_key, k, len(kv_t.sizes(k_grid))) for k in keys])
+            block = q_t.sizes(q_grid)[None, :, None] * per_tile.astype(np.int64)[:, None, :]
+        counts[:, rows, cols] = block
+    capacity = np.outer(q_tiling.sizes(), kv_tiling.sizes())
+    classes = np.where(counts == 0, EMPTY, np.where(counts == capacity, FULL, PARTIAL))
+    return SegmentsAnalysis(
+        space=space,
+        heads=heads,
+        head_dim=head_dim,
+        q_tiling=q_tiling,
+        kv_tiling=kv_tiling,
+        kept_pairs=int(counts.sum()) * (heads if shared else 1),
+        tile_counts=counts,
+        tile_classes=classes.astype(np.int8),
+    )

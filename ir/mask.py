@@ -9,6 +9,10 @@ Primitives whose data are given at call time (Note [Runtime data] in
 attncc.ir.nodes) read the normalised data of :func:`attncc.runtime.data.checked`
 (one tensor per kind, with a batch dimension), so a mask with data has a batch
 dimension too: ``[B or 1, H or 1, N, N]``.
+
+A pattern per pair of segments (Note [Segment spaces] in attncc.ir.segments) has a mask over its
+whole space, made of one block per pair of segments: each same-segment pair's :func:`mask` on
+that segment's grid, each pair of two segments' :func:`cross_mask`, nothing elsewhere.
 """
 
 from __future__ import annotations
@@ -44,7 +48,8 @@ from attncc.ir.nodes import (
     TopkBlocks,
     Union,
 )
-from attncc.ir.validate import neighborhood_axes, validate, validate_cross
+from attncc.ir.segments import BySegments, Segments
+from attncc.ir.validate import neighborhood_axes, validate, validate_cross, validate_segments
 
 
 def coordinates(grid: Grid, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -75,7 +80,7 @@ def neighborhood_axis(
 
 def mask(
     p: Pattern,
-    grid: Grid,
+    grid: Grid | Segments,
     heads: int | None = None,
     device: torch.device | str = "cpu",
     data: dict[str, torch.Tensor] | None = None,
@@ -84,8 +89,11 @@ def mask(
 
     ``H`` is 1 when the pattern is the same for every head, else the head count. With
     ``data`` (the normalised data of :func:`attncc.runtime.data.checked`, on ``device``),
-    ``[B, H, N, N]``: ``B`` and ``H`` are 1 where nothing varies with them.
+    ``[B, H, N, N]``: ``B`` and ``H`` are 1 where nothing varies with them. A pattern per pair
+    of segments takes its space as ``grid`` (``p.space``) and no data.
     """
+    if isinstance(p, BySegments):
+        return _segments_mask(p, grid, heads, device, data)
     heads = validate(p, grid, heads)
     for leaf in p.runtime_leaves:
         if data is None or leaf.NAME not in data:
@@ -147,6 +155,33 @@ def cross_mask(
         return per_head[0].expand(-1, 1, n_q, n_k)
     batch = max(m.shape[0] for m in per_head)
     return torch.cat([m.expand(batch, 1, n_q, n_k) for m in per_head], 1)
+
+
+def _segments_mask(
+    p: BySegments, space: Grid | Segments, heads: int | None, device: torch.device | str, data: dict | None
+) -> torch.Tensor:
+    """``[H or 1, N, N]`` mask of a pattern per pair of segments over its whole space."""
+    if space != p.space:
+        raise field_error(PatternError, "grid", str(space), f"the pattern's space, {p.space}")
+    if data:
+        why = "a pattern per pair of segments holds no primitive whose data are given at call time"
+        raise field_error(PatternError, "data", sorted(data), "None", why)
+    heads = validate_segments(p, heads)
+    blocks = []
+    for i, j, pattern in p.listed():
+        q_grid, k_grid = space.grids[i], space.grids[j]
+        keep = (
+            mask(pattern, k_grid, heads, device)
+            if i == j
+            else cross_mask(pattern, q_grid, k_grid, heads, device)[0]
+        )
+        blocks.append((i, j, keep))
+    varies = any(keep.shape[0] > 1 for _, _, keep in blocks)
+    out = torch.zeros(heads if varies else 1, space.size, space.size, dtype=torch.bool, device=device)
+    starts, sizes = space.offsets, space.sizes
+    for i, j, keep in blocks:
+        out[:, starts[i] : starts[i] + sizes[i], starts[j] : starts[j] + sizes[j]] = keep
+    return out
 
 
 def _runtime_leaf(node: Pattern, grid: Grid, coords: torch.Tensor, data: dict) -> torch.Tensor:

@@ -29,6 +29,11 @@ keyed by kind: a second one is refused where it meets the first, even an equal
 one (``(documents() & a) | (documents() & b)`` is written
 ``documents() & (a | b)``), so the lowering combines each kind's data once.
 Their data carry heads, so ``per_head`` refuses an entry that holds one.
+
+Note [Root-only nodes]: a node with ``ROOT_ONLY`` set (:class:`attncc.ir.segments.BySegments`,
+which carries a token space of its own) is a whole pattern, never an operand: a union, an
+intersection or a ``per_head`` reads all its operands on one grid, which such a node does not
+live on. They refuse it where they are built.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ class Pattern:
     """Base class of every IR node. ``|`` is union, ``&`` intersection."""
 
     NAME: ClassVar[str]
+    ROOT_ONLY: ClassVar[bool] = False  # Note [Root-only nodes]
 
     def __or__(self, other: Pattern) -> Pattern:
         return union(self, other)
@@ -537,11 +543,19 @@ class KeyMask(RuntimePrimitive):
 # --- combinators -------------------------------------------------------------
 
 
+def _refuse_root_only(field_name: str, op: Pattern) -> None:
+    """Note [Root-only nodes]."""
+    if op.ROOT_ONLY:
+        why = f"{op.NAME} carries its own token space; combine patterns inside its pairs instead"
+        raise field_error(PatternError, field_name, op.NAME, "patterns on one grid", why)
+
+
 def _flatten(cls: type, operands: Sequence[Pattern]) -> tuple[Pattern, ...]:
     out: list[Pattern] = []
     for op in operands:
         if not isinstance(op, Pattern):
             raise field_error(PatternError, f"{cls.NAME} operand", op, "a pattern")
+        _refuse_root_only(f"{cls.NAME} operand", op)
         out.extend(op.operands if isinstance(op, cls) else (op,))
     return tuple(out)
 
@@ -600,6 +614,7 @@ class PerHead(Pattern):
                 raise field_error(PatternError, f"per_head.patterns[{i}]", p, "a pattern")
             if isinstance(p, PerHead):
                 raise field_error(PatternError, f"per_head.patterns[{i}]", str(p), "no nested per_head")
+            _refuse_root_only(f"per_head.patterns[{i}]", p)
             if p.runtime_leaves:
                 allowed = "patterns without data given at call time (whose data carry their own heads)"
                 why = f"{p.runtime_leaves[0]} reads [B, H, ...] data: put it outside the per_head"

@@ -21,6 +21,19 @@ key's. Without either, queries and keys are the grid.
 ``pattern`` is the text form, or the same tree as mappings, which suits long
 block layouts: ``{block_sparse: {layout: [[1, 0], [1, 1]], block: 64}}``,
 ``{union: [p, q]}``, ``{intersection: [p, q]}``, ``{per_head: [p, q]}``.
+
+A token space of segments (Note [Segment spaces] in attncc.ir.segments) takes ``segments``
+instead of ``grid``, the segments in token order, and a pattern per pair of segments, each
+key ``'q -> k'`` (quoted: a YAML ``*`` starts an alias)::
+
+    segments: {text: 226, video: [16, 48, 48]}
+    pattern:
+      "text -> *": dense()
+      "video -> video": neighborhood(window=(7, 15, 15))
+      "video -> text": dense()
+
+(or the text ``by_segments(segments(...), {...})`` of the same space). ``attncc analyze`` and
+``attncc inspect`` take such a spec; the other commands refuse it, naming the field.
 """
 
 from __future__ import annotations
@@ -37,13 +50,24 @@ from attncc.errors import AttnccError, SpecError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import PRIMITIVES, Pattern, intersection, per_head, union
 from attncc.ir.score import Score, parse_score
+from attncc.ir.segments import BySegments, Segments
 from attncc.ir.text import parse
-from attncc.ir.validate import validate, validate_cross
+from attncc.ir.validate import validate, validate_cross, validate_segments
 
 DTYPES = ("float16", "bfloat16", "float32")
 _FIELDS = (
-    "pattern", "grid", "heads", "head_dim", "dtype", "score", "queries", "q_grid", "name", "description"
-)  # fmt: skip
+    "pattern",
+    "grid",
+    "segments",
+    "heads",
+    "head_dim",
+    "dtype",
+    "score",
+    "queries",
+    "q_grid",
+    "name",
+    "description",
+)
 
 
 class _SpecLoader(yaml.SafeLoader):
@@ -79,6 +103,7 @@ class Spec:
     score: Score = dataclasses.field(default_factory=Score)  # softmax, no terms
     queries: tuple[int, ...] | None = None  # the queries' box of the grid; None: all of it
     q_grid: Grid | None = None  # the queries' own grid (cross-attention: grid is the keys'); None: grid
+    space: Segments | None = None  # a space of segments: ``grid`` is then its N tokens in a row
 
 
 def load_spec(path: str | Path) -> Spec:
@@ -112,19 +137,30 @@ def spec_from_data(data: Any, default_name: str = "") -> Spec:
     for key in data:
         if key not in _FIELDS:
             raise field_error(SpecError, "spec field", key, ", ".join(_FIELDS), "unknown field")
-    for key in ("pattern", "grid"):
+    for key in ("pattern", "grid" if "segments" not in data else "segments"):
         if key not in data:
             raise SpecError(f"spec field {key!r} is missing; it is required")
-    grid_value = data["grid"]
-    if isinstance(grid_value, bool) or not isinstance(grid_value, (int, list)):
-        raise field_error(SpecError, "grid", grid_value, "a list of 1 to 3 integers >= 1")
-    grid = Grid(tuple(grid_value) if isinstance(grid_value, list) else grid_value)
-    pattern = pattern_from_data(data["pattern"])
-    q_grid = _q_grid(data.get("q_grid"), data.get("queries"))
-    if q_grid is None:
-        heads = validate(pattern, grid, data.get("heads"))
+    space, q_grid = None, None
+    if "segments" in data:
+        for key in ("grid", "queries", "q_grid"):
+            if key in data:
+                allowed = "no grid, queries or q_grid field with segments (the space is every query)"
+                raise field_error(SpecError, key, data[key], allowed)
+        space = _space(data["segments"])
+        grid = Grid((space.size,))
+        pattern: Pattern = _segments_pattern(data["pattern"], space)
+        heads = validate_segments(pattern, data.get("heads"))
     else:
-        heads = validate_cross(pattern, q_grid, grid, data.get("heads"))
+        grid_value = data["grid"]
+        if isinstance(grid_value, bool) or not isinstance(grid_value, (int, list)):
+            raise field_error(SpecError, "grid", grid_value, "a list of 1 to 3 integers >= 1")
+        grid = Grid(tuple(grid_value) if isinstance(grid_value, list) else grid_value)
+        pattern = pattern_from_data(data["pattern"])
+        q_grid = _q_grid(data.get("q_grid"), data.get("queries"))
+        if q_grid is None:
+            heads = validate(pattern, grid, data.get("heads"))
+        else:
+            heads = validate_cross(pattern, q_grid, grid, data.get("heads"))
     head_dim = data.get("head_dim", 128)
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise field_error(SpecError, "head_dim", head_dim, "an integer >= 1")
@@ -137,16 +173,62 @@ def spec_from_data(data: Any, default_name: str = "") -> Spec:
         raise form_error(SpecError, "score", score_text, expected)
     score = parse_score(score_text)
     score.check(grid, heads)
-    if q_grid is not None:
+    if q_grid is not None or space is not None:
         for name in ("alibi", "rel_pos_bias"):
             if getattr(score, name) is not None:
+                if space is not None:
+                    why = "relative positions are not defined across segments (Note [Segment spaces])"
+                    raise field_error(SpecError, "score", name, "terms that read no positions", why)
                 why = "q_grid is not the keys' grid: no query has a position among the keys"
                 raise field_error(
                     SpecError, "score", score_text, "terms other than alibi and rel_pos_bias", why
                 )
     queries = _queries(data.get("queries"), grid)
     name = str(data.get("name", default_name))
-    return Spec(pattern, grid, heads, head_dim, dtype, name, score, queries, q_grid)
+    return Spec(pattern, grid, heads, head_dim, dtype, name, score, queries, q_grid, space)
+
+
+def _space(value: Any) -> Segments:
+    """The spec's ``segments``: a mapping of names to shapes, in token order."""
+    if not isinstance(value, dict) or not value:
+        allowed = "a mapping of segment names to shapes, e.g. {text: 226, video: [16, 48, 48]}"
+        raise field_error(SpecError, "segments", value, allowed)
+    shapes = []
+    for name, shape in value.items():
+        if isinstance(shape, bool) or not isinstance(shape, (int, list)):
+            allowed = "an integer >= 1 (a 1-D run) or a list of 1 to 3 integers >= 1 (a grid)"
+            raise field_error(SpecError, f"segments.{name}", shape, allowed)
+        shapes.append(tuple(shape) if isinstance(shape, list) else (shape,))
+    return Segments(tuple(value), tuple(shapes))
+
+
+def _segments_pattern(value: Any, space: Segments) -> BySegments:
+    """The pattern of a spec with ``segments``: ``{'q -> k': pattern}`` or a by_segments text."""
+    allowed = f"a mapping {{'q -> k': pattern}} (segment names of {space} or '*'), or by_segments text"
+    if isinstance(value, str):
+        pattern = parse(value)
+        if not isinstance(pattern, BySegments) or pattern.space != space:
+            other = isinstance(pattern, BySegments)
+            why = f"the text is {'by_segments of another space' if other else 'not by_segments'}"
+            raise field_error(SpecError, "pattern", value, allowed, why)
+        return pattern
+    if not isinstance(value, dict) or not value:
+        raise field_error(SpecError, "pattern", value, allowed)
+    pairs = []
+    for key, entry in value.items():
+        sides = key.split("->") if isinstance(key, str) else []
+        if len(sides) != 2:
+            raise field_error(SpecError, "pattern key", key, "'q -> k', each a segment name or '*'")
+        pairs.append(((sides[0].strip(), sides[1].strip()), pattern_from_data(entry)))
+    return BySegments(space, tuple(pairs))
+
+
+def on_grid(spec: Spec, command: str) -> Spec:
+    """``spec``, for a command that runs kernels on one grid: a space of segments is refused."""
+    if spec.space is not None:
+        allowed = "a grid field (of the commands, attncc analyze and inspect take segments so far)"
+        raise field_error(SpecError, f"segments (for attncc {command})", str(spec.space), allowed)
+    return spec
 
 
 def one_grid(spec: Spec, command: str) -> Spec:
@@ -157,12 +239,13 @@ def one_grid(spec: Spec, command: str) -> Spec:
         )
         raise field_error(SpecError, f"q_grid (for attncc {command})", spec.q_grid.shape, allowed)
     return spec
+    return spec
 
 
 def whole_grid(spec: Spec, command: str) -> Spec:
-    """``spec``, for a command that runs every query of the grid: one with ``queries`` (or
-    ``q_grid``: :func:`one_grid`) is refused."""
-    if one_grid(spec, command).queries:
+    """``spec``, for a command that runs every query of the grid: one with ``queries``,
+    ``segments`` (:func:`on_grid`) or ``q_grid`` (:func:`one_grid`) is refused."""
+    if one_grid(on_grid(spec, command), command).queries:
         allowed = "no queries field (it runs every query of the grid; analyze, inspect and compile take it)"
         raise field_error(SpecError, f"queries (for attncc {command})", spec.queries, allowed)
     return spec

@@ -12,6 +12,11 @@ one call, ``union(a, b, ...)``, which the parser reads flat however wide it
 is; narrower ones keep the infix form people write. The builder reads infix
 chains with a loop, not one call per operand. Depth is bounded where nodes
 are built (Note [Nesting limit] in attncc.ir.nodes).
+
+A pattern per pair of segments (Note [Segment spaces] in attncc.ir.segments) is written as it is
+built, ``by_segments(segments(text=226, video=(16, 48, 48)), {('text', '*'): dense(), ...})``:
+its space a ``segments`` call of names and shapes, its pairs a dict literal whose keys are pairs
+of quoted segment names; this is the one place where the text holds strings.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from attncc.ir.nodes import (
     per_head,
     union,
 )
+from attncc.ir.segments import BySegments, Segments
 
 _COMBINATOR_CALLS = {"union": union, "intersection": intersection}
 MAX_INFIX = 16  # Note [Wide combinators]
@@ -64,6 +70,9 @@ def format_pattern(p: Pattern) -> str:
         )
     if isinstance(p, PerHead):
         return f"per_head([{', '.join(format_pattern(op) for op in p.patterns)}])"
+    if isinstance(p, BySegments):
+        pairs = ", ".join(f"({q!r}, {k!r}): {format_pattern(op)}" for (q, k), op in p.pairs)
+        return f"by_segments({p.space}, {{{pairs}}})"
     args = []
     for f in dataclasses.fields(p):  # type: ignore[arg-type]
         value = getattr(p, f.name)
@@ -110,8 +119,10 @@ class _Builder:
             return _COMBINATOR_CALLS[name](*(self.pattern(a) for a in node.args))
         if name == "per_head":
             return self.per_head(node)
+        if name == "by_segments":
+            return self.by_segments(node)
         if name not in PRIMITIVES:
-            known = ", ".join(sorted([*PRIMITIVES, "per_head", *_COMBINATOR_CALLS]))
+            known = ", ".join(sorted([*PRIMITIVES, "per_head", "by_segments", *_COMBINATOR_CALLS]))
             raise self.fail(node, f"unknown primitive {name!r}", known)
         return self.primitive(node, PRIMITIVES[name])
 
@@ -133,6 +144,37 @@ class _Builder:
         if bad or len(values) != 1 or not isinstance(values[0], (ast.List, ast.Tuple)):
             raise self.fail(node, "per_head takes one list of patterns", "per_head([p0, p1, ...])")
         return per_head([self.pattern(e) for e in values[0].elts])
+
+    def by_segments(self, node: ast.Call) -> Pattern:
+        """``by_segments(segments(name=shape, ...), {('q', 'k'): pattern, ...})``."""
+        form = "by_segments(segments(name=shape, ...), {('q', 'k'): pattern, ...})"
+        if node.keywords or len(node.args) != 2:
+            raise self.fail(node, "by_segments takes a space and a dict of pairs", form)
+        space, pairs = node.args
+        if not (
+            isinstance(space, ast.Call) and isinstance(space.func, ast.Name) and space.func.id == "segments"
+        ):
+            raise self.fail(space, f"unexpected space {self.source(space)!r}", form)
+        if space.args or any(kw.arg is None for kw in space.keywords):
+            raise self.fail(
+                space, "segments takes name=shape arguments", "segments(text=226, video=(16, 48, 48))"
+            )
+        names = tuple(kw.arg for kw in space.keywords)
+        shapes = tuple(self.literal(kw.value) for kw in space.keywords)
+        built = Segments(names, tuple(s if isinstance(s, tuple) else (s,) for s in shapes))
+        if not isinstance(pairs, ast.Dict) or not pairs.keys:
+            raise self.fail(pairs, f"unexpected pairs {self.source(pairs)!r}", form)
+        entries = []
+        for key, value in zip(pairs.keys, pairs.values):
+            if not (
+                isinstance(key, ast.Tuple)
+                and len(key.elts) == 2
+                and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in key.elts)
+            ):
+                shown = self.source(key) if key is not None else "**"
+                raise self.fail(key or pairs, f"unexpected pair {shown!r}", "('q segment', 'k segment')")
+            entries.append(((key.elts[0].value, key.elts[1].value), self.pattern(value)))
+        return BySegments(built, tuple(entries))
 
     def primitive(self, node: ast.Call, cls: type[Pattern]) -> Pattern:
         fields = [f for f in dataclasses.fields(cls)]  # type: ignore[arg-type]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from attncc.errors import PatternError, field_error, form_error
 from attncc.ir.grid import Grid
@@ -26,6 +27,9 @@ from attncc.ir.nodes import (
     TopkBlocks,
     Union,
 )
+
+if TYPE_CHECKING:
+    from attncc.ir.segments import BySegments
 
 
 def per_axis(value: int | bool | tuple, rank: int, name: str) -> tuple:
@@ -97,6 +101,20 @@ def validate(p: Pattern, grid: Grid, heads: int | None = None) -> int:
     """
     if not isinstance(p, Pattern):
         raise form_error(PatternError, "pattern", _shown(p), "an attncc pattern", _pattern_hint(p))
+    if p.ROOT_ONLY:  # Note [Root-only nodes] in attncc.ir.nodes
+        why = (
+            "it carries its own token space, which only attncc.attention, attncc.reference.attention, "
+            "attncc.ir.mask and attncc.ir.analysis.analyze_segments take so far (Note [Segment spaces] in "
+            "attncc.ir.segments)"
+        )
+        raise field_error(PatternError, "pattern", p.NAME, f"a pattern on one grid ({grid})", why)
+    heads = _heads(p, heads)
+    _check(p, grid)
+    return heads
+
+
+def _heads(p: Pattern, heads: int | None) -> int:
+    """``heads`` if given, else what the pattern fixes, else 1; a given count must match."""
     fixed = required_heads(p)
     if heads is not None and (isinstance(heads, bool) or not isinstance(heads, int) or heads < 1):
         raise field_error(PatternError, "heads", heads, "an integer >= 1")
@@ -104,8 +122,31 @@ def validate(p: Pattern, grid: Grid, heads: int | None = None) -> int:
         raise field_error(
             PatternError, "heads", heads, f"{fixed} (the pattern gives {fixed} per-head entries)"
         )
-    _check(p, grid)
     return heads or fixed or 1
+
+
+def validate_segments(p: BySegments, heads: int | None = None) -> int:
+    """:func:`validate` for a pattern per pair of segments (Note [Segment spaces] in
+    attncc.ir.segments), whose pairs were checked against its space when it was built: the head
+    count, one for every pair."""
+    return _heads(p, heads)
+
+
+def check_segment_pairs(p: BySegments) -> None:
+    """Each listed pair's pattern fits its segments: a same-segment pair as a pattern on that
+    segment's grid, a pair of two segments as one across two grids (:func:`validate_cross`).
+    Errors name the pair."""
+    space = p.space
+    for i, j, pattern in p.listed():
+        q_grid, k_grid = space.grids[i], space.grids[j]
+        try:
+            if i == j:
+                validate(pattern, k_grid)
+            else:
+                validate_cross(pattern, q_grid, k_grid)
+        except PatternError as e:
+            pair = (space.names[i], space.names[j])
+            raise PatternError(f"by_segments.pairs[{pair!r}]: {e}") from None
 
 
 CROSS_ALLOWED = (

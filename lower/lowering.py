@@ -548,11 +548,38 @@ def to_triton(expr: sympy.Expr) -> str:
 # --- table plans ----------------------------------------------------------------------
 
 
-class _RulePrinter(symbolic._IntegerPrinter):
+class _FloorPrinter(symbolic._IntegerPrinter):
+    """Prints a rule's integer expressions for a kernel, rounding down as sympy does.
+
+    Note [Floor division in kernels]: Triton's integer ``//`` and ``%`` truncate toward zero
+    (C's semantics), sympy's floor and Mod round down. A rule's numerators can be negative (a
+    dilated neighbourhood on an axis whose length is not a multiple of the dilation gives
+    ``(-(q % 2)) // 2``), so a rule per element spells both rounding down: with ``m = ((a % b)
+    + b) % b`` (in [0, b) for b > 0, as every divisor of a rule is), ``a - m`` is a multiple of
+    b, which ``//`` divides exactly. (Range plans' closed forms, in group coordinates, divide
+    no negative number.)
+    """
+
+    def __init__(self) -> None:
+        super().__init__("tl.minimum", "tl.maximum")
+
+    def _print_floor(self, expr: sympy.Expr) -> str:
+        num, den = sympy.fraction(sympy.together(expr.args[0]))
+        if den == 1:
+            return self._print(num)
+        a, b = self._operand(num), self._operand(den, strict=True)
+        return f"(({a} - ((({a} % {b}) + {b}) % {b})) // {b})"
+
+    def _print_Mod(self, expr: sympy.Expr) -> str:
+        a, b = self._operand(expr.args[0]), self._operand(expr.args[1], strict=True)
+        return f"((({a} % {b}) + {b}) % {b})"
+
+
+class _RulePrinter(_FloorPrinter):
     """Prints predicates with lookups as Triton loads from the plan's table buffer."""
 
     def __init__(self, lookups: dict[str, Lookup]) -> None:
-        super().__init__("tl.minimum", "tl.maximum")
+        super().__init__()
         self.lookups = lookups
 
     def _print_Symbol(self, expr: sympy.Symbol) -> str:
@@ -576,11 +603,12 @@ class _RulePrinter(symbolic._IntegerPrinter):
 
 def _spell_progression(prog: Progression, qname: str, kname: str) -> str:
     sub = {symbolic.q: sympy.Symbol(qname)}
-    f = to_triton(prog.first.subs(sub))
-    last = to_triton(prog.last.subs(sub))
+    printer = _FloorPrinter()  # Note [Floor division in kernels]
+    f = printer.doprint(prog.first.subs(sub))
+    last = printer.doprint(prog.last.subs(sub))
     keep = f"(({kname}) >= ({f})) & (({kname}) <= ({last}))"
-    if prog.step != 1:
-        keep += f" & ((({kname}) - ({f})) % ({to_triton(prog.step)}) == 0)"
+    if prog.step != 1:  # k - first >= 0 on every kept key, so C's % tests the congruence
+        keep += f" & ((({kname}) - ({f})) % ({printer.doprint(prog.step)}) == 0)"
     return f"({keep})"
 
 

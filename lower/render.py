@@ -32,6 +32,7 @@ import jinja2
 
 from attncc.lower.decode import DecodePlan
 from attncc.lower.plan import RUNTIME_ARGS, KernelPlan
+from attncc.lower.segments import SegmentPlan
 from attncc.memo import memo
 from attncc.runtime import cache as kernel_cache
 
@@ -106,6 +107,22 @@ def load_decode(plan: DecodePlan) -> ModuleType:
     """:func:`load` for a decode plan (attncc.lower.decode)."""
     label = f"triton decode {plan.iteration} {plan.dtype} d{plan.head_dim} keys {plan.keys} rows {plan.rows}"
     return _load(render_decode(plan).encode(), {"decode plan": dataclasses.asdict(plan)}, label)
+
+
+def render_segments(plan: SegmentPlan) -> str:
+    """The Triton module source of a segments plan: its three kernels and their launchers
+    (Note [Segment kernels] in attncc.lower.segments)."""
+    source = ENV.get_template("segments.py.j2").render(plan=plan)
+    _check_names(source)
+    return source
+
+
+@memo
+def load_segments(plan: SegmentPlan) -> ModuleType:
+    """:func:`load` for a segments plan."""
+    shapes = " ".join(f"{s.name} {'x'.join(map(str, s.shape))}" for s in plan.segments)
+    label = f"triton segments {plan.dtype} d{plan.head_dim} {shapes}"
+    return _load(render_segments(plan).encode(), {"segments plan": dataclasses.asdict(plan)}, label)
 
 
 def _load(data: bytes, plan: dict, label: str) -> ModuleType:

@@ -4,12 +4,14 @@
 One case per way a plan walks its tiles (Note [Loops] in attncc.lower.plan): a
 single-term range plan with full and partial tiles (2-D neighborhood, dilated, causal),
 a two-term range plan (axial), a congruence term (a strided band), a table plan (a band
-with global tokens); shapes that are not multiples of a tile, GQA 4:2. Tolerances are
-those of tests/test_triton_fwd_gpu.py and tests/test_triton_bwd_gpu.py.
+with global tokens); shapes that are not multiples of a tile, GQA 4:2; and the segments kernels
+(Note [Segment kernels] in attncc.lower.segments: a text beside a video, bf16). Tolerances are those of
+tests/test_triton_fwd_gpu.py, tests/test_triton_bwd_gpu.py and tests/test_segments_gpu.py.
 """
 
 import pytest
 import torch
+from test_segments_gpu import check as check_segments
 from test_triton_bwd_gpu import _check as check_backward
 from test_triton_fwd_gpu import TOL, _inputs
 
@@ -47,3 +49,8 @@ def test_family_forward_and_backward(name, pattern, grid, dtype):
     assert torch.equal(finite, torch.isfinite(lse))
     torch.testing.assert_close(lse[finite], r_lse[finite], atol=TOL[dtype], rtol=1e-5)
     check_backward(pattern, grid, 1, 4, 2, d, dtype)
+
+
+def test_segments_family_forward_and_backward():
+    """bf16 only: the smoke call's budget (tests/test_segments_gpu.py takes every dtype)."""
+    check_segments("text77+video8x24x24", torch.bfloat16)

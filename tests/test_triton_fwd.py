@@ -69,6 +69,8 @@ CASES = [
     ("global-causal-50", causal() | global_tokens([3, 40]), Grid((50,))),
     ("document-causal-45", document([0] * 20 + [1] * 25) & causal(), Grid((45,))),
     ("na2d-or-global-7x9", neighborhood(3) | global_tokens([0, 1]), Grid((7, 9))),
+    # a table plan whose rule divides negative numbers (Note [Floor division in kernels])
+    ("na2d-d2-or-global-7x9", neighborhood((3, 3), dilation=(2, 1)) | global_tokens([0]), Grid((7, 9))),
 ]
 
 

@@ -9,8 +9,8 @@ from rich.console import Console
 
 from attncc import settings
 from attncc.autotune.command import parse_shape
-from attncc.errors import AttnccError
-from attncc.ir.spec import DTYPES, load_spec, one_grid
+from attncc.errors import AttnccError, field_error
+from attncc.ir.spec import DTYPES, Spec, load_spec, on_grid, one_grid
 from attncc.ir.validate import validate
 from attncc.outputs import output_file
 
@@ -58,6 +58,15 @@ def inspect_cmd(
     from attncc.machine import profile
     from attncc.machine.report import problems, table, write_json
 
+    if spec.space is not None:
+        options = {"--shape": shape, "--forward-only": forward_only or None, "--cutlass": cutlass or None}
+        for name, value in options.items():
+            if value is not None:
+                allowed = "unset with a spec of segments (its space fixes N; every kernel is Triton's)"
+                raise field_error(AttnccError, name, value, allowed)
+        _inspect_segments(spec, dtype, head_dim, kv_heads, json_path)
+        return
+    spec = on_grid(spec, "inspect")
     batch, heads, grid = parse_shape(shape) if shape else (1, spec.heads, spec.grid)
     validate(spec.pattern, grid, heads)
     console = Console(width=None if sys.stdout.isatty() else 160)
@@ -92,3 +101,25 @@ def inspect_cmd(
     if json_path:
         write_json([result], json_path)
         console.print(f"wrote {json_path}")
+
+
+def _inspect_segments(
+    spec: Spec, dtype: str | None, head_dim: int | None, kv_heads: int | None, json_path: str | None
+) -> None:
+    """``attncc inspect`` of a spec of segments: its three kernels (attncc.machine.segments)."""
+    import dataclasses
+    import json
+
+    from attncc.machine.segments import markdown_rows, problems, segments_profile
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    with console.status("compiling for sm_90 ..."):
+        result = segments_profile(
+            spec.pattern, 1, spec.heads, kv_heads, head_dim or spec.head_dim, dtype or spec.dtype, spec.name
+        )  # type: ignore[arg-type]
+    console.print("\n".join(markdown_rows([result])), highlight=False, soft_wrap=True)
+    for problem in problems(result):
+        console.print(f"[yellow]{problem}[/yellow]")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=1)

@@ -110,8 +110,29 @@ def decode_profile(
     data = _placeholders(kern.plan, batch, heads)
     terms = [torch.empty((heads, 1)[: 1 + (name == "alibi")], device="meta") for name in kern.plan.inputs]
     decode.forward(q, k, v, kern, offsets, head_dim**-0.5, terms, data, wrap=recorder, block_table=table)
+    plan = kern.plan
+    return DecodeProfile(
+        name=name or text,
+        pattern=text,
+        score=score,
+        shape=(batch, heads, kv_heads, queries, keys),
+        head_dim=head_dim,
+        dtype=dtype,
+        splits=recorder.calls[0].grid[1],
+        block_m=plan.block_m,
+        block_n=plan.block_n,
+        stages=plan.num_stages,
+        target=f"sm_{HOPPER.arch}",
+        triton=triton.__version__,
+        kernels=read_kernels(recorder.calls),
+    )
+
+
+def read_kernels(calls: list) -> tuple[DecodeKernelProfile, ...]:
+    """Compile recorded launches (attncc.machine.launch) and read each kernel's resources and
+    marked loops (also the static profile of the segments kernels: attncc.machine.segments)."""
     kernels = []
-    for call in recorder.calls:
+    for call in calls:
         compiled = compile_call(call)
         res = sass.resources(compiled.ptxas_log, compiled.name)
         found = sass.loops(sass.disassemble(compiled.cubin), compiled.source_file)
@@ -130,22 +151,7 @@ def decode_profile(
                 loops=loops,
             )
         )
-    plan = kern.plan
-    return DecodeProfile(
-        name=name or text,
-        pattern=text,
-        score=score,
-        shape=(batch, heads, kv_heads, queries, keys),
-        head_dim=head_dim,
-        dtype=dtype,
-        splits=recorder.calls[0].grid[1],
-        block_m=plan.block_m,
-        block_n=plan.block_n,
-        stages=plan.num_stages,
-        target=f"sm_{HOPPER.arch}",
-        triton=triton.__version__,
-        kernels=tuple(kernels),
-    )
+    return tuple(kernels)
 
 
 def _placeholders(plan, batch: int, heads: int) -> dict[str, torch.Tensor]:

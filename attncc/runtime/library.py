@@ -33,6 +33,7 @@ from attncc.errors import AttnccError, field_error, form_error
 from attncc.ir.grid import Grid
 from attncc.ir.nodes import Pattern
 from attncc.ir.score import Score, as_score, checked, parse_score
+from attncc.ir.segments import BySegments
 from attncc.ir.symbolic import RUNTIME_KINDS
 from attncc.ir.text import format_pattern, parse
 from attncc.ir.validate import validate
@@ -40,6 +41,7 @@ from attncc.layouts import Views, cross_views, query_offsets, to_sdpa_views
 from attncc.memo import forget_all, memo
 from attncc.runtime import cross, decode, decode_op, dynamo, ops, terms  # noqa: F401 (registers the nodes, the ops)
 from attncc.runtime import data as call_data
+from attncc.runtime import segments as segment_kernels
 from attncc.score_fn import ScoreFunction, score_terms
 
 
@@ -369,7 +371,24 @@ def attention(
 
         out = attncc.attention(text_q, image_k, image_v, documents(), q_grid=77,
                                data={"documents": image_of_key, "query_documents": image_of_text})
+
+    A pattern per pair of segments (``by_segments``: Note [Segment spaces] in attncc.ir.segments)
+    runs on ``[B, H, N, D]`` tensors of its whole space (``N = pattern.space.size``; k and v may
+    have fewer heads) as one kernel per direction, each segment tiled on its own grid (Note
+    [Segment kernels] in attncc.lower.segments): softmax with ``scale``, ``return_lse`` and
+    ``out``; the other arguments are refused, naming them::
+
+        space = segments(text=226, video=(16, 48, 48))
+        pattern = by_segments(space, {("text", "*"): dense(), ("video", "video"): neighborhood((3, 7, 7)),
+                                      ("video", "text"): dense()})
+        out = attncc.attention(q, k, v, pattern)  # q, k, v: [B, H, 226 + 16 * 48 * 48, D]
     """
+    if isinstance(pattern, BySegments):  # Note [Segment kernels] in attncc.lower.segments
+        others = {
+            "grid": grid, "q_offset": q_offset, "q_grid": q_grid, "block_table": block_table, "data": data,
+            "sigmoid_bias": sigmoid_bias, "score_mod": score_mod, "dropout_seed": dropout_seed,
+        }  # fmt: skip
+        return _segments(q, k, v, pattern, scale, return_lse, out, score, layout, dropout_p, others)
     pages = None
     if block_table is not None:  # Note [Paged caches] in attncc.lower.decode
         if q_grid is not None:
@@ -389,6 +408,50 @@ def attention(
         q, k, v, text_of, scale, return_lse, grid, out, score, sigmoid_bias, layout, score_mod, dropout_p,
         dropout_seed, data_of, q_offset, pages,
     )  # fmt: skip
+
+
+def _segments(q, k, v, pattern, scale, return_lse, out, score, layout, dropout_p, others):
+    """:func:`attention` of a pattern per pair of segments (Note [Segment kernels] in
+    attncc.lower.segments): softmax with a scale on ``[B, H, N, D]`` tensors of its whole space;
+    every other argument is refused, naming it."""
+    why = "a pattern per pair of segments runs softmax on [B, H, N, D] tensors of its whole space"
+    for name, value in others.items():
+        if value is not None and not (name == "data" and not value):
+            shown = sorted(value) if name == "data" and isinstance(value, dict) else value
+            raise field_error(AttnccError, name, shown, "None", why)
+    plain = _parsed(score) == dataclasses.astuple(Score()) if isinstance(score, str) else score == Score()
+    if not plain:  # a score's text is parsed once per trace (torch.compile)
+        raise field_error(AttnccError, "score", str(score), "'softmax' (no score terms yet)", why)
+    if _probability(dropout_p) > 0:
+        raise field_error(AttnccError, "dropout_p", dropout_p, "0.0 (no dropout yet)", why)
+    if layout not in (None, "sdpa"):
+        raise field_error(AttnccError, "layout", layout, "None or 'sdpa'", why)
+    n = pattern.space.size
+    views = to_sdpa_views(q, k, v, (n,), "sdpa")
+    if views.region != views.grid.shape:
+        allowed = f"[B, H, {n}, D]: every token of {pattern.space}"
+        raise field_error(AttnccError, "q shape", tuple(q.shape), allowed)
+    if q.dtype not in ops.DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        allowed = "float16, bfloat16 or float32, the same for q, k and v"
+        raise field_error(AttnccError, "dtype", (q.dtype, k.dtype, v.dtype), allowed)
+    if not (q.device == k.device == v.device):
+        raise field_error(AttnccError, "device", (q.device, k.device, v.device), "one device for q, k, v")
+    if q.device.type == "cpu":
+        _check_interpreter()
+    if out is not None and (out.shape != q.shape or out.dtype != q.dtype):
+        raise field_error(AttnccError, "out", (tuple(out.shape), out.dtype), f"{tuple(q.shape)} {q.dtype}")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else _real("scale", scale)
+    if not (math.isfinite(scale) and scale > 0):  # Note [Scale] in the Triton template
+        raise field_error(AttnccError, "scale", scale, "a finite number > 0 (or None: 1 / sqrt(head dim))")
+    qs, ks, vs = views.q, views.k, views.v
+    wide = q.device.type == "cpu" and q.dtype == torch.bfloat16  # Note [bf16 on the CPU]
+    if wide:
+        qs, ks, vs = qs.float(), ks.float(), vs.float()
+    o, lse = segment_kernels.attention(qs, ks, vs, pattern, scale)
+    result = views.out.output(o.to(q.dtype) if wide else o)
+    if out is not None:
+        result = out.copy_(result)
+    return (result, views.out.lse(lse)) if return_lse else result
 
 
 def _paged(q, k, v, table, grid, layout) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
