@@ -423,7 +423,11 @@ def test_spec_with_segments_reads_a_pattern_per_pair(tmp_path):
     [
         (
             {"segments": {"a": 3}, "grid": [3], "pattern": {"a -> a": "dense()"}},
-            r"grid = \[3\] .*no grid or queries field",
+            r"grid = \[3\] .*no grid, queries or q_grid field",
+        ),
+        (
+            {"segments": {"a": 3}, "q_grid": [2], "pattern": {"a -> a": "dense()"}},
+            r"q_grid = \[2\] .*no grid, queries or q_grid field",
         ),
         (
             {"segments": [3], "pattern": {"a -> a": "dense()"}},
@@ -444,6 +448,7 @@ def test_spec_with_segments_reads_a_pattern_per_pair(tmp_path):
     ],
     ids=[
         "grid-too",
+        "q-grid-too",
         "not-mapping",
         "bad-shape",
         "bad-key",
