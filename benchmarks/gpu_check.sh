@@ -60,11 +60,13 @@ status=0
   { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_runtime_kernels.py tests/test_runtime_tables.py \
     tests/test_runtime_patterns.py tests/test_compile_patterns.py 2>&1 | tee "$out/gpu_tests_runtime.txt" || status=1; }
 # Queries and keys that differ (issue 16) on CUDA: query regions (KV caches, chunked prefill, boxes)
-# and cross-attention against the float64 oracle, forward and backward, under torch.compile; the
+# and cross-attention (also through @attncc.jit, packages and the Flex shim) against the float64
+# oracle, forward and backward, under torch.compile; the
 # module's KV cache and its compiled steps; packages of a spec's queries; key masks (part 5).
 [[ $part == all || $part == tests-regions ]] &&
   { timeout 540 python3 -P -m pytest -q -p no:cacheprovider tests/test_regions.py tests/test_nn_cache.py \
-    tests/test_compile_regions.py tests/test_cross.py tests/test_key_mask.py tests/test_paged.py 2>&1 | tee "$out/gpu_tests_regions.txt" || status=1; }
+    tests/test_compile_regions.py tests/test_cross.py tests/test_key_mask.py tests/test_paged.py \
+    tests/test_jit_cross.py tests/test_compile_cross.py tests/test_flex_batch.py 2>&1 | tee "$out/gpu_tests_regions.txt" || status=1; }
 # Token spaces of segments (issue 16 part 4) on CUDA: the kernels against the float64 oracle at odd
 # sizes (unmarked tests that take the GPU when there is one), then bf16/fp16/fp32 forward and
 # backward at realistic sizes (text beside a video, registers beside an odd image; -m gpu).
