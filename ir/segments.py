@@ -47,13 +47,14 @@ The kernels (Note [Segment kernels] in attncc.lower.segments) run the whole spac
 forward launch, one dQ and one dK/dV, each segment tiled on its own grid, every pair walked from
 tile lists with its rule per element on partial tiles: ``attncc.attention(q, k, v,
 by_segments(...))`` on ``[B, H, N, D]`` tensors with ``N = space.size``, GQA and MQA, softmax
-with a scale, as torch.library ops (attncc.runtime.segments);
+with a scale and an optional soft-cap, as torch.library ops (attncc.runtime.segments);
 ``attncc.nn.SparseAttention(dim, heads, by_segments(...))`` on ``[B, N, dim]``; ``attncc
 inspect`` of a spec with ``segments:`` (their sm_90 profile: attncc.machine.segments).
 ``@attncc.jit`` refuses a space of segments, naming the field.
 
-Not done yet: score terms and dropout in the kernels (relative-position terms would stay refused
-across segments and could be allowed within a same-segment pair), ``per_head`` pairs in the
+Not done yet: score terms other than the soft-cap, and dropout, in the kernels (relative-position
+terms would stay refused across segments and could be allowed within a same-segment pair;
+``attncc.reference.attention`` takes them all but those), ``per_head`` pairs in the
 kernels, the closed-form KV ranges of the one-grid kernels for same-segment pairs (the lists'
 loads, not tiles, would be saved), a pattern of segments built inside a torch.compile region
 (one built before it compiles: Note [Segment ops] in attncc.runtime.segments), ``attncc

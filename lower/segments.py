@@ -119,6 +119,8 @@ class SegmentPlan:
     num_warps: int  # the forward's and dQ's
     num_stages: int
     dkdv_warps: int  # Note [Segment backward warps]
+    softcap: float | None = None  # the cap c of c * tanh(s / c) on the scaled score, or None
+    fast_tanh: bool = False  # tanh.approx on a GPU (16-bit inputs), as the one-grid kernels
 
     @property
     def q_tiles(self) -> int:
@@ -143,8 +145,11 @@ def lower_segments(
     num_warps: int = 4,
     num_stages: int = 2,
     dkdv_warps: int = 4,
+    softcap: float | None = None,
+    device_type: str = "cuda",
 ) -> SegmentPlan:
-    """Plan the kernels of ``pattern`` for ``[B, H, N, D]`` tensors of its whole space."""
+    """Plan the kernels of ``pattern`` for ``[B, H, N, D]`` tensors of its whole space;
+    ``softcap``: the score's cap (attncc.ir.score.softcap), if any."""
     if not isinstance(pattern, BySegments):
         raise field_error(PatternError, "pattern", str(pattern), "by_segments(...)")
     if dtype not in SUPPORTED_DTYPES:
@@ -181,6 +186,8 @@ def lower_segments(
         num_warps=num_warps,
         num_stages=num_stages,
         dkdv_warps=dkdv_warps,
+        softcap=softcap,
+        fast_tanh=softcap is not None and device_type == "cuda" and dtype != "float32",
     )
 
 

@@ -26,6 +26,7 @@ from attncc.ir import (
     causal,
     dense,
     global_tokens,
+    key_bias,
     key_range,
     neighborhood,
     segments,
@@ -201,15 +202,16 @@ def test_the_kernels_visit_the_tiles_the_analysis_counts():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"score_mod": softcap(30.0)}, r"score_mod = .*allowed: None"),
-        ({"score": "sigmoid"}, r"score = 'sigmoid'.*'softmax'"),
+        ({"score_mod": key_bias(torch.zeros(1, 1, 64))}, r"score = 'key_bias' .*softcap\(c\) or nothing"),
+        ({"score_mod": lambda s, b, h, q, k: s}, r"score_mod = 'a function' .*None or score terms"),
+        ({"score": "sigmoid"}, r"score = 'sigmoid.*softcap\(c\) or nothing"),
         ({"dropout_p": 0.1}, r"dropout_p = 0\.1"),
         ({"grid": (68,)}, r"grid = \(68,\)"),
         ({"q_offset": 3}, r"q_offset = 3"),
         ({"layout": "spatial"}, r"layout = 'spatial'"),
         ({"scale": -1.0}, r"scale = -1\.0"),
     ],
-    ids=["score-terms", "sigmoid", "dropout", "grid", "q-offset", "layout", "scale"],
+    ids=["score-terms", "score-function", "sigmoid", "dropout", "grid", "q-offset", "layout", "scale"],
 )
 def test_what_the_kernels_do_not_take_is_refused_naming_it(kwargs, match):
     pattern = CASES["text1-image7x9"]
@@ -400,3 +402,25 @@ def test_torch_compile_traces_one_graph_forward_and_backward():
     torch.testing.assert_close(got, want)
     for a, b in zip(got_grads, want_grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_softcap_forward_and_gradients(dtype):
+    """Gemma-2's cap of the scaled scores, c * tanh(s / c), with a small cap so it bites, forward
+    and backward (through 1 - tanh^2), against the oracle; given as score_mod or as score."""
+    pattern = CASES["cls-reg-video3x5x7"]
+    q, k, v = (t.requires_grad_() for t in _inputs(pattern, dtype, batch=1))
+    q.data.mul_(4)  # scores of several units: the cap of 2 changes them
+    out, lse = attncc.attention(q, k, v, pattern, return_lse=True, score_mod=softcap(2.0))
+    d_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    got = torch.autograd.grad(out, (q, k, v), d_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want, want_lse = reference(q64, k64, v64, pattern, return_lse=True, score_mod=softcap(2.0))
+    plain = reference(q64, k64, v64, pattern)
+    assert (want - plain).abs().max() > 0.1  # the cap is not a no-op here
+    _close(out, want, TOLERANCE[dtype])
+    _close(lse, want_lse, TOLERANCE[dtype])
+    for a, b in zip(got, torch.autograd.grad(want, (q64, k64, v64), d_out.double())):
+        _close(a, b, TOLERANCE[dtype])
+    as_score = attncc.attention(q, k, v, pattern, score="softcap(2.0)")
+    torch.testing.assert_close(as_score, out)

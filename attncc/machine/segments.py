@@ -57,13 +57,14 @@ def segments_profile(
     head_dim: int = 128,
     dtype: str = "bfloat16",
     name: str = "",
+    softcap: float | None = None,
 ) -> SegmentsProfile:
     """Compile the kernels ``attncc.attention`` launches for ``pattern`` on ``[B, H, N, D]``
-    tensors of its whole space for sm_90, with no GPU, and read them. Needs the real Triton JIT:
-    unset ``TRITON_INTERPRET`` first."""
+    tensors of its whole space (the scores capped by ``softcap`` when given) for sm_90, with no
+    GPU, and read them. Needs the real Triton JIT: unset ``TRITON_INTERPRET`` first."""
     if dtype not in _TORCH_DTYPES:
         raise AttnccError(f"dtype = {dtype!r} is out of range; allowed: {', '.join(_TORCH_DTYPES)}")
-    kernels = segments.compiled(pattern, head_dim, dtype, "cuda")
+    kernels = segments.compiled(pattern, head_dim, dtype, "cuda", softcap)
     if not isinstance(kernels.module.segments_fwd_kernel, JITFunction):
         raise AttnccError(
             "TRITON_INTERPRET = 1 is set: the kernels are interpreter functions; allowed: unset "

@@ -386,9 +386,11 @@ def attention(
     if isinstance(pattern, BySegments):  # Note [Segment kernels] in attncc.lower.segments
         others = {
             "grid": grid, "q_offset": q_offset, "q_grid": q_grid, "block_table": block_table, "data": data,
-            "sigmoid_bias": sigmoid_bias, "score_mod": score_mod, "dropout_seed": dropout_seed,
+            "sigmoid_bias": sigmoid_bias, "dropout_seed": dropout_seed,
         }  # fmt: skip
-        return _segments(q, k, v, pattern, scale, return_lse, out, score, layout, dropout_p, others)
+        return _segments(
+            q, k, v, pattern, scale, return_lse, out, score, score_mod, layout, dropout_p, others
+        )
     pages = None
     if block_table is not None:  # Note [Paged caches] in attncc.lower.decode
         if q_grid is not None:
@@ -410,18 +412,21 @@ def attention(
     )  # fmt: skip
 
 
-def _segments(q, k, v, pattern, scale, return_lse, out, score, layout, dropout_p, others):
+def _segments(q, k, v, pattern, scale, return_lse, out, score, score_mod, layout, dropout_p, others):
     """:func:`attention` of a pattern per pair of segments (Note [Segment kernels] in
-    attncc.lower.segments): softmax with a scale on ``[B, H, N, D]`` tensors of its whole space;
-    every other argument is refused, naming it."""
-    why = "a pattern per pair of segments runs softmax on [B, H, N, D] tensors of its whole space"
+    attncc.lower.segments): softmax with a scale and an optional soft-cap on ``[B, H, N, D]``
+    tensors of its whole space; every other argument is refused, naming it."""
+    why = "a pattern per pair of segments runs softmax (soft-capped or not) on [B, H, N, D] of its space"
     for name, value in others.items():
         if value is not None and not (name == "data" and not value):
             shown = sorted(value) if name == "data" and isinstance(value, dict) else value
             raise field_error(AttnccError, name, shown, "None", why)
-    plain = _parsed(score) == dataclasses.astuple(Score()) if isinstance(score, str) else score == Score()
-    if not plain:  # a score's text is parsed once per trace (torch.compile)
-        raise field_error(AttnccError, "score", str(score), "'softmax' (no score terms yet)", why)
+    if callable(score_mod) and not isinstance(score_mod, Score):
+        raise field_error(AttnccError, "score_mod", "a function", "None or score terms", why)
+    terms_ = _combined(score, score_mod, "", Grid((1,)), 1, q.device)  # a function was refused above
+    if dataclasses.replace(terms_, softcap=None) != Score():
+        allowed = "softmax with softcap(c) or nothing (the segments kernels take no other term yet)"
+        raise field_error(AttnccError, "score", terms_.text, allowed, why)
     if _probability(dropout_p) > 0:
         raise field_error(AttnccError, "dropout_p", dropout_p, "0.0 (no dropout yet)", why)
     if layout not in (None, "sdpa"):
@@ -447,7 +452,7 @@ def _segments(q, k, v, pattern, scale, return_lse, out, score, layout, dropout_p
     wide = q.device.type == "cpu" and q.dtype == torch.bfloat16  # Note [bf16 on the CPU]
     if wide:
         qs, ks, vs = qs.float(), ks.float(), vs.float()
-    o, lse = segment_kernels.attention(qs, ks, vs, pattern, scale)
+    o, lse = segment_kernels.attention(qs, ks, vs, pattern, scale, terms_.softcap)
     result = views.out.output(o.to(q.dtype) if wide else o)
     if out is not None:
         result = out.copy_(result)

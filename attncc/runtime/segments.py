@@ -43,16 +43,21 @@ def tiles(device_type: str, dtype: str) -> tuple[int, int, int, int, int]:
     Note [Segment backward warps]: the three kernels share one tiling (their lists are one
     table, read by Q tile and by KV tile), and the dK/dV program holds two float32 accumulators
     of 64 keys x D besides its scores: at D = 128 on 4 warps that is 255 registers and spills
-    (benchmarks/STATIC.md), on 8 warps it fits, so dK/dV launches 8 warps on a GPU."""
+    (benchmarks/STATIC.md), on 8 warps it fits, so dK/dV launches 8 warps on a GPU. With a
+    soft-cap (its tanh tile besides) it still spills 64 bytes at D = 128: a dK/dV tiling of its
+    own (fewer queries per tile, as the one-grid kernels' Note [Backward tiles]) would fit it."""
     if device_type != "cuda":
         return 16, 16, 4, 1, 4
     return (64, 32, 8, 2, 8) if dtype == "float32" else (64, 64, 4, 2, 8)
 
 
 @memo
-def compiled(pattern: BySegments, head_dim: int, dtype: str, device_type: str) -> SegmentKernels:
-    """The kernels of ``pattern`` for ``[B, H, N, D]`` tensors of head dim ``head_dim``."""
-    plan = lower_segments(pattern, head_dim, dtype, *tiles(device_type, dtype))
+def compiled(
+    pattern: BySegments, head_dim: int, dtype: str, device_type: str, softcap: float | None = None
+) -> SegmentKernels:
+    """The kernels of ``pattern`` for ``[B, H, N, D]`` tensors of head dim ``head_dim``, the
+    scores capped by ``softcap`` when given."""
+    plan = lower_segments(pattern, head_dim, dtype, *tiles(device_type, dtype), softcap, device_type)
     return SegmentKernels(plan, load_segments(plan), segment_tables(pattern, plan))
 
 
@@ -82,23 +87,28 @@ def _pattern(text: str) -> BySegments:
     return pattern
 
 
-def _kernels(text: str, q: torch.Tensor) -> SegmentKernels:
-    return compiled(_pattern(text), q.shape[-1], str(q.dtype).removeprefix("torch."), q.device.type)
+def _kernels(text: str, q: torch.Tensor, softcap: float | None) -> SegmentKernels:
+    dtype = str(q.dtype).removeprefix("torch.")
+    return compiled(_pattern(text), q.shape[-1], dtype, q.device.type, softcap)
 
 
-def _fwd(q, k, v, pattern: str, scale: float, wrap) -> tuple[torch.Tensor, torch.Tensor]:
+def _fwd(
+    q, k, v, pattern: str, scale: float, softcap: float | None, wrap
+) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, n, _ = q.shape
-    kernels = _kernels(pattern, q)
+    kernels = _kernels(pattern, q, softcap)
     o = _output_like(q)
     lse = q.new_empty((b, h, n), dtype=torch.float32)
     kernels.module.launch(q, k, v, o, lse, _tables(kernels, q), scale, wrap=wrap)
     return o, lse
 
 
-def _bwd(q, k, v, o, lse, do, dlse, pattern: str, scale: float, wrap) -> tuple[torch.Tensor, ...]:
+def _bwd(
+    q, k, v, o, lse, do, dlse, pattern: str, scale: float, softcap: float | None, wrap
+) -> tuple[torch.Tensor, ...]:
     """dq, dk, dv; a gradient of the log-sum-exp joins the score gradient as ``delta - dlse``
     (Note at attncc.runtime.ops.backward)."""
-    kernels = _kernels(pattern, q)
+    kernels = _kernels(pattern, q, softcap)
     delta = ((do.float() * o.float()).sum(-1) - dlse).contiguous()
     dq, dk, dv = (_output_like(t) for t in (q, k, v))
     tables = _tables(kernels, q)
@@ -117,54 +127,62 @@ def _bwd(q, k, v, o, lse, do, dlse, pattern: str, scale: float, wrap) -> tuple[t
 
 @triton_op("attncc::segments_fwd", mutates_args=())
 def fwd(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: str,
+    scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse float32 ``[B, H, N]``) of ``[B, H, N, D]`` q over ``[B, H_kv, N, D]`` k, v."""
-    return _fwd(q, k, v, pattern, scale, wrap_triton)
+    return _fwd(q, k, v, pattern, scale, softcap, wrap_triton)
 
 
 @triton_op("attncc::segments_bwd", mutates_args=())
 def bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-        do: torch.Tensor, dlse: torch.Tensor, pattern: str, scale: float) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]:  # fmt: skip
+        do: torch.Tensor, dlse: torch.Tensor, pattern: str, scale: float,
+        softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(dq, dk, dv) given the gradients of out (``do``) and of lse (``dlse``)."""
-    return _bwd(q, k, v, o, lse, do, dlse, pattern, scale, wrap_triton)
+    return _bwd(q, k, v, o, lse, do, dlse, pattern, scale, softcap, wrap_triton)
 
 
 @custom_op("attncc::segments_fwd_opaque", mutates_args=())
 def fwd_opaque(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: str, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: str,
+    scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`fwd` as an opaque op (the CPU interpreter)."""
-    return _fwd(q, k, v, pattern, scale, None)
+    return _fwd(q, k, v, pattern, scale, softcap, None)
 
 
 @custom_op("attncc::segments_bwd_opaque", mutates_args=())
 def bwd_opaque(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-               do: torch.Tensor, dlse: torch.Tensor, pattern: str, scale: float) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor
-]:  # fmt: skip
+               do: torch.Tensor, dlse: torch.Tensor, pattern: str, scale: float,
+               softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """:func:`bwd` as an opaque op."""
-    return _bwd(q, k, v, o, lse, do, dlse, pattern, scale, None)
+    return _bwd(q, k, v, o, lse, do, dlse, pattern, scale, softcap, None)
 
 
 @register_fake("attncc::segments_fwd_opaque")
-def _fwd_fake(q, k, v, pattern, scale):
+def _fwd_fake(q, k, v, pattern, scale, softcap=None):
     b, h, n, _ = q.shape
     return torch.empty_like(q), q.new_empty((b, h, n), dtype=torch.float32)
 
 
 @register_fake("attncc::segments_bwd_opaque")
-def _bwd_fake(q, k, v, o, lse, do, dlse, pattern, scale):
+def _bwd_fake(q, k, v, o, lse, do, dlse, pattern, scale, softcap=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, pattern, scale = inputs
+    q, k, v, pattern, scale, softcap = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.args = (pattern, scale)
+    ctx.args = (pattern, scale, softcap)
 
 
 def _backward_with(op):
@@ -173,7 +191,7 @@ def _backward_with(op):
         do = torch.zeros_like(o) if do is None else do
         dlse = torch.zeros_like(lse) if dlse is None else dlse
         dq, dk, dv = op(q, k, v, o, lse, do, dlse, *ctx.args)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
     return backward
 
@@ -193,10 +211,15 @@ def _checked_text(pattern: BySegments) -> str:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: BySegments, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: BySegments,
+    scale: float,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of ``[B, H, N, D]`` q over ``[B, H_kv, N, D]`` k and v (checked by the caller,
     attncc.runtime.library.attention), ``lse`` float32 ``[B, H, N]``, both differentiable, by the
-    ops of Note [Segment ops]."""
+    ops of Note [Segment ops]; ``softcap``: the cap of the scaled scores, if any."""
     op = torch.ops.attncc.segments_fwd if q.device.type == "cuda" else torch.ops.attncc.segments_fwd_opaque
-    return op(q, k, v, _text(pattern), scale)
+    return op(q, k, v, _text(pattern), scale, softcap)
