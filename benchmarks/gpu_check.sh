@@ -43,6 +43,9 @@ status=0
     tee "$out/gpu_tests.txt" || status=1
     # The timm drop-in check (unmarked: it runs on the CPU too, where timm is installed).
     timeout 300 python3 -P -m pytest -q -p no:cacheprovider tests/test_dropin_timm.py 2>&1 |
+      tee -a "$out/gpu_tests.txt" || status=1
+    # The heavy checks the default (CI) run leaves out: CUTLASS builds, a compiled training step.
+    timeout 400 python3 -P -m pytest -m slow -q -p no:cacheprovider tests 2>&1 |
       tee -a "$out/gpu_tests.txt" || status=1; }
 # The front doors on CUDA (unmarked tests that take the GPU when there is one): the NATTEN and
 # FlexAttention drop-ins, and export / AOTInductor through the triton_op path.

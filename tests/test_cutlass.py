@@ -228,6 +228,7 @@ def built():
 
 
 @needs_nvcc
+@pytest.mark.slow  # four nvcc builds of CUTLASS, about 190 s on 2 cores
 @pytest.mark.parametrize("name", list(BUILDS))
 def test_kernel_compiles_for_sm90a_with_its_abi(built, name):
     cplan, path = built[0][name]
@@ -241,6 +242,7 @@ def test_kernel_compiles_for_sm90a_with_its_abi(built, name):
 
 
 @needs_nvcc
+@pytest.mark.slow
 def test_example_compiles(built):
     library = nvcc.load(built[1])
     assert hasattr(library, "attncc_example_fwd") and hasattr(library, "attncc_error")

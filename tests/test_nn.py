@@ -50,6 +50,7 @@ def test_bad_shapes_are_refused():
         SparseAttention(64, 4, neighborhood(7), (4, 4))
 
 
+@pytest.mark.slow  # about 100 s of inductor on the CPU; test_dropin_hf trains compiled in CI
 def test_compiled_training_step_of_a_small_vision_model():
     """Two blocks with neighborhood attention (dilated in the second), trained a few steps under
     torch.compile(fullgraph=True): the loss goes down and every parameter gets a gradient."""
